@@ -1,0 +1,33 @@
+"""halo_balance: generative rebalancing of electronic health records.
+
+A conditional HALO transformer learns P(patient record | outcome, groups); a balancer tops every
+under-filled (outcome, group) cell up with synthetic patients. The pipeline is
+``data_prep`` (raw tables -> prepared dataset) -> ``halo_balance`` (train, sample, balance,
+evaluate) -> ``benchmarks`` (k-fold comparison with other rebalancing methods).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .data import PreparedDataset, Records, VisitMatrix
+from .errors import DatasetError, HaloBalanceError, IncompatibleModelError, OutputExistsError
+
+__version__ = "0.1.0"
+
+# torch-backed names load lazily so that `import halo_balance` stays light for data work.
+_LAZY = {
+    "HaloConfig": "halo_balance.config",
+    "HaloModel": "halo_balance.model",
+    "FairPlaySampler": "halo_balance.sampler",
+}
+
+__all__ = ["PreparedDataset", "Records", "VisitMatrix", "DatasetError", "HaloBalanceError",
+           "IncompatibleModelError", "OutputExistsError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'halo_balance' has no attribute {name!r}")

@@ -1,0 +1,49 @@
+"""Shared command-line plumbing and the ``halo-balance`` console script.
+
+Each stage is a module with its own ``main(argv)`` (``python -m halo_balance.train`` ...). The console
+script dispatches ``halo-balance <command> ...`` to the same functions. :func:`run` turns this
+package's input errors into one clear line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import HaloBalanceError
+
+COMMANDS = {
+    "simulate": "data_prep.simulate",
+    "prepare-mimic-iv": "data_prep.mimic_iv",
+    "prepare-eicu": "data_prep.eicu",
+    "train": "halo_balance.train",
+    "sample": "halo_balance.sample",
+    "evaluate": "halo_balance.evaluate",
+    "generate": "halo_balance.generate",
+    "kfold": "benchmarks.kfold",
+    "audit": "benchmarks.audit",
+}
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Call ``main(argv)`` and exit: 0 on success, 2 with a message on a :class:`HaloBalanceError`."""
+    try:
+        main(argv)
+    except HaloBalanceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was kept", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: halo-balance <command> [options]\n\ncommands:\n" +
+              "\n".join(f"  {c:<18} python -m {m}" for c, m in COMMANDS.items()), file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    module = importlib.import_module(COMMANDS[argv[0]])
+    run(module.main, argv[1:])
