@@ -1,0 +1,80 @@
+"""The balancing plan: counts per cell, ratio, minimum size, empty cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from halo_balance.data import PreparedDataset
+from halo_balance.errors import HaloBalanceError
+from halo_balance.plan import plan_cells
+from tests.conftest import make_tiny_dataset
+
+
+@pytest.fixture
+def skewed() -> PreparedDataset:
+    # label x gender cells: (0,F)=30 (0,M)=60 (1,F)=3 (1,M)=7 ; age_group all "65+"
+    base = make_tiny_dataset()
+    labels = [0] * 30 + [0] * 60 + [1] * 3 + [1] * 7
+    gender = ["F"] * 30 + ["M"] * 60 + ["F"] * 3 + ["M"] * 7
+    n = len(labels)
+    return PreparedDataset.from_records(
+        patient_ids=[f"p{i}" for i in range(n)], labels=labels,
+        groups={"gender": gender, "age_group": ["65+"] * n}, visits=[[[i % 5]] for i in range(n)],
+        vocab=base.vocab, meta=base.meta, synthetic=False).validate()
+
+
+def _rows(plan: pl.DataFrame) -> dict:
+    keys = [c for c in plan.columns if c not in ("n_real", "to_generate", "target", "status")]
+    return {tuple(r[k] for k in keys): (r["n_real"], r["to_generate"], r["status"]) for r in plan.to_dicts()}
+
+
+def test_one_attribute(skewed):
+    rows = _rows(plan_cells(skewed, groups=["gender"], min_cell_size=5))
+    assert rows == {(0, "F"): (30, 30, "top_up"), (0, "M"): (60, 0, "largest"),
+                    (1, "F"): (3, 0, "skipped_below_min_size"), (1, "M"): (7, 53, "top_up")}
+
+
+def test_ratio_rounds(skewed):
+    rows = _rows(plan_cells(skewed, groups=["gender"], ratio=0.25, min_cell_size=0))
+    assert rows[(0, "F")][1] == round(0.25 * 30) and rows[(1, "F")][1] == round(0.25 * 57) == 14
+    assert all(v[1] == 0 for v in _rows(plan_cells(skewed, groups=["gender"], ratio=0.0)).values())
+
+
+def test_outcome_only(skewed):
+    rows = _rows(plan_cells(skewed, groups=[]))
+    assert rows == {(0,): (90, 0, "largest"), (1,): (10, 80, "top_up")}
+
+
+def test_intersectional_lists_empty_cells(skewed):
+    plan = plan_cells(skewed, groups=["gender", "age_group"])
+    rows = _rows(plan)
+    assert rows[(0, "F", "18-64")] == (0, 0, "skipped_empty")
+    assert plan.height == 8
+    incl = _rows(plan_cells(skewed, groups=["gender", "age_group"], include_empty_cells=True))
+    assert incl[(1, "M", "18-64")] == (0, 60, "empty_included")
+
+
+def test_targets_equal_largest(skewed):
+    plan = plan_cells(skewed, groups=["gender"], min_cell_size=0)
+    assert plan["target"].to_list() == [60] * 4
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"ratio": 1.5}, "ratio must lie in"), ({"ratio": -0.1}, "ratio must lie in"),
+    ({"groups": ["race"]}, "unknown group attribute"), ({"groups": ["gender", "gender"]}, "repeat"),
+])
+def test_bad_arguments(skewed, kwargs, msg):
+    kwargs = {"groups": ["gender"], **kwargs}
+    with pytest.raises(HaloBalanceError, match=msg):
+        plan_cells(skewed, **kwargs)
+
+
+def test_ignores_synthetic_rows(skewed):
+    syn = skewed.select([f"p{i}" for i in range(90, 93)])
+    syn.patients = syn.patients.with_columns(patient_id="s" + pl.col("patient_id"), synthetic=pl.lit(True))
+    syn.visits = syn.visits.with_columns(patient_id="s" + pl.col("patient_id"), synthetic=pl.lit(True))
+    both = PreparedDataset.concat([skewed, syn]).validate()
+    assert np.array_equal(plan_cells(both, groups=["gender"])["n_real"].to_numpy(),
+                          plan_cells(skewed, groups=["gender"])["n_real"].to_numpy())
