@@ -172,6 +172,16 @@ class PreparedDataset:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Validate, then write the folder atomically (temporary folder, then rename)."""
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            self.write_files(tmp)
+        return Path(path)
+
+    def write_files(self, folder: str | os.PathLike) -> None:
+        """Validate, then write the four files into an existing ``folder`` (not atomic by itself).
+
+        For callers that assemble a larger output inside their own :func:`~halo_balance.io.atomic_dir`.
+        The counts in ``meta.json`` are refreshed from the tables.
+        """
         self.validate()
         meta = copy.deepcopy(self.meta)
         counts = meta.setdefault("counts", {})
@@ -179,13 +189,12 @@ class PreparedDataset:
         counts["visits"] = self.n_visits
         counts["synthetic_patients"] = int(self.patients["synthetic"].sum())
         meta["vocab_size"] = self.vocab_size
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            self.visits.write_parquet(tmp / VISITS_FILE)
-            self.patients.write_parquet(tmp / PATIENTS_FILE)
-            self.vocab.write_parquet(tmp / VOCAB_FILE)
-            write_json(tmp / META_FILE, meta)
+        folder = Path(folder)
+        self.visits.write_parquet(folder / VISITS_FILE)
+        self.patients.write_parquet(folder / PATIENTS_FILE)
+        self.vocab.write_parquet(folder / VOCAB_FILE)
+        write_json(folder / META_FILE, meta)
         self.meta = meta
-        return Path(path)
 
     # ------------------------------------------------------------------ validation
     def validate(self, *, where: str | None = None) -> PreparedDataset:

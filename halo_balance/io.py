@@ -37,6 +37,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     path = check_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; outputs follow the umask
     try:
         yield tmp
     except BaseException:
@@ -51,6 +52,12 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
     path = Path(path)
@@ -59,6 +66,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
