@@ -1,0 +1,319 @@
+"""Evaluate synthetic records against the generator's training data: fidelity and privacy.
+
+``python -m halo_balance.evaluate --real TRAIN --synthetic SYNTHETIC [--holdout HELD_OUT]
+[--model MODEL_DIR] --out REPORT`` writes ``REPORT/report.json`` and ``REPORT/report.md``.
+
+``--real`` is the data the generator was trained on. ``--holdout`` holds real patients it never saw:
+they give the real-vs-real ceiling of every fidelity figure (training vs held-out) and the
+non-members of the membership attacks. Without it, ``--real`` is split into two stratified halves
+for the ceiling, the membership attacks are skipped, and the report says so. With ``--model`` the
+likelihood membership attack runs too.
+
+Rows flagged ``synthetic`` in ``--real`` / ``--holdout`` and real rows in ``--synthetic`` (an
+augmented output holds both) are set aside and counted in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from . import __version__
+from .data import PreparedDataset
+from .errors import DatasetError
+from .fidelity import STATISTICS, fidelity_report
+from .io import atomic_dir, atomic_write_bytes, check_output_dir, write_json
+from .privacy import MAX_QUERIES, Metric, privacy_report
+
+REPORT_FORMAT = "halo_balance.evaluate/1"
+
+
+def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: PreparedDataset | None = None,
+             model: Any = None, log_likelihood: Callable[[PreparedDataset], np.ndarray] | None = None,
+             seed: int = 0, metric: Metric = "jaccard", k: int = 5,
+             min_cell_records: int = 20, cells: Sequence[Sequence[str]] | None = None,
+             sensitive_tokens: Sequence[str] = (), max_queries: int | None = MAX_QUERIES, batch_size: int = 256,
+             device: str = "auto") -> dict[str, Any]:
+    """Fidelity and privacy of ``synthetic`` against the generator's training data ``real``.
+
+    Parameters
+    ----------
+    real : PreparedDataset
+        The generator's training patients.
+    synthetic : PreparedDataset
+        Generated patients (an augmented dataset works too: only its synthetic rows are used).
+    holdout : PreparedDataset, optional
+        Real patients the generator never saw; without them ``real`` is split in halves for the
+        ceiling (``seed``, stratified by outcome x groups) and the membership attacks are skipped.
+    model : HaloModel, optional
+        The generator, for the likelihood membership attack (``halo_balance.train.dataset_log_likelihood``).
+    log_likelihood : callable, optional
+        ``dataset -> per-patient log-likelihood``; replaces ``model`` (e.g. another generator).
+    seed : int
+        Seed of the half split and of the privacy samples.
+    metric : {"jaccard", "hamming"}
+        Distance between the token sets of two records.
+    k : int
+        Neighbours that vote in the attribute-inference attack.
+    min_cell_records : int
+        A cell's R^2 needs at least this many records on both compared sides.
+    cells : sequence of sequences of str, optional
+        Group attributes crossed with the outcome to form cells; default: each attribute alone.
+    sensitive_tokens : sequence of str
+        Tokens whose presence the attribute-inference attacker also tries to infer.
+    max_queries : int or None
+        Privacy distances query at most this many records per side (a seeded sample; ``None``: all);
+        the records searched are always complete.
+    batch_size, device : int, str
+        For the model's likelihood.
+
+    Returns
+    -------
+    dict
+        ``format``, ``created``, ``parameters``, ``versions``, ``data`` (sizes and set-aside rows),
+        ``notes``, ``fidelity`` (see :func:`halo_balance.fidelity.fidelity_report`), ``privacy``
+        (see :func:`halo_balance.privacy.privacy_report`) and ``elapsed_seconds``.
+    """
+    start = time.perf_counter()
+    notes: list[str] = []
+    data: dict[str, Any] = {}
+    real = _rows_of(real, synthetic=False, role="real", data=data)
+    synthetic = _rows_of(synthetic, synthetic=True, role="synthetic", data=data)
+    _check_compatible(real, synthetic, "synthetic")
+    if holdout is not None:
+        holdout = _rows_of(holdout, synthetic=False, role="holdout", data=data)
+        _check_compatible(real, holdout, "holdout")
+        overlap = set(real.patients["patient_id"].to_list()) & set(holdout.patients["patient_id"].to_list())
+        if overlap:
+            raise DatasetError(f"{len(overlap)} patient ids are both in the training data and the held-out data",
+                               column="patient_id", value=sorted(overlap)[0],
+                               fix="pass held-out patients the generator never saw")
+        reference = (real, holdout)
+        victims_and_reference = None
+        notes.append("Ceilings compare the training data with the held-out data (--holdout); "
+                     "they depend on the held-out sample's size.")
+    else:
+        half_a, half_b = real.train_test_split(0.5, seed=seed)
+        reference = (real.select(half_a), real.select(half_b))
+        victims_and_reference = reference
+        data["halves"] = {"a": reference[0].n_patients, "b": reference[1].n_patients, "seed": seed}
+        notes.append("No held-out data was given: ceilings compare two stratified halves of the training "
+                     "data; the membership attacks are skipped; attribute inference attacks half a and "
+                     "uses half b as the reference attacker's data.")
+    if log_likelihood is None and model is not None:
+        log_likelihood = _model_log_likelihood(model, batch_size=batch_size, device=device)
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "parameters": {"seed": seed, "metric": metric, "k": k, "min_cell_records": min_cell_records,
+                       "cells": None if cells is None else [list(c) for c in cells],
+                       "sensitive_tokens": list(sensitive_tokens), "max_queries": max_queries,
+                       "r2": "sklearn r2_score(real, synthetic) over the union of keys, missing = 0",
+                       "likelihood": log_likelihood is not None},
+        "versions": _versions(with_torch=model is not None),
+        "data": data,
+        "notes": notes,
+        "fidelity": fidelity_report(real, synthetic, reference=reference, cells=cells,
+                                    min_cell_records=min_cell_records),
+        "privacy": privacy_report(real, synthetic, holdout=holdout, log_likelihood=log_likelihood,
+                                  victims_and_reference=victims_and_reference, metric=metric, k=k,
+                                  sensitive_tokens=sensitive_tokens, max_queries=max_queries, seed=seed),
+    }
+    for side, (n, total) in report["privacy"]["sampled"].items():
+        notes.append(f"Privacy distances used a random sample of {n} of the {total} {side} records as queries.")
+    report["elapsed_seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def _rows_of(ds: PreparedDataset, *, synthetic: bool, role: str, data: dict[str, Any]) -> PreparedDataset:
+    """The rows of ``ds`` flagged ``synthetic`` (all rows when none is), the others counted as set aside."""
+    flags = ds.patients["synthetic"]
+    wanted = int((flags == synthetic).sum())
+    info: dict[str, Any] = {"patients": ds.n_patients, "set_aside": None}
+    if 0 < wanted < ds.n_patients:
+        ds = ds.select(ds.patients.filter(pl.col("synthetic") == synthetic)["patient_id"])
+        info = {"patients": ds.n_patients,
+                "set_aside": {"reason": f"rows flagged synthetic={not synthetic}", "patients": len(flags) - wanted}}
+    if ds.n_patients == 0:
+        raise DatasetError(f"the {role} data holds no patients")
+    data[role] = {**info, "visits": ds.n_visits, "flagged_synthetic": bool(ds.patients["synthetic"].all())}
+    return ds
+
+
+def _check_compatible(real: PreparedDataset, other: PreparedDataset, role: str) -> None:
+    if not other.vocab.select("id", "token").equals(real.vocab.select("id", "token")):  # descriptions may differ
+        raise DatasetError(f"the {role} data uses another vocabulary than the real data", file="vocab.parquet",
+                           fix="compare datasets prepared (or generated) with one vocabulary")
+    if other.group_categories != real.group_categories:
+        raise DatasetError(f"the {role} data has other group attributes than the real data", file="meta.json",
+                           value=other.group_categories)
+
+
+def _model_log_likelihood(model: Any, *, batch_size: int, device: str) -> Callable[[PreparedDataset], np.ndarray]:
+    from .train import dataset_log_likelihood
+
+    return lambda ds: dataset_log_likelihood(model, ds, batch_size=batch_size, device=device)
+
+
+def _versions(*, with_torch: bool) -> dict[str, str]:
+    names = ["numpy", "scipy", "scikit-learn", "polars"] + (["torch"] if with_torch else [])
+    return {"halo_balance": __version__, "python": platform.python_version(),
+            **{n: metadata.version(n) for n in names}}
+
+
+# ---------------------------------------------------------------------- markdown
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as a human-readable markdown page."""
+    fid, priv, data = report["fidelity"], report["privacy"], report["data"]
+    lines = ["# Synthetic data evaluation", "",
+             f"Created {report['created']} by halo_balance {report['versions']['halo_balance']} "
+             f"(seed {report['parameters']['seed']}, {report['elapsed_seconds']} s).", ""]
+    for role in ("real", "synthetic", "holdout"):
+        if role in data:
+            d = data[role]
+            aside = d["set_aside"]
+            extra = f"; {aside['patients']} patients set aside ({aside['reason']})" if aside else ""
+            lines.append(f"- **{role}**: {d['patients']} patients, {d['visits']} visits{extra}")
+    lines += [f"- note: {n}" for n in report["notes"]] + ["", "## Fidelity", "",
+              "R^2 is `r2_score(real, synthetic)` over the union of keys (a key missing on one side "
+              "counts as 0), as HALO reports it. The ceiling is the same figure between two real samples.",
+              "", "| statistic | R^2 synthetic vs real | ceiling (real vs real) | keys (real / synthetic) |",
+              "| --- | ---: | ---: | ---: |"]
+    for name in STATISTICS:
+        s = fid["statistics"][name]
+        lines.append(f"| {name} | {_f(s['r2'])} | {_f(s['ceiling_r2'])} | {s['keys_real']} / {s['keys_synthetic']} |")
+    lines += ["", "| distribution | real mean (sd) | synthetic mean (sd) | Wasserstein | ceiling Wasserstein |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for name in ("record_length", "visit_size"):
+        d = fid[name]
+        lines.append(f"| {name.replace('_', ' ')} | {_ms(d['real'])} | {_ms(d['synthetic'])} | "
+                     f"{_f(d['wasserstein'])} | {_f(d['ceiling_wasserstein'])} |")
+    lines += ["", f"Outcome rate: real {_f(fid['label_rate']['real'])}, synthetic "
+              f"{_f(fid['label_rate']['synthetic'])}.", "",
+              "| group | real share | synthetic share |", "| --- | ---: | ---: |"]
+    for attr, cats in fid["group_rates"].items():
+        lines += [f"| {attr}={c} | {_f(v['real'])} | {_f(v['synthetic'])} |" for c, v in cats.items()]
+    lines += ["", "Per cell (outcome x group). Shares differ by design when the synthetic data tops up small "
+              "cells; R^2 needs enough records on both sides (`-` otherwise).", "",
+              "| cell | n real | n synthetic | unigram/visit R^2 (ceiling) | unigram/record R^2 (ceiling) | "
+              "visits per record real / synthetic |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in fid["cells"]:
+        lines.append(f"| {c['cell']} | {c['n_real']} | {c['n_synthetic']} | {_f(c['unigram_per_visit'])} "
+                     f"({_f(c['unigram_per_visit_ceiling'])}) | {_f(c['unigram_per_record'])} "
+                     f"({_f(c['unigram_per_record_ceiling'])}) | {_f(c['mean_record_length_real'])} / "
+                     f"{_f(c['mean_record_length_synthetic'])} |")
+    cp, nn, mia, ai = (priv["exact_copies"], priv["nearest_neighbour"], priv["membership_inference"],
+                       priv["attribute_inference"])
+    lines += ["", "## Privacy", "",
+              f"- **Exact copies**: {cp['synthetic_copies']} of {cp['synthetic_records']} synthetic records equal a "
+              f"training record ({cp['training_records_copied']} distinct training records; "
+              f"{cp['copies_of_unique_records']} of these copies reproduce a record that occurs only once in the "
+              f"training data); the training data itself holds {cp['training_duplicates']} duplicate records"
+              + (f"; {cp['holdout_equal_to_training']} of {cp['holdout_records']} held-out records equal a "
+                 "training record." if "holdout_records" in cp else ".")]
+    base = nn["baseline"]
+    lines += [f"- **Nearest-neighbour {nn['metric']} distance** to the training records (on each record's token "
+              f"set): synthetic median {_f(nn['synthetic_to_train'].get('median'))}, {base.replace('_', ' ')} "
+              f"median {_f(nn[base].get('median'))} (ratio {_f(nn['median_ratio'])}); distance 0: synthetic "
+              f"{_f(nn['synthetic_to_train']['fraction_zero'])}, baseline {_f(nn[base]['fraction_zero'])}."]
+    for how in ("distance", "likelihood"):
+        m = mia[how]
+        if "skipped" in m:
+            lines.append(f"- **Membership inference by {how}**: skipped ({m['skipped']}).")
+        else:
+            per = (f"; AUROC of the log-likelihood per token or visit {_f(m['per_event']['auroc'])}"
+                   if "per_event" in m else "")
+            lines.append(f"- **Membership inference by {how}**: AUROC {_f(m['auroc'])} (0.5 = no better than "
+                         f"chance; TPR at 10% FPR {_f(m['tpr_at_fpr_0.1'])}{per}; {m['n_members']} members, "
+                         f"{m['n_nonmembers']} non-members).")
+    lines += ["", f"Attribute inference: a {ai['k']}-nearest-neighbour attacker who knows a training patient's "
+              "tokens predicts the hidden attribute from the synthetic records; the reference attacker uses real "
+              "patients outside the training data instead. Accuracy (balanced accuracy).", "",
+              "| attribute | attacker on synthetic | majority guess | attacker on real reference |",
+              "| --- | ---: | ---: | ---: |"]
+    for name, a in ai["attributes"].items():
+        ref = a.get("reference")
+        lines.append(f"| {name} | {_acc(a['attacker'])} | {_acc(a['majority'])} | {_acc(ref) if ref else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _ms(d: dict[str, Any]) -> str:
+    return f"{d['mean']:.2f} ({d['std']:.2f})" if d.get("n") else "-"
+
+
+def _acc(a: dict[str, float]) -> str:
+    return f"{a['accuracy']:.3f} ({a['balanced_accuracy']:.3f})"
+
+
+# ---------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m halo_balance.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--real", required=True, type=Path, help="prepared dataset the generator was trained on")
+    p.add_argument("--synthetic", required=True, type=Path, help="prepared dataset of generated patients")
+    p.add_argument("--holdout", type=Path, help="prepared dataset of real patients the generator never saw")
+    p.add_argument("--model", type=Path, help="trained model folder, for the likelihood membership attack")
+    p.add_argument("--out", required=True, type=Path, help="report folder to write (report.json, report.md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the half split without --holdout")
+    p.add_argument("--metric", choices=["jaccard", "hamming"], default="jaccard")
+    p.add_argument("--k", type=int, default=5, help="neighbours of the attribute-inference attacker")
+    p.add_argument("--min-cell-records", type=int, default=20)
+    p.add_argument("--cells", action="append", metavar="ATTR[,ATTR...]",
+                   help="group attributes crossed with the outcome per cell table (repeatable); "
+                        "default: each attribute alone")
+    p.add_argument("--sensitive-token", action="append", default=[], metavar="TOKEN",
+                   help="a token whose presence the attribute attacker infers (repeatable)")
+    p.add_argument("--max-queries", type=int, default=MAX_QUERIES,
+                   help="privacy distances query at most this many records per side (0: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="records per likelihood batch")
+    p.add_argument("--device", default="auto", help="device for the likelihood (auto, cpu, cuda)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    check_output_dir(args.out, overwrite=args.overwrite)
+    real = PreparedDataset.load(args.real)
+    synthetic = PreparedDataset.load(args.synthetic)
+    holdout = PreparedDataset.load(args.holdout) if args.holdout else None
+    model = None
+    if args.model:
+        from .model import HaloModel
+
+        model = HaloModel.from_pretrained(args.model)
+    report = evaluate(real, synthetic, holdout=holdout, model=model, seed=args.seed, metric=args.metric, k=args.k,
+                      min_cell_records=args.min_cell_records,
+                      cells=[c.split(",") for c in args.cells] if args.cells else None,
+                      sensitive_tokens=args.sensitive_token, max_queries=args.max_queries or None,
+                      batch_size=args.batch_size, device=args.device)
+    report["inputs"] = {"real": str(args.real), "synthetic": str(args.synthetic),
+                        "holdout": None if args.holdout is None else str(args.holdout),
+                        "model": None if args.model is None else str(args.model)}
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        write_json(tmp / "report.json", report)
+        atomic_write_bytes(tmp / "report.md", render_markdown(report).encode())
+    uni = report["fidelity"]["statistics"]["unigram_per_visit"]
+    mia = report["privacy"]["membership_inference"]["distance"]
+    print(f"unigram R^2 {_f(uni['r2'])} (ceiling {_f(uni['ceiling_r2'])}); exact copies "
+          f"{report['privacy']['exact_copies']['synthetic_copies']}; distance MIA AUROC {_f(mia.get('auroc'))}")
+    print(f"report written to {args.out}/report.md and report.json")
+    return report
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    run(main)

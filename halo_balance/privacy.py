@@ -1,0 +1,376 @@
+"""Privacy of synthetic records: copies, closeness to training patients and three attacks.
+
+- **Exact copies**: synthetic records whose whole visit sequence equals a training record.
+- **Nearest-neighbour distance**: each record is the set of tokens it holds in any visit; the
+  distance between two records is the Jaccard distance ``1 - |A & B| / |A | B|`` (0 for two empty
+  records) or, on request, the Hamming distance ``|A ^ B|``. Synthetic-to-training distances are set
+  beside held-out-to-training distances: a generator that memorises sits closer to its training
+  patients than new real patients do.
+- **Membership inference**: an attacker ranks training patients (members) above held-out patients
+  (non-members), by closeness to the nearest synthetic record or by the model's likelihood; AUROC
+  0.5 means the attacker learns nothing.
+- **Attribute inference**: an attacker who knows a patient's tokens predicts a hidden attribute (a
+  group, the outcome or a sensitive token) by majority vote of its ``k`` nearest synthetic records;
+  its accuracy is set beside a majority-class guess and beside the same attacker working from real
+  patients outside the training data (what any population sample would reveal).
+
+Distances come from sparse products in blocks of query rows, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from .data import PreparedDataset, Records
+from .errors import DatasetError
+from .fidelity import distribution_summary, record_matrix
+
+Metric = Literal["jaccard", "hamming"]
+
+# distances computed per block: query rows x reference rows
+BLOCK_CELLS = 1 << 23
+# records queried per side for distances (the reference side is always complete)
+MAX_QUERIES = 5_000
+
+
+# ---------------------------------------------------------------------- copies
+def exact_copies(synthetic: Records, train: Records) -> dict[str, int]:
+    """How many synthetic records equal a training record (every visit, every token, same order).
+
+    Returns ``synthetic_copies`` (synthetic records equal to some training record),
+    ``copies_of_unique_records`` (those equal to a training record that occurs once in the
+    training data: common records, such as one visit with one frequent token, are shared by many
+    patients and reveal no one), ``training_records_copied`` (distinct training records reproduced)
+    and ``training_duplicates`` (training records equal to an earlier training record: copies the
+    data itself already holds).
+    """
+    train_keys = train.keys()
+    counts = Counter(train_keys)
+    syn_keys = synthetic.keys()
+    return {"synthetic_copies": sum(k in counts for k in syn_keys),
+            "copies_of_unique_records": sum(counts.get(k, 0) == 1 for k in syn_keys),
+            "training_records_copied": len(counts.keys() & set(syn_keys)),
+            "training_duplicates": len(train_keys) - len(counts)}
+
+
+# ---------------------------------------------------------------------- distances
+def nearest_neighbours(queries: sp.csr_matrix, reference: sp.csr_matrix, *, k: int = 1,
+                       metric: Metric = "jaccard", exclude: np.ndarray | None = None,
+                       block_cells: int = BLOCK_CELLS) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest reference rows of every query row, by distance between their token sets.
+
+    Parameters
+    ----------
+    queries, reference : csr_matrix
+        Multi-hot rows (any positive value counts as present) over the same columns.
+    k : int
+        Neighbours per query (at most the number of reference rows, or one less with ``exclude``).
+    metric : {"jaccard", "hamming"}
+    exclude : ndarray of shape (n_queries,), optional
+        For queries drawn from ``reference``: the reference row of each query, which may not be its
+        own neighbour (another, identical row still may, at distance 0).
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), float64, ascending per row.
+    indices : ndarray of shape (n_queries, k), int64 rows of ``reference``.
+    """
+    if metric not in ("jaccard", "hamming"):
+        raise ValueError(f"unknown metric {metric!r}; use 'jaccard' or 'hamming'")
+    Q, R = _binary(queries), _binary(reference)
+    n_ref = R.shape[0]
+    k = min(k, n_ref - int(exclude is not None))
+    if k < 1:
+        raise ValueError("nearest_neighbours needs at least one reference row besides the query itself")
+    q_size, r_size = np.diff(Q.indptr).astype(np.float32), np.diff(R.indptr).astype(np.float32)
+    r_empty = np.flatnonzero(r_size == 0)
+    RT = R.T.tocsc()
+    step = max(1, block_cells // max(n_ref, 1))
+    dist = np.empty((Q.shape[0], k))
+    ind = np.empty((Q.shape[0], k), dtype=np.int64)
+    for lo in range(0, Q.shape[0], step):
+        hi = min(lo + step, Q.shape[0])
+        d = (Q[lo:hi] @ RT).toarray()  # float32 intersection sizes, turned into distances in place
+        if metric == "jaccard":
+            union = q_size[lo:hi, None] + r_size[None, :] - d
+            np.divide(d, np.maximum(union, 1, out=union), out=d)
+            np.subtract(1, d, out=d)
+            q_empty = np.flatnonzero(q_size[lo:hi] == 0)
+            if len(q_empty) and len(r_empty):  # two empty records are equal
+                d[np.ix_(q_empty, r_empty)] = 0
+        else:
+            d *= -2
+            d += q_size[lo:hi, None]
+            d += r_size[None, :]
+        if exclude is not None:
+            d[np.arange(hi - lo), exclude[lo:hi]] = np.inf
+        if k == 1:
+            ind[lo:hi, 0] = d.argmin(axis=1)
+        else:
+            part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < n_ref else np.tile(np.arange(n_ref), (hi - lo, 1))
+            order = np.argsort(np.take_along_axis(d, part, axis=1), axis=1, kind="stable")
+            ind[lo:hi] = np.take_along_axis(part, order, axis=1)
+        dist[lo:hi] = np.take_along_axis(d, ind[lo:hi], axis=1)
+    return dist, ind
+
+
+def _binary(X: sp.spmatrix) -> sp.csr_matrix:
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    X.eliminate_zeros()
+    X.data[:] = 1.0
+    return X
+
+
+def record_features(dataset: PreparedDataset, *, drop_tokens: Sequence[int] = ()) -> sp.csr_matrix:
+    """Per-record multi-hot rows over the vocabulary, with the columns of ``drop_tokens`` emptied."""
+    R = record_matrix(dataset.records(), dataset.vocab_size)
+    if len(drop_tokens):
+        R.data[np.isin(R.indices, np.asarray(drop_tokens))] = 0
+        R.eliminate_zeros()
+    return R
+
+
+# ---------------------------------------------------------------------- membership inference
+def membership_auroc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, Any]:
+    """AUROC of an attacker who calls a record a member when its score is high.
+
+    Also the true-positive rate at a 10% false-positive rate (the attacker's hit rate when it
+    may wrongly accuse one non-member in ten). ``None`` figures when either side is empty.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    member_scores, nonmember_scores = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    out: dict[str, Any] = {"n_members": int(len(member_scores)), "n_nonmembers": int(len(nonmember_scores))}
+    if not len(member_scores) or not len(nonmember_scores):
+        return {**out, "auroc": None, "tpr_at_fpr_0.1": None}
+    y = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
+    s = np.r_[member_scores, nonmember_scores]
+    fpr, tpr, _ = roc_curve(y, s)
+    return {**out, "auroc": float(roc_auc_score(y, s)), "tpr_at_fpr_0.1": float(tpr[fpr <= 0.1].max())}
+
+
+def distance_membership_inference(member_distances: np.ndarray, nonmember_distances: np.ndarray) -> dict[str, Any]:
+    """Membership by closeness: the nearer a record's nearest synthetic record, the likelier a member."""
+    return membership_auroc(-np.asarray(member_distances, float), -np.asarray(nonmember_distances, float))
+
+
+def likelihood_membership_inference(member_log_likelihood: np.ndarray, nonmember_log_likelihood: np.ndarray, *,
+                                    member_sizes: np.ndarray | None = None,
+                                    nonmember_sizes: np.ndarray | None = None) -> dict[str, Any]:
+    """Membership by the model's log-likelihood (higher: likelier a member).
+
+    With ``*_sizes`` (events per record, e.g. tokens + visits), a second attacker divides the
+    log-likelihood by the size first, so that short records do not look like members merely for
+    being short; its figures are under ``per_event``.
+    """
+    out = membership_auroc(member_log_likelihood, nonmember_log_likelihood)
+    if member_sizes is not None and nonmember_sizes is not None:
+        out["per_event"] = membership_auroc(np.asarray(member_log_likelihood) / np.maximum(member_sizes, 1),
+                                            np.asarray(nonmember_log_likelihood) / np.maximum(nonmember_sizes, 1))
+    return out
+
+
+# ---------------------------------------------------------------------- attribute inference
+def knn_vote(neighbour_values: np.ndarray) -> np.ndarray:
+    """Majority value per row of an (n, k) array of neighbours' integer codes (ties: the smaller code)."""
+    from scipy.stats import mode
+
+    return mode(neighbour_values, axis=1, keepdims=False).mode
+
+
+def attribute_inference(victims: PreparedDataset, attacker: PreparedDataset, *,
+                        reference: PreparedDataset | None = None, attributes: Sequence[str] | None = None,
+                        sensitive_tokens: Sequence[str] = (), k: int = 5,
+                        metric: Metric = "jaccard") -> dict[str, Any]:
+    """A kNN attacker over ``attacker``'s records predicts each hidden attribute of ``victims``.
+
+    Parameters
+    ----------
+    victims : PreparedDataset
+        The patients whose attributes are hidden (training patients of the generator).
+    attacker : PreparedDataset
+        The records the attacker holds (the synthetic data).
+    reference : PreparedDataset, optional
+        Real patients outside the training data: the same attacker working from them shows what a
+        population sample reveals anyway.
+    attributes : sequence of str, optional
+        Patient attributes to hide: group attributes and/or ``"label"`` (default: all of them).
+    sensitive_tokens : sequence of str
+        Tokens (vocabulary ``token`` strings) whose presence anywhere in the record is hidden and
+        predicted; these columns are removed from the attacker's view for every attribute.
+    k : int
+        Neighbours that vote.
+
+    Returns
+    -------
+    dict with ``k``, ``metric`` and, per attribute, ``accuracy`` / ``balanced_accuracy`` of the
+    attacker, of a majority-class guess (the attacker's most frequent value) and, with
+    ``reference``, of the reference attacker.
+    """
+    attributes = ["label", *victims.group_attributes] if attributes is None else list(attributes)
+    unknown = [a for a in attributes if a != "label" and a not in victims.group_attributes]
+    if unknown:
+        raise DatasetError(f"unknown attribute(s) {unknown}; choose from label and {victims.group_attributes}",
+                           value=unknown[0])
+    token_ids = _token_ids(victims, sensitive_tokens)
+    sides = {"attacker": attacker, **({"reference": reference} if reference is not None else {})}
+    X_victims = record_features(victims, drop_tokens=token_ids)
+    neighbours = {s: nearest_neighbours(X_victims, record_features(d, drop_tokens=token_ids), k=k, metric=metric)[1]
+                  for s, d in sides.items()}
+    targets = {a: {s: d.patients[a].cast(pl.String).to_numpy() for s, d in {"victims": victims, **sides}.items()}
+               for a in attributes}
+    presence = {s: record_matrix(d.records(), d.vocab_size)[:, token_ids].toarray()
+                for s, d in {"victims": victims, **sides}.items()} if token_ids else {}
+    for j, tok in enumerate(sensitive_tokens):
+        targets[f"token:{tok}"] = {s: presence[s][:, j].astype(str) for s in presence}
+    out: dict[str, Any] = {"k": k, "metric": metric, "n_victims": victims.n_patients,
+                           "n_attacker_records": attacker.n_patients,
+                           "n_reference_records": None if reference is None else reference.n_patients,
+                           "attributes": {}}
+    for name, values in targets.items():
+        classes, codes = np.unique(np.concatenate(list(values.values())), return_inverse=True)
+        split = np.cumsum([len(v) for v in values.values()])[:-1]
+        coded = dict(zip(values, np.split(codes, split)))
+        truth = coded["victims"]
+        majority = np.bincount(coded["attacker"], minlength=len(classes)).argmax()
+        row = {"classes": classes.tolist(), "majority_class": str(classes[majority]),
+               "majority": _accuracies(truth, np.full(len(truth), majority))}
+        for side in sides:
+            row[side] = _accuracies(truth, knn_vote(coded[side][neighbours[side]]))
+        out["attributes"][name] = row
+    return out
+
+
+def _accuracies(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    with warnings.catch_warnings():  # small samples may lack a class on one side; that is fine here
+        warnings.simplefilter("ignore", UserWarning)
+        return {"accuracy": float(accuracy_score(truth, pred)),
+                "balanced_accuracy": float(balanced_accuracy_score(truth, pred))}
+
+
+def _token_ids(dataset: PreparedDataset, tokens: Sequence[str]) -> list[int]:
+    lookup = dict(zip(dataset.vocab["token"].to_list(), dataset.vocab["id"].to_list()))
+    missing = [t for t in tokens if t not in lookup]
+    if missing:
+        raise DatasetError(f"{len(missing)} sensitive token(s) are not in the vocabulary", file="vocab.parquet",
+                           column="token", value=missing[0], fix="pass tokens exactly as vocab.parquet spells them")
+    return [int(lookup[t]) for t in tokens]
+
+
+# ---------------------------------------------------------------------- the privacy section
+def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdout: PreparedDataset | None,
+                   log_likelihood: Callable[[PreparedDataset], np.ndarray] | None = None,
+                   victims_and_reference: tuple[PreparedDataset, PreparedDataset] | None = None,
+                   metric: Metric = "jaccard", k: int = 5, sensitive_tokens: Sequence[str] = (),
+                   max_queries: int | None = MAX_QUERIES, seed: int = 0) -> dict[str, Any]:
+    """Every privacy figure of ``synthetic`` against the generator's training data ``train``.
+
+    Parameters
+    ----------
+    train : PreparedDataset
+        The generator's training patients (the members).
+    synthetic : PreparedDataset
+    holdout : PreparedDataset, optional
+        Real patients the generator never saw (non-members). Without them the membership attacks
+        are skipped (there is no non-member) and the nearest-neighbour baseline is each training
+        record's nearest *other* training record.
+    log_likelihood : callable, optional
+        ``dataset -> per-patient log-likelihood`` under the generator, for the likelihood attack.
+    victims_and_reference : (PreparedDataset, PreparedDataset), optional
+        For attribute inference without ``holdout``: the training patients attacked and the real
+        patients of the reference attacker (e.g. two halves of ``train``). Default with ``holdout``:
+        ``(train, holdout)``.
+    max_queries : int or None
+        Distances cost (queries x reference records): at most this many records of a side are
+        queried (a seeded random sample; ``None``: all). Reference sides are always complete, and
+        exact copies are always counted over every record.
+    seed : int
+        Seed of those samples.
+    """
+    rng = np.random.default_rng(seed)
+    sampled: dict[str, list[int]] = {}
+
+    def sample(ds: PreparedDataset, name: str) -> np.ndarray:
+        n = ds.n_patients
+        if max_queries is None or n <= max_queries:
+            return np.arange(n)
+        sampled[name] = [int(max_queries), n]
+        return np.sort(rng.choice(n, size=max_queries, replace=False))
+
+    train_rec, syn_rec = train.records(), synthetic.records()
+    copies = exact_copies(syn_rec, train_rec)
+    copies["synthetic_records"] = len(syn_rec)
+    copies["fraction"] = copies["synthetic_copies"] / len(syn_rec) if len(syn_rec) else None
+    if holdout is not None:
+        copies["holdout_equal_to_training"] = exact_copies(holdout.records(), train_rec)["synthetic_copies"]
+        copies["holdout_records"] = holdout.n_patients
+
+    X_train, X_syn = record_features(train), record_features(synthetic)
+    q_syn, q_train = sample(synthetic, "synthetic"), sample(train, "train")
+    syn_to_train = nearest_neighbours(X_syn[q_syn], X_train, metric=metric)[0][:, 0]
+    if holdout is not None:
+        X_hold, q_hold = record_features(holdout), sample(holdout, "holdout")
+        base_name, base = "holdout_to_train", nearest_neighbours(X_hold[q_hold], X_train, metric=metric)[0][:, 0]
+    else:
+        base_name, base = "train_to_other_train", nearest_neighbours(X_train[q_train], X_train, metric=metric,
+                                                                     exclude=q_train)[0][:, 0]
+    nn = {"metric": metric, "synthetic_to_train": _distance_summary(syn_to_train),
+          base_name: _distance_summary(base), "baseline": base_name,
+          "median_ratio": _ratio(np.median(syn_to_train), np.median(base)),
+          "mean_ratio": _ratio(syn_to_train.mean(), base.mean())}
+
+    mia: dict[str, Any]
+    if holdout is None:
+        reason = "needs held-out real patients (--holdout): every --real patient is a training member"
+        mia = {"distance": {"skipped": reason}, "likelihood": {"skipped": reason}}
+    else:
+        member_d = nearest_neighbours(X_train[q_train], X_syn, metric=metric)[0][:, 0]
+        nonmember_d = nearest_neighbours(X_hold[q_hold], X_syn, metric=metric)[0][:, 0]
+        mia = {"distance": {"metric": metric, **distance_membership_inference(member_d, nonmember_d)}}
+        if log_likelihood is None:
+            mia["likelihood"] = {"skipped": "needs the model (--model)"}
+        else:
+            members, nonmembers = _subset(train, q_train), _subset(holdout, q_hold)
+            mia["likelihood"] = likelihood_membership_inference(
+                _checked_ll(log_likelihood(members), members), _checked_ll(log_likelihood(nonmembers), nonmembers),
+                member_sizes=_events(members.records()), nonmember_sizes=_events(nonmembers.records()))
+
+    victims, reference = victims_and_reference if victims_and_reference else (train, holdout)
+    attr = attribute_inference(_subset(victims, sample(victims, "victims")), synthetic, reference=reference,
+                               sensitive_tokens=sensitive_tokens, k=k, metric=metric)
+    return {"exact_copies": copies, "nearest_neighbour": nn, "membership_inference": mia,
+            "attribute_inference": attr, "sampled": sampled}
+
+
+def _subset(ds: PreparedDataset, rows: np.ndarray) -> PreparedDataset:
+    return ds if len(rows) == ds.n_patients else ds.select(ds.patients["patient_id"].gather(rows))
+
+
+def _distance_summary(d: np.ndarray) -> dict[str, Any]:
+    return {**distribution_summary(d), "fraction_zero": float((d == 0).mean()) if len(d) else None}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a / b) if b > 0 else None
+
+
+def _events(records: Records) -> np.ndarray:
+    """Tokens plus visits per record: the events a record's likelihood is a product over."""
+    tokens = records.code_ptr[records.visit_ptr[1:]] - records.code_ptr[records.visit_ptr[:-1]]
+    return tokens + records.visit_counts()
+
+
+def _checked_ll(values: np.ndarray, dataset: PreparedDataset) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(values) != dataset.n_patients:
+        raise ValueError(f"log_likelihood returned {len(values)} values for {dataset.n_patients} patients")
+    return values

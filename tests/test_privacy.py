@@ -1,0 +1,188 @@
+"""Privacy figures against values computed by hand: copies, distances and the three attacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from halo_balance.errors import DatasetError
+from halo_balance.privacy import (attribute_inference, distance_membership_inference, exact_copies,
+                                  knn_vote, likelihood_membership_inference, membership_auroc,
+                                  nearest_neighbours, privacy_report, record_features)
+from tests.conftest import tiny_like
+
+
+def _rows(*sets, width=5) -> sp.csr_matrix:
+    dense = np.zeros((len(sets), width))
+    for i, s in enumerate(sets):
+        dense[i, list(s)] = 1
+    return sp.csr_matrix(dense)
+
+
+def test_exact_copies(tiny):
+    # tiny: a [0,3] | b [1] [2,4] [0] | c [1,4] | d [3]
+    syn = tiny_like([[[0, 3]], [[0, 3]], [[2, 4], [1], [0]], [[1], [2, 4]], [[1, 4]], [[3, 4]]])
+    out = exact_copies(syn.records(), tiny.records())
+    # s0, s1 copy a; s4 copies c; s2 reorders b's visits and s3 is b's prefix: not copies
+    assert out == {"synthetic_copies": 3, "copies_of_unique_records": 3, "training_records_copied": 2,
+                   "training_duplicates": 0}
+    doubled = tiny_like([[[0, 3]], [[0, 3]], [[1]]], prefix="t", synthetic=False)
+    assert exact_copies(syn.records(), doubled.records()) == {
+        "synthetic_copies": 2, "copies_of_unique_records": 0, "training_records_copied": 1, "training_duplicates": 1}
+
+
+def test_jaccard_and_hamming_by_hand():
+    queries = _rows({0, 1}, set(), {3})
+    reference = _rows({1, 2}, {0, 1, 2, 3}, set())
+    d, i = nearest_neighbours(queries, reference, k=3)
+    # {0,1} vs {1,2}: 1 - 1/3; vs {0,1,2,3}: 1 - 2/4; vs {}: 1.  {} vs {}: 0 (two empty records are equal)
+    assert d[0].tolist() == pytest.approx([0.5, 2 / 3, 1.0]) and i[0].tolist() == [1, 0, 2]
+    assert d[1, 0] == 0.0 and i[1, 0] == 2
+    assert d[2].tolist() == pytest.approx([0.75, 1.0, 1.0]) and i[2, 0] == 1
+    h, hi = nearest_neighbours(queries, reference, k=1, metric="hamming")
+    assert h[:, 0].tolist() == [2.0, 0.0, 1.0] and hi[1:, 0].tolist() == [2, 2]  # row 0: a three-way tie
+    with pytest.raises(ValueError, match="unknown metric"):
+        nearest_neighbours(queries, reference, metric="cosine")
+
+
+def test_exclude_self_keeps_identical_others():
+    X = _rows({0, 1}, {0, 1}, {2}, {2, 3})
+    d, i = nearest_neighbours(X, X, exclude=np.arange(4))
+    assert d[:, 0].tolist() == pytest.approx([0.0, 0.0, 0.5, 0.5])
+    assert i[:, 0].tolist() == [1, 0, 3, 2]
+    d, i = nearest_neighbours(X[[3, 0]], X, exclude=np.array([3, 0]))  # a sample of the rows
+    assert d[:, 0].tolist() == pytest.approx([0.5, 0.0]) and i[:, 0].tolist() == [2, 1]
+    d0, _ = nearest_neighbours(X, X)
+    assert d0[:, 0].tolist() == [0.0] * 4
+
+
+def test_distances_match_scipy_in_small_blocks():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(0)
+    A, B = rng.random((37, 20)) < 0.2, rng.random((23, 20)) < 0.2
+    d, i = nearest_neighbours(sp.csr_matrix(A), sp.csr_matrix(B), k=4, block_cells=50)
+    full = np.nan_to_num(cdist(A, B, metric="jaccard"))
+    assert np.allclose(d, np.sort(full, axis=1)[:, :4])
+    assert np.allclose(np.take_along_axis(full, i, axis=1), d)
+    h, _ = nearest_neighbours(sp.csr_matrix(A), sp.csr_matrix(B), k=2, metric="hamming", block_cells=7)
+    assert np.allclose(h, np.sort(cdist(A, B, metric="hamming") * 20, axis=1)[:, :2])
+
+
+def test_membership_auroc_by_hand():
+    # member/non-member pairs: 3>1, 3>2, 2>1, 2=2 (half) -> 3.5 / 4
+    out = membership_auroc(np.array([3.0, 2.0]), np.array([1.0, 2.0]))
+    assert out["auroc"] == pytest.approx(0.875) and (out["n_members"], out["n_nonmembers"]) == (2, 2)
+    assert out["tpr_at_fpr_0.1"] == 0.5  # only the member at 3 is caught before any non-member
+    assert distance_membership_inference(np.array([0.0, 0.5]), np.array([0.5, 1.0]))["auroc"] == pytest.approx(0.875)
+    assert membership_auroc(np.array([1.0]), np.array([]))["auroc"] is None
+
+
+def test_likelihood_attack_per_event():
+    # long member records have the lower total log-likelihood, but the higher per-event one
+    out = likelihood_membership_inference(np.array([-10.0, -12.0]), np.array([-2.0, -3.0]),
+                                          member_sizes=np.array([10, 12]), nonmember_sizes=np.array([1, 1]))
+    assert out["auroc"] == 0.0 and out["per_event"]["auroc"] == 1.0
+
+
+def test_knn_vote_ties_take_the_smaller_code():
+    assert knn_vote(np.array([[1, 1, 0], [2, 0, 0], [0, 1, 2]])).tolist() == [1, 0, 0]
+
+
+def test_record_features_drop_tokens(tiny):
+    X = record_features(tiny, drop_tokens=[0, 4]).toarray()
+    assert X.tolist() == [[0, 0, 0, 1, 0], [0, 1, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 0]]
+
+
+def test_attribute_inference_by_hand():
+    # token 0 marks women, token 1 men; token 2 (sensitive) is held by the men only
+    victims = tiny_like([[[0]], [[0, 3]], [[1, 2]], [[1]]], prefix="v", synthetic=False,
+                        gender=["F", "F", "M", "M"], labels=[0, 0, 0, 1])
+    attacker = tiny_like([[[0]], [[0, 3]], [[0]], [[1, 2]], [[1, 2]]], gender=["F", "F", "F", "M", "M"])
+    reference = tiny_like([[[1]], [[1]], [[0]]], prefix="h", synthetic=False, gender=["F", "F", "M"],
+                          labels=[1, 1, 0])
+    out = attribute_inference(victims, attacker, reference=reference, attributes=["gender", "label"],
+                              sensitive_tokens=["dx9:428"], k=1)
+    g = out["attributes"]["gender"]
+    assert g["attacker"] == {"accuracy": 1.0, "balanced_accuracy": 1.0}
+    assert g["majority_class"] == "F" and g["majority"]["accuracy"] == 0.5
+    assert g["reference"]["accuracy"] == 0.0  # the reference data has the tokens the other way round
+    lab = out["attributes"]["label"]  # every synthetic label is 0
+    assert lab["attacker"]["accuracy"] == 0.75 and lab["majority"]["accuracy"] == 0.75
+    # label from the reference: v0 [0] -> h2 (0); v1 [0,3] -> h2 (0); v2 [1] (2 hidden) -> h0 (1); v3 [1] -> h0 (1)
+    assert lab["reference"]["accuracy"] == 0.75
+    tok = out["attributes"]["token:dx9:428"]  # token 2 hidden: v2 [1] and v3 [1] both look like holders
+    assert tok["classes"] == ["0", "1"] and tok["attacker"]["accuracy"] == 0.75
+    assert tok["attacker"]["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert tok["majority"]["accuracy"] == 0.75 and tok["reference"]["accuracy"] == 0.75
+    with pytest.raises(DatasetError, match="not in the vocabulary"):
+        attribute_inference(victims, attacker, sensitive_tokens=["dx:nope"])
+    with pytest.raises(DatasetError, match="unknown attribute"):
+        attribute_inference(victims, attacker, attributes=["race"])
+
+
+def test_privacy_report_with_holdout(tiny):
+    syn = tiny_like([[[0, 3]], [[1, 4]], [[2]]])
+    holdout = tiny_like([[[3]], [[2, 3]]], prefix="h", synthetic=False)
+    calls = []
+
+    def log_likelihood(ds):
+        calls.append(ds.n_patients)
+        return np.where(ds.patients["patient_id"].str.starts_with("h").to_numpy(), -5.0, -1.0)
+
+    rep = privacy_report(tiny, syn, holdout=holdout, log_likelihood=log_likelihood)
+    cp = rep["exact_copies"]
+    assert (cp["synthetic_copies"], cp["synthetic_records"], cp["holdout_equal_to_training"]) == (2, 3, 1)
+    nn = rep["nearest_neighbour"]
+    # synthetic: [0,3]=a 0, [1,4]=c 0, [2] vs b {0,1,2,4}: 1 - 1/4
+    assert nn["synthetic_to_train"]["mean"] == pytest.approx(0.75 / 3)
+    # holdout: [3]=d 0, {2,3} vs d {3}: 1/2
+    assert nn["baseline"] == "holdout_to_train" and nn["holdout_to_train"]["median"] == 0.25
+    assert nn["median_ratio"] == 0.0 and nn["synthetic_to_train"]["fraction_zero"] == pytest.approx(2 / 3)
+    mia = rep["membership_inference"]
+    # members' distance to the nearest synthetic record: a 0, b 1/2 ({0,1,2,4} vs {1,4}), c 0, d 1/2 (vs {0,3});
+    # non-members: h0 {3} 1/2, h1 {2,3} 1/2 (vs {2}): a and c win their 4 pairs, b and d tie their 4
+    assert mia["distance"]["auroc"] == pytest.approx((4 + 4 * 0.5) / 8)
+    assert mia["likelihood"]["auroc"] == 1.0 and calls == [4, 2]
+    assert mia["likelihood"]["per_event"]["auroc"] == 1.0
+    assert set(rep["attribute_inference"]["attributes"]) == {"label", "gender", "age_group"}
+
+
+def test_privacy_report_without_holdout_skips_membership(tiny):
+    syn = tiny_like([[[0, 3]]])
+    rep = privacy_report(tiny, syn, holdout=None, log_likelihood=lambda ds: np.zeros(ds.n_patients))
+    assert "skipped" in rep["membership_inference"]["distance"]
+    assert "skipped" in rep["membership_inference"]["likelihood"]
+    nn = rep["nearest_neighbour"]
+    # nearest other training record: a {0,3} -> d {3} 1/2; b {0,1,2,4} -> c 1/2; c {1,4} -> b 1/2; d -> a 1/2
+    assert nn["baseline"] == "train_to_other_train" and nn["train_to_other_train"]["mean"] == 0.5
+    assert "holdout_records" not in rep["exact_copies"]
+    assert "reference" not in rep["attribute_inference"]["attributes"]["gender"]
+
+
+def test_likelihood_length_checked(tiny):
+    holdout = tiny_like([[[3]]], prefix="h", synthetic=False)
+    with pytest.raises(ValueError, match="returned 1 values for 4 patients"):
+        privacy_report(tiny, tiny, holdout=holdout, log_likelihood=lambda ds: np.zeros(1))
+
+
+def test_privacy_report_samples_queries_but_searches_everything(tiny):
+    syn = tiny_like([[[0, 3]], [[1, 4]], [[2]]])
+    holdout = tiny_like([[[3]], [[2, 3]]], prefix="h", synthetic=False)
+    calls = []
+
+    def log_likelihood(ds):
+        calls.append(ds.patients["patient_id"].to_list())
+        return np.zeros(ds.n_patients)
+
+    rep = privacy_report(tiny, syn, holdout=holdout, log_likelihood=log_likelihood, max_queries=2, seed=0)
+    assert rep["sampled"] == {"synthetic": [2, 3], "train": [2, 4], "victims": [2, 4]}
+    assert rep["exact_copies"]["synthetic_copies"] == 2  # counted over every record
+    assert rep["nearest_neighbour"]["synthetic_to_train"]["n"] == 2
+    assert rep["membership_inference"]["distance"]["n_members"] == 2
+    assert rep["membership_inference"]["distance"]["n_nonmembers"] == 2
+    assert len(calls[0]) == 2 and set(calls[0]) <= {"a", "b", "c", "d"} and calls[1] == ["h0", "h1"]
+    assert rep["attribute_inference"]["n_victims"] == 2
+    assert privacy_report(tiny, syn, holdout=holdout, max_queries=2, seed=0)["nearest_neighbour"] == \
+        rep["nearest_neighbour"]
