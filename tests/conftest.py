@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from halo_balance.data import PreparedDataset, empty_meta
+
+# On a shared, busy CPU, OpenMP threads that spin while waiting slow small torch ops down 10-100x;
+# passive waiting keeps test times stable. Set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -51,3 +56,90 @@ def make_tiny_dataset() -> PreparedDataset:
 @pytest.fixture
 def tiny() -> PreparedDataset:
     return make_tiny_dataset().validate()
+
+
+def make_learnable_dataset(n_patients: int = 600, *, vocab_size: int = 40, seed: int = 0) -> PreparedDataset:
+    """Synthetic records with structure a generator can learn (for model tests).
+
+    Each (label, gender) cell owns a block of 8 tokens; a visit draws ~3 of its block, a token's
+    successor often follows it within the visit, tokens of the previous visit tend to recur, and
+    positive patients' final visit usually holds the last token. 1-5 visits per patient.
+    """
+    import numpy as np
+
+    assert vocab_size >= 40, "four blocks of 8 tokens, 4 age tokens and the outcome token"
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n_patients) < 0.25).astype(int)
+    gender = rng.choice(["F", "M"], size=n_patients, p=[0.4, 0.6])
+    age = rng.choice(["18-64", "65+"], size=n_patients)
+    records = []
+    for p in range(n_patients):
+        block = 8 * (2 * labels[p] + (gender[p] == "M"))
+        n_vis = int(min(1 + rng.geometric(0.5) - 1, 5))
+        visits, prev = [], set()
+        for t in range(n_vis):
+            v = {block + int(j) for j in np.flatnonzero(rng.random(8) < 0.35)}
+            v |= {c + 1 for c in v if c % 8 != 7 and rng.random() < 0.7}
+            v |= {c for c in prev if rng.random() < 0.5}
+            if age[p] == "65+" and rng.random() < 0.6:
+                v.add(32 + int(rng.integers(0, 4)))
+            if labels[p] and t == n_vis - 1 and rng.random() < 0.8:
+                v.add(vocab_size - 1)
+            v = v or {block}
+            visits.append(sorted(v))
+            prev = v
+        records.append(visits)
+    vocab = pl.DataFrame({"id": pl.Series(range(vocab_size), dtype=pl.Int32),
+                          "token": [f"tok{i}" for i in range(vocab_size)],
+                          "kind": ["diagnosis"] * vocab_size, "description": [""] * vocab_size})
+    meta = empty_meta(source="learnable-synthetic", groups={"gender": ["F", "M"], "age_group": ["18-64", "65+"]})
+    return PreparedDataset.from_records(
+        patient_ids=[f"p{i}" for i in range(n_patients)], labels=labels,
+        groups={"gender": gender.tolist(), "age_group": age.tolist()}, visits=records,
+        vocab=vocab, meta=meta, synthetic=False).validate()
+
+
+@pytest.fixture(scope="session")
+def learnable() -> PreparedDataset:
+    return make_learnable_dataset()
+
+
+@pytest.fixture(scope="session")
+def eicu_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The eICU demo prepared with ``--lab-source apache`` (the demo has no ``lab`` table)."""
+    from data_prep.eicu import prepare_eicu
+
+    out = tmp_path_factory.mktemp("eicu_prepared") / "prepared"
+    prepare_eicu(require(EICU_DEMO), out, lab_source="apache", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sim_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simulated 600-patient cohort (seed 0) prepared by the MIMIC-IV preprocessor."""
+    from data_prep.mimic_iv import prepare_mimic_iv
+    from data_prep.simulate import simulate
+
+    base = tmp_path_factory.mktemp("sim_prepared")
+    simulate(base / "raw", patients=600, seed=0, progress=False)
+    prepare_mimic_iv(base / "raw", base / "prepared", progress=False)
+    return base / "prepared"
+
+
+def tiny_like(visits, *, prefix: str = "s", labels=None, gender=None, synthetic: bool = True) -> PreparedDataset:
+    """Hand-written records on the tiny vocabulary (ids ``{prefix}0..``; age_group 65+, default gender F)."""
+    base = make_tiny_dataset()
+    n = len(visits)
+    return PreparedDataset.from_records(
+        patient_ids=[f"{prefix}{i}" for i in range(n)], labels=labels or [0] * n,
+        groups={"gender": gender or ["F"] * n, "age_group": ["65+"] * n}, visits=visits,
+        vocab=base.vocab, meta=base.meta, synthetic=synthetic).validate()
+
+
+def visit_tokens(ds: PreparedDataset) -> dict[tuple[str, int], set[str]]:
+    """``{(patient_id, visit_index): {token, ...}}`` for every visit (empty visits included)."""
+    t = (ds.visits.select("patient_id", "visit_index", "codes").explode("codes").drop_nulls()
+         .join(ds.vocab.select(codes="id", token="token"), on="codes")
+         .group_by("patient_id", "visit_index").agg("token"))
+    got = {(p, i): set(tok) for p, i, tok in t.iter_rows()}
+    return {(p, i): got.get((p, i), set()) for p, i in ds.visits.select("patient_id", "visit_index").iter_rows()}

@@ -1,0 +1,268 @@
+"""eICU preprocessing: the real demo (apacheApsVar labs) and a hand-written raw ``lab`` fixture."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from conftest import EICU_DEMO, REPO, require, visit_tokens
+from data_prep.eicu import APACHE_LABS, prepare_eicu
+from halo_balance import PreparedDataset
+from halo_balance.errors import DatasetError
+
+
+# ---------------------------------------------------------------------- the real demo
+@pytest.fixture(scope="module")
+def demo(eicu_prepared: Path) -> PreparedDataset:
+    return PreparedDataset.load(eicu_prepared)
+
+
+def raw(name: str) -> pl.DataFrame:
+    df = pl.read_csv(EICU_DEMO / f"{name}.csv.gz", infer_schema=False)
+    return df.with_columns(pl.col(c).str.strip_chars().replace("", None) for c in df.columns)
+
+
+def patient_tokens(ds: PreparedDataset, prefix: str) -> dict[str, set[str]]:
+    """Per patient, the union of tokens (starting with ``prefix``) over all visits."""
+    t = (ds.visits.select("patient_id", "codes").explode("codes").drop_nulls()
+         .join(ds.vocab.select(codes="id", token="token"), on="codes")
+         .filter(pl.col("token").str.starts_with(prefix)).group_by("patient_id").agg("token"))
+    got = {p: set(tok) for p, tok in t.iter_rows()}
+    return {p: got.get(p, set()) for p in ds.patients["patient_id"]}
+
+
+def test_demo_counts(demo: PreparedDataset) -> None:
+    pats = raw("patient")
+    assert pats.height == 2520 and pats["uniquepid"].n_unique() == 1841
+    c = demo.meta["counts"]
+    assert c["rows_read"]["patient"] == 2520
+    # 28 stays have no hospital discharge status; where such a stay is a patient's final one the
+    # outcome is unknown and the patient is dropped (counted), with all their stays
+    assert demo.n_patients + c["dropped"]["patients_without_outcome"] == 1841
+    assert demo.n_visits + c["dropped"]["stays_of_patients_without_outcome"] == 2520
+    assert (demo.n_patients, demo.n_visits) == (1818, 2487)
+    no_status = set(pats.filter(pl.col("hospitaldischargestatus").is_null())["uniquepid"])
+    dropped = set(pats["uniquepid"]) - set(demo.patients["patient_id"])
+    assert len(dropped) == 23 and dropped <= no_status
+    single = pats.filter(pl.col("uniquepid").is_in(list(no_status))).group_by("uniquepid").len()
+    assert set(single.filter(pl.col("len") == 1)["uniquepid"]) <= dropped  # unambiguous cases
+    per_patient = pats.group_by(patient_id="uniquepid").len()
+    vis = demo.visits.group_by("patient_id").len().join(per_patient, on="patient_id")
+    assert (vis["len"] == vis["len_right"]).all()
+
+
+def test_demo_positives_are_final_stay_deaths(demo: PreparedDataset) -> None:
+    pats = raw("patient")
+    expired = set(pats.filter(pl.col("hospitaldischargestatus") == "Expired")["uniquepid"])
+    positive = set(demo.patients.filter(pl.col("label") == 1)["patient_id"])
+    assert positive == expired and len(positive) == 181  # no death is followed by a later stay
+    assert demo.visits.filter(pl.col("label") == 1).height == 181
+    last = demo.visits.filter(pl.col("visit_index") == pl.col("visit_index").max().over("patient_id"))
+    assert set(last.filter(pl.col("label") == 1)["patient_id"]) == positive
+
+
+def expected_dx_tokens(code: str | None, path: str | None) -> set[str]:
+    parts = [p.strip().upper() for p in (code or "").split(",") if p.strip()]
+    i9 = [p for p in parts if re.fullmatch(r"(\d{3}|V\d{2}|E\d{3})(\.?\d{1,2})?", p)]
+    i10 = [p for p in parts if p not in i9 and re.fullmatch(r"[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?", p)]
+    if i9:
+        return {"dx9:" + (p.split(".")[0][:4] if p.startswith("E") else p.split(".")[0][:3]) for p in i9}
+    if i10:
+        return {"dx10:" + p.split(".")[0][:3] for p in i10}
+    return {"dxstr:" + "|".join(path.split("|")[:3])} if path else set()
+
+
+def test_demo_diagnosis_tokens_match_raw(demo: PreparedDataset) -> None:
+    dx = raw("diagnosis").join(raw("patient").select("patientunitstayid", "uniquepid"), on="patientunitstayid")
+    expect: dict[str, set[str]] = {}
+    for pid, code, path in dx.select("uniquepid", "icd9code", "diagnosisstring").iter_rows():
+        expect.setdefault(pid, set()).update(expected_dx_tokens(code, path))
+    ours = patient_tokens(demo, "dx")
+    assert ours == {p: expect.get(p, set()) for p in ours}
+    vocab = set(demo.vocab["token"])
+    assert "dx9:401" in vocab and "dx10:I10" not in vocab  # "401.9, I10": the ICD-9 code wins
+    info = demo.meta["counts"]["info"]
+    assert info["diagnosis_code_parts_unrecognised"] == 34  # "31.1", a procedure code
+    assert info["diagnosis_rows_using_diagnosisstring"] > 3000
+
+
+def test_demo_apache_labs_match_raw(demo: PreparedDataset) -> None:
+    labs = demo.meta["preprocessing"]["labs"]
+    assert labs["source"] == "eicu:apacheApsVar" and labs["n_items"] == 11
+    aps = raw("apacheApsVar").join(raw("patient").select("patientunitstayid", "uniquepid"), on="patientunitstayid")
+    aps = aps.filter(pl.col("uniquepid").is_in(demo.patients["patient_id"].implode()))
+    expect: dict[str, set[str]] = {}
+    for it in labs["items"]:
+        var = it["item"].removeprefix("aps_")
+        vals = aps.select("uniquepid", v=pl.col(var).cast(pl.Float64)).filter(pl.col("v") != -1)
+        assert it["rows"] == vals.height
+        edges = np.unique(np.quantile(vals["v"].to_numpy(), np.arange(1, 10) / 10))
+        np.testing.assert_allclose(it["edges"], edges, rtol=1e-8)
+        bins = np.searchsorted(np.asarray(it["edges"]), vals["v"].to_numpy(), side="right") + 1
+        for pid, b in zip(vals["uniquepid"], bins):
+            expect.setdefault(pid, set()).add(f"lab:{it['item']}:{b}")
+    ours = patient_tokens(demo, "lab:")
+    assert ours == {p: expect.get(p, set()) for p in ours}
+    assert {it["item"] for it in labs["items"]} == {f"aps_{k}" for k in APACHE_LABS}
+
+
+def test_demo_groups(demo: PreparedDataset) -> None:
+    g = demo.meta["groups"]
+    assert g["age_group"] == ["pediatric", "adult", "elderly", "Unknown"]
+    assert g["gender"] == ["Female", "Male", "Other/Unknown"]
+    assert set(g["ethnicity"]) == {"Caucasian", "African American", "Hispanic", "Asian", "Native American",
+                                   "Other/Unknown"}
+    pats = raw("patient")
+    over89 = set(pats.filter(pl.col("age") == "> 89")["uniquepid"]) & set(demo.patients["patient_id"])
+    ages = dict(demo.patients.select("patient_id", "age_group").iter_rows())
+    assert over89 and {ages[p] for p in over89} == {"elderly"}
+
+
+# ---------------------------------------------------------------------- hand-written tables
+PATIENT_COLS = ("patientunitstayid,patienthealthsystemstayid,gender,age,ethnicity,hospitalid,wardid,"
+                "apacheadmissiondx,admissionheight,hospitaladmittime24,hospitaladmitoffset,hospitaladmitsource,"
+                "hospitaldischargeyear,hospitaldischargetime24,hospitaldischargeoffset,hospitaldischargelocation,"
+                "hospitaldischargestatus,unittype,unitadmittime24,unitadmitsource,unitvisitnumber,unitstaytype,"
+                "admissionweight,dischargeweight,unitdischargetime24,unitdischargeoffset,unitdischargelocation,"
+                "unitdischargestatus,uniquepid").split(",")
+
+
+def stay(unit, hosp, pid, year, offset, visit, status, *, age="60", gender="Female", eth="Caucasian"):
+    row = dict.fromkeys(PATIENT_COLS, "")
+    row.update(patientunitstayid=unit, patienthealthsystemstayid=hosp, uniquepid=pid, hospitaldischargeyear=year,
+               hospitaladmitoffset=offset, unitvisitnumber=visit, hospitaldischargestatus=status, age=age,
+               gender=gender, ethnicity=eth, hospitalid="1", unitdischargestatus="Alive")
+    return row
+
+
+STAYS = [
+    # A: two hospital stays in 2014; the one that ended in death (hospital id 5) must come last
+    stay("100", "10", "A", "2014", "0", "1", "Alive", age="> 89", eth="Hispanic"),
+    stay("101", "10", "A", "2014", "-3000", "2", "Alive", age="> 89", eth="Hispanic"),
+    stay("102", "5", "A", "2014", "-10", "1", "Expired", age="> 89", eth=""),
+    stay("200", "20", "B", "2015", "-5", "1", "Alive", age="16", gender="Male", eth="Asian"),
+    # C: final stay without a discharge status: outcome unknown
+    stay("300", "30", "C", "2014", "0", "1", "Alive"),
+    stay("301", "31", "C", "2015", "0", "1", ""),
+    stay("400", "40", "D", "2015", "0", "1", "Expired", age="", gender="", eth="Other/Unknown"),
+]
+
+DIAGNOSES = [  # (stay, icd9code, diagnosisstring)
+    ("100", "401.9, I10", "cardiovascular|ventricular disorders|hypertension"),
+    ("100", "", "cardiovascular|shock / hypotension|hypotension|pressor"),
+    ("101", "I10", "cardiovascular|ventricular disorders|hypertension"),
+    ("102", "E980.2, 965.00, T40.60", "toxicology|drug overdose|opioid overdose"),
+    ("102", "31.1", "pulmonary|respiratory failure|Tracheostomy performed"),
+    ("200", "E87.1", "endocrine|electrolyte imbalance|hyponatremia"),
+    ("301", "401.9", "cardiovascular|ventricular disorders|hypertension"),
+    ("999", "401.9", "cardiovascular|ventricular disorders|hypertension"),
+]
+
+LAB_HEADER = ("labid,patientunitstayid,labresultoffset,labtypeid,labname,labresult,labresulttext,"
+              "labmeasurenamesystem,labmeasurenameinterface,labresultrevisedoffset")
+LAB_ROWS = """\
+1,100,10,1,creatinine,1.0,1.0,mg/dL,mg/dL,20
+2,100,400,1,creatinine ,3.0,3.0,mg/dL,mg/dL,410
+3,100,10,1,sodium,140,140,mmol/L,mmol/L,20
+4,101,30,1,creatinine,4.0,4.0,mg/dL,mg/dL,40
+5,101,30,1,sodium,,pending,mmol/L,mmol/L,40
+6,102,-60,1,creatinine,6.0,6.0,mg/dL,mg/dL,-50
+7,102,15,1,sodium,150,150,mmol/L,mmol/L,20
+8,200,5,1,creatinine,8.0,8.0,mg/dL,mg/dL,10
+9,200,5,1,BUN,10,10,mg/dL,mg/dL,10
+10,300,5,1,creatinine,1.0,1.0,mg/dL,mg/dL,10
+11,400,5,1,creatinine,x,x,mg/dL,mg/dL,10
+12,999,5,1,creatinine,2.0,2.0,mg/dL,mg/dL,10
+"""
+
+
+def write_gz(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(text.encode()))
+
+
+def write_fixture(root: Path, *, lab: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(STAYS, schema=dict.fromkeys(PATIENT_COLS, pl.String), orient="row").write_csv(root / "patient.csv")
+    dx = pl.DataFrame([(str(i), s, "False", "0", path, code, "Major") for i, (s, code, path) in enumerate(DIAGNOSES)],
+                      schema=["diagnosisid", "patientunitstayid", "activeupondischarge", "diagnosisoffset",
+                              "diagnosisstring", "icd9code", "diagnosispriority"], orient="row")
+    write_gz(root / "diagnosis.csv.gz", dx.write_csv())
+    if lab:
+        write_gz(root / "lab.csv.gz", LAB_HEADER + "\n" + LAB_ROWS)
+    return root
+
+
+@pytest.fixture
+def hand(tmp_path: Path) -> PreparedDataset:
+    return prepare_eicu(write_fixture(tmp_path / "raw"), tmp_path / "out", n_lab_items=2, n_bins=2,
+                        progress=False)
+
+
+def test_raw_lab_path_tokens_and_order(hand: PreparedDataset) -> None:
+    assert hand.patients["patient_id"].to_list() == ["A", "B", "D"]
+    assert hand.patients["label"].to_list() == [1, 0, 1]
+    labs = hand.meta["preprocessing"]["labs"]
+    assert labs["source"] == "eicu:lab"
+    # creatinine stay means 2 (100), 4 (101), 6 (102), 8 (200): median 5; sodium 140, 150: 145
+    assert [(it["item"], it["edges"], it["unit"]) for it in labs["items"]] == [
+        ("creatinine", [5.0], "mg/dL"), ("sodium", [145.0], "mmol/L")]
+    assert visit_tokens(hand) == {
+        ("A", 0): {"dx9:401", "dxstr:cardiovascular|shock / hypotension|hypotension",
+                   "lab:creatinine:1", "lab:sodium:1"},
+        ("A", 1): {"dx10:I10", "lab:creatinine:1"},  # unit visit 2 of hospital stay 10
+        ("A", 2): {"dx9:E980", "dx9:965", "dxstr:pulmonary|respiratory failure|Tracheostomy performed",
+                   "lab:creatinine:2", "lab:sodium:2"},  # the death, last although its hospital id is lower
+        ("B", 0): {"dx10:E87", "lab:creatinine:2"},
+        ("D", 0): set(),
+    }
+    assert hand.visits.filter(pl.col("label") == 1).select("patient_id", "visit_index").rows() == [("A", 2), ("D", 0)]
+
+
+def test_raw_lab_path_counts(hand: PreparedDataset) -> None:
+    c = hand.meta["counts"]
+    assert c["rows_read"] == {"patient": 7, "diagnosis": 8, "lab": 12}
+    d = {k: v for k, v in c["dropped"].items() if v}
+    assert d == {"patients_without_outcome": 1, "stays_of_patients_without_outcome": 2,
+                 "diagnosis_stay_patient_without_outcome": 1, "diagnosis_unknown_stay": 1,
+                 "lab_stay_patient_without_outcome": 1, "lab_unknown_stay": 1, "lab_no_numeric_value": 1,
+                 "lab_not_a_number": 1, "lab_item_not_selected": 1}
+    assert sum(v for k, v in d.items() if k.startswith("lab_")) + c["info"]["lab_rows_used"] == 12
+    assert c["info"]["diagnosis_code_parts_unrecognised"] == 1
+
+
+def test_raw_lab_path_groups(hand: PreparedDataset) -> None:
+    p = {r["patient_id"]: r for r in hand.patients.iter_rows(named=True)}
+    assert (p["A"]["age_group"], p["A"]["gender"], p["A"]["ethnicity"]) == ("elderly", "Female", "Hispanic")
+    assert (p["B"]["age_group"], p["B"]["gender"], p["B"]["ethnicity"]) == ("pediatric", "Male", "Asian")
+    assert (p["D"]["age_group"], p["D"]["gender"], p["D"]["ethnicity"]) == ("Unknown", "Other/Unknown",
+                                                                             "Other/Unknown")
+
+
+def test_bins_from_bins_new_data_like_the_reference(hand: PreparedDataset, tmp_path: Path) -> None:
+    rows = LAB_ROWS.replace("200,5,1,creatinine,8.0", "200,5,1,creatinine,4.5")
+    root = write_fixture(tmp_path / "new")
+    write_gz(root / "lab.csv.gz", LAB_HEADER + "\n" + rows)
+    new = prepare_eicu(root, tmp_path / "new_out", bins_from=tmp_path / "out", progress=False)
+    assert new.vocab.equals(hand.vocab)
+    assert new.meta["preprocessing"]["labs"]["items"][0]["edges"] == [5.0]  # not refitted (would be 4.25)
+    assert "lab:creatinine:1" in visit_tokens(new)[("B", 0)]
+    with pytest.raises(DatasetError, match="labs come from 'eicu:lab'"):
+        prepare_eicu(root, tmp_path / "x", lab_source="apache", bins_from=tmp_path / "out", progress=False)
+
+
+def test_missing_lab_table_names_the_fix(tmp_path: Path) -> None:
+    root = write_fixture(tmp_path / "raw", lab=False)
+    with pytest.raises(DatasetError, match=r"lab.*not found.*--lab-source apache"):
+        prepare_eicu(root, tmp_path / "out", progress=False)
+    r = subprocess.run([sys.executable, "-m", "data_prep.eicu", "--root", str(require(EICU_DEMO)),
+                        "--out", str(tmp_path / "out"), "--quiet"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--lab-source apache" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
