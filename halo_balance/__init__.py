@@ -8,11 +8,18 @@ evaluate) -> ``benchmarks`` (k-fold comparison with other rebalancing methods).
 
 from __future__ import annotations
 
-from importlib import import_module
+import os
+
+# Idle OpenMP threads that spin instead of sleeping slow this model's many small torch operations
+# down several-fold on a CPU shared with other work. This only takes effect before torch is first
+# imported, so it is set here, on import of the package; an explicit user setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from importlib import import_module  # noqa: E402
 from typing import Any
 
-from .data import PreparedDataset, Records, VisitMatrix
-from .errors import DatasetError, HaloBalanceError, IncompatibleModelError, OutputExistsError
+from .data import PreparedDataset  # noqa: E402, Records, VisitMatrix
+from .errors import DatasetError  # noqa: E402, HaloBalanceError, IncompatibleModelError, OutputExistsError
 
 __version__ = "0.1.0"
 

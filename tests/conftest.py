@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from halo_balance.data import PreparedDataset, empty_meta
-
-# On a shared, busy CPU, OpenMP threads that spin while waiting slow small torch ops down 10-100x;
-# passive waiting keeps test times stable. Set before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -143,3 +138,14 @@ def visit_tokens(ds: PreparedDataset) -> dict[tuple[str, int], set[str]]:
          .group_by("patient_id", "visit_index").agg("token"))
     got = {(p, i): set(tok) for p, i, tok in t.iter_rows()}
     return {(p, i): got.get((p, i), set()) for p, i in ds.visits.select("patient_id", "visit_index").iter_rows()}
+
+
+@pytest.fixture(scope="session")
+def sim_model(sim_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``tiny`` generator trained briefly (3 epochs, seed 0) on ``sim_prepared``; its folder."""
+    from halo_balance.train import TrainOptions, train_model
+
+    out = tmp_path_factory.mktemp("sim_model") / "model"
+    train_model(PreparedDataset.load(sim_prepared), out_dir=out,
+                options=TrainOptions(preset="tiny", epochs=3, seed=0, device="cpu"), progress=False)
+    return out

@@ -1,0 +1,495 @@
+"""The conditional HALO model: a causal transformer over visits and an exact within-visit module.
+
+A patient record R is a sequence of visits v_1..v_L, each a set of token ids from 0..V-1, generated
+given conditions c (outcome and one-hot group memberships)::
+
+    P(R | c) = P(v_1 | h_0) * prod_{t=1}^{L-1} [P(not end | h_t) P(v_{t+1} | h_t)] * P(end | h_L)
+    P(v | h) = prod_{i=0}^{V-1} P(x_i | x_{<i}, h)          (x = the visit's multi-hot vector)
+
+with P(end | h_L) = 1 when L = n_ctx - 1 (the context is full).
+
+**Coarse model.** Position 0 is the conditioning visit (sum of the embeddings of its active
+condition slots); position t >= 1 is visit t (an embedding-bag sum over its token ids, never a dense
+V-wide matmul). A causal transformer gives h_t, which summarises the conditions and visits 1..t and
+predicts visit t+1. The conditioning visit is context only: it is never a target and never sampled.
+The transformer is a compact own implementation (pre-LayerNorm GPT-2 blocks) on
+``F.scaled_dot_product_attention`` with an explicit, preallocated KV cache, rather than
+``transformers``' GPT-2: the inputs here are embedding-bags rather than token ids, the sampler drops
+finished records from the cache batch by batch (:meth:`KVCache.keep`), and the code stays
+independent of that library's changing cache classes, in about 80 lines.
+
+**End of record** is a learned event: before each visit t+1 >= 2 the model predicts a bit
+"end" from h_t (P(end | h_0) = 0, every record has a visit; at h_{n_ctx-1} the end is forced, so a
+record never exceeds the trained context). In training, "not end" is the target at h_1..h_{L-1} and
+"end" at h_L; there is no extra, untrained visit at either end.
+
+**Fine module (exactly autoregressive, O(V x H) parameters).** Codes are ordered by id. The logit
+of code i depends on h and on the codes chosen before i, through a running additive summary::
+
+    s_{<i}  = sum_{j < i, x_j = 1} e_j                      (e: V x H table)
+    u_{<i}  = LN(z + MLP(LN(z))),  z = P h + b_P + s_{<i}   (P: H x d; MLP H -> H -> H)
+    logit_i = w_i . u_{<i} + b_i                             (w: V x H, b: V)
+
+so perturbing any x_j with j >= i leaves logit_i unchanged. The module has
+``2*V*H + V + d*H + 2*H^2 + 7*H`` parameters (O(V x H)), against HALO's two dense masked layers of
+``2*(d + V')^2`` (V' = V plus its label and special tokens). Since s_{<i} only changes at chosen
+codes, a visit with k codes has k + 1 distinct states u, each governing a contiguous run of codes;
+training multiplies each state only with the blocks of codes it governs (``FineModule._blocks``),
+about V x H multiply-adds per visit however many codes it holds.
+
+Sampling uses the same factorisation: given the current state, the next chosen code is the first
+i > (last chosen) with x_i = 1, a categorical over {i > last} and "stop" with
+P(first = i) = p_i * prod_{last < j < i} (1 - p_j), P(stop) = prod_{j > last} (1 - p_j). Each record
+advances its own pointer, so a visit with k codes costs k + 1 fine passes (see ``sample.py``).
+
+**Loss.** Binary cross-entropy with logits over the V code variables of every real visit, plus the
+end bits, summed per record and divided by the number of real visits: nats per visit. It is the
+exact negative log-likelihood of the record, comparable with the marginal-frequency model (each
+code an independent Bernoulli of its visit frequency, a constant end hazard) in the same units;
+dividing by V gives HALO's per-code BCE. Empty visits (an admission without codes) are modelled as
+what they are (all V bits zero); the sampler never draws an empty first visit (see ``sample.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConditionLayout, HaloConfig
+from .errors import HaloBalanceError, IncompatibleModelError
+from .io import atomic_write_bytes, read_json, write_json
+
+CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, CONDITIONS_FILE, DATASET_META_FILE = (
+    "config.json", "model.safetensors", "vocab.parquet", "conditions.json", "dataset_meta.json")
+
+
+# ---------------------------------------------------------------------- coarse transformer
+class KVCache:
+    """Keys and values of every layer for positions ``0..length-1``, preallocated to ``n_ctx``."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, n_ctx: int, head_dim: int, *,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (n_layer, batch, n_head, n_ctx, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values of ``layer``; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only these batch rows (records that have not ended), so finished ones cost nothing."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: HaloConfig) -> None:
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        mask, causal = None, past == 0 and T > 1
+        if past and T > 1:  # several new positions after a cached prefix: explicit causal mask
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: HaloConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ---------------------------------------------------------------------- fine module
+class FineModule(nn.Module):
+    """P(visit | h): exact autoregression over the V code bits in id order (module docstring)."""
+
+    #: teacher-forced logits are evaluated in at most this many blocks of codes (see ``_blocks``)
+    max_blocks = 64
+
+    def __init__(self, cfg: HaloConfig) -> None:
+        super().__init__()
+        H = cfg.fine_hidden
+        self.proj = nn.Linear(cfg.n_embd, H)
+        self.token_emb = nn.Embedding(cfg.vocab_size, H)
+        self.ln_1 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(H, H), nn.GELU(approximate="tanh"), nn.Linear(H, H),
+                                 nn.Dropout(cfg.dropout))
+        self.ln_2 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.out = nn.Linear(H, cfg.vocab_size)
+
+    def state(self, z: torch.Tensor) -> torch.Tensor:
+        """u from z = P h + b_P + s (the summary of the codes chosen so far)."""
+        return self.ln_2(z + self.mlp(self.ln_1(z)))
+
+    def _blocks(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor) -> _FineBlocks:
+        """Teacher-forced logits of N visits, laid out by blocks of codes (see :class:`_FineBlocks`).
+
+        Visit n holds ``codes[code_ptr[n]:code_ptr[n+1]]`` (sorted). A visit with k codes has k + 1
+        states; state m (after its m smallest codes) governs codes c_{m-1}+1 .. c_m (the last one
+        up to V-1). Computing every state's V logits would cost (k + 1) x V x H; instead the codes
+        are cut into C blocks of ``size`` and each state is multiplied only with the blocks it
+        governs: (N x C + K) x size x H multiply-adds, about N x V x H.
+        """
+        N, V, dev = h.shape[0], self.out.out_features, h.device
+        codes = codes.long()
+        k = code_ptr[1:] - code_ptr[:-1]
+        first_state = torch.cumsum(k + 1, 0) - (k + 1)
+        visit_of_state = torch.repeat_interleave(torch.arange(N, device=dev), k + 1)
+        m = torch.arange(visit_of_state.numel(), device=dev) - first_state[visit_of_state]
+        start = code_ptr[:-1][visit_of_state]
+        # prefix sums of the code embeddings over the batch, differenced per visit (cumsum runs
+        # along the contiguous dimension: several times faster on CPU); gathers use index_select,
+        # whose backward is an index_add
+        prefix = F.pad(self.token_emb(codes).T.cumsum(1), (1, 0)).T.contiguous()
+        s = prefix.index_select(0, start + m) - prefix.index_select(0, start)
+        u = self.state(self.proj(h).index_select(0, visit_of_state) + s)  # (S, H), S = N + K
+        size = max(16, -(-V // self.max_blocks))
+        C = -(-V // size)
+        visit_of_code = torch.repeat_interleave(torch.arange(N, device=dev), k)
+        block_of_code = codes // size
+        counts = torch.bincount(visit_of_code * C + block_of_code, minlength=N * C).view(N, C)
+        lo = torch.cumsum(counts, 1) - counts  # first state of each (visit, block)
+        at_edge = (codes % size == size - 1) | (codes == V - 1)  # its successor state starts in the next block
+        edge = torch.bincount((visit_of_code * C + block_of_code)[at_edge], minlength=N * C).view(N, C)
+        n_rows = (counts + 1 - edge).T.reshape(-1)  # rows ordered by (block, visit, state)
+        row_start = torch.cumsum(n_rows, 0) - n_rows
+        row_block = torch.repeat_interleave(torch.arange(C, device=dev), n_rows.view(C, N).sum(1))
+        row_visit = torch.repeat_interleave(torch.arange(N, device=dev).repeat(C), n_rows)
+        row_m = (torch.repeat_interleave(lo.T.reshape(-1), n_rows)
+                 + torch.arange(int(n_rows.sum()), device=dev) - torch.repeat_interleave(row_start, n_rows))
+        # the row's codes within its block: from after c_{m-1} to c_m (or the block's / vocabulary's end)
+        code_at = code_ptr[:-1][row_visit] + row_m  # index of c_m in `codes` (valid if m < k)
+        padded = F.pad(codes, (0, 1), value=V - 1)  # every index below is in range, even with no codes
+        seg_lo = torch.where(row_m > 0, padded[code_at - 1] + 1, 0)
+        seg_hi = torch.where(row_m < k[row_visit], padded[code_at], V - 1)
+        base = row_block * size
+        col_lo = (seg_lo - base).clamp(min=0)
+        col_hi = (seg_hi - base).clamp(max=size - 1)
+        # one batched matmul over the blocks, each block's rows padded to the fullest block's count
+        per_block = n_rows.view(C, N).sum(1)
+        slot = row_block * int(per_block.max()) + torch.arange(row_block.numel(), device=dev) - (
+            torch.cumsum(per_block, 0) - per_block)[row_block]
+        rows = u.new_zeros(C * int(per_block.max()), u.shape[1]).index_copy(
+            0, slot, u.index_select(0, first_state[row_visit] + row_m))
+        weight = F.pad(self.out.weight, (0, 0, 0, C * size - V)).view(C, size, -1)
+        bias = F.pad(self.out.bias, (0, C * size - V)).view(C, 1, size)
+        logits = torch.baddbmm(bias, rows.view(C, -1, rows.shape[1]), weight.transpose(1, 2))
+        logits = logits.view(-1, size).index_select(0, slot)  # (R, size)
+        code_row = row_start.view(C, N)[block_of_code, visit_of_code] + (
+            torch.arange(codes.numel(), device=dev) - code_ptr[:-1][visit_of_code] - lo[visit_of_code, block_of_code])
+        return _FineBlocks(logits=logits, row_visit=row_visit, row_block=row_block, col_lo=col_lo, col_hi=col_hi,
+                           code_row=code_row, code_col=codes % size, visit_of_code=visit_of_code, size=size, n_visits=N)
+
+    def logits(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``(N, V)``: logit i of visit n under the state after its codes below i."""
+        blocks = self._blocks(h, codes, code_ptr)
+        V = self.out.out_features
+        r, j = blocks.mask().nonzero(as_tuple=True)
+        out = blocks.logits.new_zeros(blocks.n_visits, V)
+        out[blocks.row_visit[r], blocks.row_block[r] * blocks.size + j] = blocks.logits[r, j]
+        return out
+
+    def visit_nll(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor) -> torch.Tensor:
+        """``-log P(visit n | h_n)`` for each visit, shape ``(N,)``, float32: the sum of V BCE terms.
+
+        BCE with logits summed over the codes: sum_i softplus(l_i) - sum_{i chosen} l_i.
+        """
+        blocks = self._blocks(h, codes, code_ptr)
+        logits = blocks.logits.float()
+        per_row = torch.where(blocks.mask(), F.softplus(logits), 0.0).sum(1)
+        chosen = logits.reshape(-1).index_select(0, blocks.code_row * blocks.size + blocks.code_col)
+        nll = logits.new_zeros(blocks.n_visits).index_add(0, blocks.row_visit, per_row)
+        return nll.index_add(0, blocks.visit_of_code, -chosen)
+
+
+@dataclass
+class _FineBlocks:
+    """Block layout of teacher-forced logits: row r holds the logits of block ``row_block[r]`` (codes
+    ``row_block*size + j``) under one state of visit ``row_visit[r]``, valid for ``col_lo <= j <= col_hi``;
+    chosen code q sits at ``logits[code_row[q], code_col[q]]``."""
+
+    logits: torch.Tensor  # (R, size)
+    row_visit: torch.Tensor
+    row_block: torch.Tensor
+    col_lo: torch.Tensor
+    col_hi: torch.Tensor
+    code_row: torch.Tensor
+    code_col: torch.Tensor
+    visit_of_code: torch.Tensor
+    size: int
+    n_visits: int
+
+    def mask(self) -> torch.Tensor:
+        j = torch.arange(self.size, device=self.logits.device)
+        return (j >= self.col_lo[:, None]) & (j <= self.col_hi[:, None])
+
+
+# ---------------------------------------------------------------------- batches and outputs
+@dataclass
+class Batch:
+    """A padded batch of records for :meth:`HaloModel.forward` (built by ``train.collate``).
+
+    B records padded to T = (longest record) + 1 positions. ``visit_codes``/``visit_offsets`` are the
+    embedding-bag input of positions 1..T-1 (pads are empty bags). ``target_hidden`` indexes the
+    flattened ``(B*T)`` hidden states that predict each real visit (whose codes are
+    ``visit_codes[code_ptr[n]:code_ptr[n+1]]``, in record order); ``end_hidden``/``end_target`` are
+    the trained end-bit positions.
+    """
+
+    cond: torch.Tensor  # (B, 1 + n_attributes) int64 slot ids
+    visit_codes: torch.Tensor  # (K,) int64
+    visit_offsets: torch.Tensor  # (B*(T-1),) int64
+    code_ptr: torch.Tensor  # (N+1,) int64, the real visits' code ranges in visit_codes
+    target_hidden: torch.Tensor  # (N,) int64
+    target_record: torch.Tensor  # (N,) int64
+    end_hidden: torch.Tensor  # (E,) int64
+    end_record: torch.Tensor  # (E,) int64
+    end_target: torch.Tensor  # (E,) float32
+    n_positions: int  # T
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                        for k, v in vars(self).items()})
+
+    @property
+    def n_records(self) -> int:
+        return self.cond.shape[0]
+
+    @property
+    def n_visits(self) -> int:
+        return self.target_hidden.numel()
+
+
+@dataclass
+class HaloOutput:
+    """``loss`` (nats per real visit), per-record NLL and its parts (sums over the batch)."""
+
+    loss: torch.Tensor
+    record_nll: torch.Tensor  # (B,) nats
+    code_nll: torch.Tensor  # scalar sum over visits
+    end_nll: torch.Tensor  # scalar sum
+    n_visits: int
+
+
+# ---------------------------------------------------------------------- the model
+class HaloModel(nn.Module):
+    """Conditional HALO: P(record | outcome, groups). See the module docstring.
+
+    Parameters
+    ----------
+    config : HaloConfig
+    layout : ConditionLayout
+        Conditioning slots; ``layout.n_slots`` must equal ``config.n_conditions``.
+    vocab : polars.DataFrame, optional
+        The vocabulary table of the training data (saved with the model, checked on use).
+    dataset_meta : dict, optional
+        ``meta.json`` of the training data; sampled datasets carry it.
+    """
+
+    def __init__(self, config: HaloConfig, layout: ConditionLayout, *, vocab: pl.DataFrame | None = None,
+                 dataset_meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if layout.n_slots != config.n_conditions:
+            raise HaloBalanceError(f"the layout has {layout.n_slots} condition slots, the config "
+                                   f"n_conditions={config.n_conditions}")
+        if vocab is not None and vocab.height != config.vocab_size:
+            raise HaloBalanceError(f"the vocabulary has {vocab.height} tokens, the config vocab_size="
+                                   f"{config.vocab_size}")
+        self.config, self.layout, self.vocab, self.dataset_meta = config, layout, vocab, dataset_meta or {}
+        d = config.n_embd
+        self.cond_emb = nn.EmbeddingBag(config.n_conditions, d, mode="sum")
+        self.visit_emb = nn.EmbeddingBag(config.vocab_size, d, mode="sum")
+        self.pos_emb = nn.Embedding(config.n_ctx, d)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.end_head = nn.Linear(d, 1)
+        self.fine = FineModule(config)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("attn.c_proj.weight", "mlp.2.weight")) and name.startswith("blocks"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def for_dataset(cls, dataset: Any, config: HaloConfig) -> HaloModel:
+        """A fresh model whose vocabulary and conditioning layout come from ``dataset``."""
+        layout = ConditionLayout.from_dataset(dataset)
+        if config.vocab_size != dataset.vocab_size or config.n_conditions != layout.n_slots:
+            raise HaloBalanceError("config sizes do not match the dataset (vocab_size, n_conditions)")
+        return cls(config, layout, vocab=dataset.vocab, dataset_meta=dataset.meta)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_output_biases(self, code_frequency: torch.Tensor, end_rate: float) -> None:
+        """Start from the marginal-frequency model: code biases = log-odds of their visit frequency."""
+        p = code_frequency.clamp(1e-6, 1 - 1e-6).to(self.fine.out.bias)
+        self.fine.out.bias.copy_(torch.log(p) - torch.log1p(-p))
+        r = min(max(end_rate, 1e-6), 1 - 1e-6)
+        self.end_head.bias.fill_(math.log(r) - math.log1p(-r))
+
+    # ------------------------------------------------------------------ training / scoring
+    def hidden_states(self, cond: torch.Tensor, visit_codes: torch.Tensor, visit_offsets: torch.Tensor,
+                      n_positions: int) -> torch.Tensor:
+        """h for positions ``0..n_positions-1`` of a padded batch, shape ``(B, T, n_embd)``."""
+        B, T = cond.shape[0], n_positions
+        x = self.cond_emb(cond)[:, None]
+        if T > 1:
+            visits = self.visit_emb(visit_codes, visit_offsets).view(B, T - 1, -1)
+            x = torch.cat([x, visits], 1)
+        x = self.drop(x + self.pos_emb(torch.arange(T, device=cond.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, batch: Batch) -> HaloOutput:
+        h = self.hidden_states(batch.cond, batch.visit_codes, batch.visit_offsets, batch.n_positions)
+        h = h.reshape(-1, h.shape[-1])
+        code_nll = self.fine.visit_nll(h[batch.target_hidden], batch.visit_codes, batch.code_ptr)
+        end_logit = self.end_head(h[batch.end_hidden]).squeeze(-1).float()
+        end_nll = F.binary_cross_entropy_with_logits(end_logit, batch.end_target, reduction="none")
+        record_nll = (torch.zeros(batch.n_records, device=h.device)
+                      .index_add(0, batch.target_record, code_nll).index_add(0, batch.end_record, end_nll))
+        code_sum, end_sum = code_nll.sum(), end_nll.sum()
+        loss = (code_sum + end_sum) / max(batch.n_visits, 1)
+        return HaloOutput(loss=loss, record_nll=record_nll, code_nll=code_sum.detach(),
+                          end_nll=end_sum.detach(), n_visits=batch.n_visits)
+
+    # ------------------------------------------------------------------ incremental (sampling)
+    def new_cache(self, batch: int, *, device: torch.device | str, dtype: torch.dtype = torch.float32) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, c.n_ctx, c.n_embd // c.n_head, device=device, dtype=dtype)
+
+    def condition_input(self, cond: torch.Tensor) -> torch.Tensor:
+        """Input vector of the conditioning visit, ``(B, n_embd)``."""
+        return self.cond_emb(cond)
+
+    def visit_input(self, codes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Input vectors of one visit per record (an embedding-bag), ``(B, n_embd)``."""
+        return self.visit_emb(codes, offsets)
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run one position (``cache.length``) for every record: input ``(B, d)`` -> h ``(B, d)``."""
+        pos = cache.length
+        if pos >= self.config.n_ctx:
+            raise HaloBalanceError(f"context of {self.config.n_ctx} positions exceeded")
+        x = self.drop(x + self.pos_emb.weight[pos])[:, None]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        cache.length += 1
+        return self.ln_f(x[:, 0])
+
+    def end_logit(self, h: torch.Tensor) -> torch.Tensor:
+        return self.end_head(h).squeeze(-1)
+
+    # ------------------------------------------------------------------ compatibility and I/O
+    def check_compatible(self, dataset: Any) -> None:
+        """Raise :class:`IncompatibleModelError` saying what differs between the model and ``dataset``."""
+        problems = []
+        if self.vocab is not None:
+            mine, theirs = self.vocab["token"].to_list(), dataset.vocab["token"].to_list()
+            if mine != theirs:
+                only_m, only_d = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+                first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+                msg = f"vocabularies differ (model {len(mine)} tokens, dataset {len(theirs)})"
+                if only_m:
+                    msg += f"; {len(only_m)} only in the model, e.g. {only_m[:3]}"
+                if only_d:
+                    msg += f"; {len(only_d)} only in the dataset, e.g. {only_d[:3]}"
+                if not only_m and not only_d:
+                    msg += f"; same tokens in another order, first at id {first}"
+                problems.append(msg)
+        mg, dg = self.layout.groups, dataset.group_categories
+        if list(mg) != list(dg):
+            problems.append(f"group attributes differ: model {list(mg)}, dataset {list(dg)}")
+        for attr in mg:
+            if attr in dg and mg[attr] != dg[attr]:
+                problems.append(f"categories of {attr!r} differ: model {mg[attr]}, dataset {dg[attr]}")
+        if problems:
+            raise IncompatibleModelError("the model does not fit this dataset: " + "; ".join(problems) +
+                                         ". Train a model on data prepared with the same vocabulary and groups")
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors``, ``vocab.parquet``, ``conditions.json`` and
+        ``dataset_meta.json`` into ``directory`` (each file atomically; ``config.json`` last)."""
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
+        if self.vocab is not None:
+            import io
+
+            buf = io.BytesIO()
+            self.vocab.write_parquet(buf)
+            atomic_write_bytes(directory / VOCAB_FILE, buf.getvalue())
+        write_json(directory / CONDITIONS_FILE, self.layout.to_dict())
+        write_json(directory / DATASET_META_FILE, self.dataset_meta)
+        write_json(directory / CONFIG_FILE, self.config.to_dict())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> HaloModel:
+        """Load a model written by :meth:`save_pretrained` (no pickle), in eval mode."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE, CONDITIONS_FILE):
+            if not (directory / name).is_file():
+                raise HaloBalanceError(f"{directory / name} not found: {directory} is not a saved model "
+                                       "(train one with python -m halo_balance.train)")
+        config = HaloConfig.from_dict(read_json(directory / CONFIG_FILE))
+        layout = ConditionLayout.from_dict(read_json(directory / CONDITIONS_FILE))
+        vocab = pl.read_parquet(directory / VOCAB_FILE) if (directory / VOCAB_FILE).is_file() else None
+        meta = read_json(directory / DATASET_META_FILE) if (directory / DATASET_META_FILE).is_file() else {}
+        model = cls(config, layout, vocab=vocab, dataset_meta=meta)
+        state = load_file(directory / WEIGHTS_FILE, device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise HaloBalanceError(f"{directory / WEIGHTS_FILE} does not match config.json "
+                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model.to(map_location).eval()

@@ -1,0 +1,334 @@
+"""Draw synthetic patient records from a trained model, exactly and fast.
+
+``python -m halo_balance.sample --model MODEL_DIR --out DIR --count N --condition "label=1,gender=F"``
+
+Each ``--condition`` gets N records. Attributes a condition leaves out (``label`` included) are
+drawn jointly from the training patients' (outcome x groups) cell frequencies stored with the
+model, restricted to the cells that match the given values (:meth:`ConditionLayout.complete`);
+without ``--condition`` every attribute is drawn that way.
+
+The sampler (:func:`sample_records`) draws from the model's distribution exactly (``model.py``):
+
+- records are batched, and one batch may mix conditions;
+- the coarse transformer keeps a KV cache, so each new visit costs one incremental step;
+- records that drew "end" leave the batch (and the cache) at once;
+- within a visit every record advances its own pointer: at each pass it draws the first code after
+  its last one, or "stop", from the exact distribution of the per-code Bernoulli chain (an
+  exponential waiting time on the cumulated hazard and a binary search per record), so a visit
+  costs max(codes per visit) + 1 fine passes over the still-sampling records;
+- the first visit is never empty: at its first pass "stop" is excluded, which draws the first visit
+  from the model's distribution conditioned on holding at least one code;
+- a record never exceeds the trained context (``n_ctx - 1`` visits; the end is forced there).
+
+:func:`reference_sample_records` is the plain sampler, kept to check this one: the whole prefix
+re-run for every visit, one pointer shared across the batch (one fine pass per code position any
+record samples), Bernoulli draws, finished records still computed, and rejection of empty first
+visits. Both give the same distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from .config import parse_condition
+from .data import PreparedDataset, empty_meta
+from .errors import HaloBalanceError
+from .io import check_output_dir
+from .train import DeviceName, _bar, _ranges, _versions, resolve_device
+
+
+# ---------------------------------------------------------------------- the fast sampler
+def sample_visits(fine, h, generator, *, nonempty: bool = False):
+    """One visit for each of the B coarse states ``h``: ``(codes int64, code_ptr (B+1,))``.
+
+    Every record advances its own pointer. Under its current state, a record's next code is the
+    first success of the Bernoulli chain after its last code. With ``c_i = sum_{j <= i} -log(1 - p_j)``
+    (non-decreasing), P(no success in (last, i]) = exp(-(c_i - c_last)), so the first success is
+    the first i with ``c_i >= c_last + E``, E ~ Exponential(1): one draw and a binary search per
+    record and pass; none such i means "stop" and the record leaves the loop. With ``nonempty``,
+    E is drawn conditioned on a success (E < c_{V-1}) at the first pass. Logits are computed
+    from the smallest pointer of the batch on only.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    B, dev = h.shape[0], h.device
+    V = fine.out.out_features
+    ids = torch.arange(B, device=dev)  # the records still drawing codes, and their ...
+    z = fine.proj(h)  # ... pre-states P h + b_P + (sum of the embeddings of their codes so far)
+    last = torch.full((B,), -1, dtype=torch.long, device=dev)  # ... and last codes
+    picked_rec, picked_code = [], []
+    first_pass = True
+    while ids.numel():
+        # columns from the smallest pointer on (after the first pass every record has a code)
+        lo = max(int(last.min()), 0)
+        hazard = F.softplus(F.linear(fine.state(z), fine.out.weight[lo:], fine.out.bias[lo:]).float())
+        cum = hazard.cumsum(1)  # cum[:, q] = c_{lo+q} - c_{lo-1}
+        if first_pass:  # every pointer is at -1: the wait is counted from 0
+            if nonempty:  # E conditioned on E < c_{V-1}: a success somewhere
+                total = cum[:, -1:]
+                u = torch.rand(total.shape, generator=generator, device=dev)
+                target = torch.minimum(-torch.log1p(u * torch.expm1(-total)), total)
+            else:
+                target = torch.empty_like(cum[:, :1]).exponential_(generator=generator)
+            column = torch.searchsorted(cum, target)
+        else:
+            at = (last - lo)[:, None]
+            wait = torch.empty(at.shape, dtype=cum.dtype, device=dev).exponential_(generator=generator)
+            column = torch.maximum(torch.searchsorted(cum, cum.gather(1, at) + wait), at + 1)  # a wait lost
+            # to rounding still moves past the last code
+        pick = column.squeeze(1) + lo
+        picked_rec.append(ids)
+        picked_code.append(pick)  # pick >= V: "stop"
+        keep = pick < V - 1  # "stop", or the vocabulary's last code: the visit is complete
+        if not bool(keep.all()):
+            idx = keep.nonzero().squeeze(1)
+            ids, pick, z = ids[idx], pick[idx], z[idx]
+        last = pick
+        z = z + fine.token_emb(last)
+        first_pass = False
+    rec, codes = torch.cat(picked_rec), torch.cat(picked_code)
+    rec, codes = rec[codes < V], codes[codes < V]
+    order = torch.sort(rec, stable=True).indices  # passes are in code order, so codes stay sorted
+    ptr = torch.zeros(B + 1, dtype=torch.long, device=dev)
+    ptr[1:] = torch.bincount(rec, minlength=B).cumsum(0)
+    return codes[order], ptr
+
+
+def _sample_batch(model, cond, generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Records for the condition slot ids ``cond`` (B, A): ``(visit_ptr, code_ptr, codes)`` arrays."""
+    import torch
+
+    n_ctx = model.config.n_ctx
+    cache = model.new_cache(cond.shape[0], device=cond.device)
+    h = model.step(model.condition_input(cond), cache)
+    alive = torch.arange(cond.shape[0], device=cond.device)
+    steps = []
+    for t in range(n_ctx - 1):
+        if t > 0:  # a record has at least one visit; afterwards "end" is a learned event
+            end = torch.rand(alive.numel(), generator=generator, device=cond.device) < torch.sigmoid(
+                model.end_logit(h).float())
+            if end.any():
+                keep = (~end).nonzero().squeeze(1)
+                alive, h = alive[keep], h[keep]
+                cache.keep(keep)
+                if not alive.numel():
+                    break
+        codes, ptr = sample_visits(model.fine, h, generator, nonempty=t == 0)
+        steps.append((alive.cpu().numpy(), codes.cpu().numpy(), ptr.cpu().numpy()))
+        if t < n_ctx - 2:  # no state is needed after the last visit the context allows
+            h = model.step(model.visit_input(codes, ptr[:-1]), cache)
+    return _assemble(cond.shape[0], steps)
+
+
+def _assemble(n_records: int, steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    """Per-step (owner, codes, ptr) visits -> record-major ragged arrays."""
+    owners = np.concatenate([s[0] for s in steps])
+    lengths = np.concatenate([np.diff(s[2]) for s in steps])
+    starts = np.concatenate([s[2][:-1] + off for s, off in
+                             zip(steps, np.cumsum([0] + [len(s[1]) for s in steps[:-1]]))])
+    flat = np.concatenate([s[1] for s in steps])
+    order = np.argsort(owners, kind="stable")  # steps are chronological: visits stay in order
+    lengths, starts = lengths[order], starts[order]
+    codes = flat[_ranges(starts, lengths)].astype(np.int32)
+    code_ptr = np.concatenate([[0], np.cumsum(lengths)])
+    visit_ptr = np.concatenate([[0], np.cumsum(np.bincount(owners, minlength=n_records))])
+    return visit_ptr, code_ptr, codes
+
+
+def sample_records(model, conditions: pl.DataFrame, *, batch_size: int = 256, seed: int = 0,
+                   device: DeviceName | str = "auto", id_prefix: str = "syn", progress: bool = True) -> PreparedDataset:
+    """Draw one synthetic record per row of ``conditions``.
+
+    Parameters
+    ----------
+    model : HaloModel
+    conditions : polars.DataFrame
+        One row per record: ``label`` (0/1) and every group attribute of the model
+        (see :meth:`halo_balance.config.ConditionLayout.complete` to fill some from training).
+    batch_size : int
+        Records sampled together (rows of different conditions share batches).
+    seed : int
+        The same model, conditions, batch size, seed and device give the same records.
+    device : {"auto", "cpu", "cuda"}
+    id_prefix : str
+        Patient ids are ``f"{id_prefix}-{seed}-{i}"``, i the row of ``conditions``.
+    progress : bool
+
+    Returns
+    -------
+    PreparedDataset
+        The prepared format: every row ``synthetic=True``, the conditions as the patients'
+        ``label`` and group columns, the model's vocabulary and its training data's metadata.
+    """
+    return _sample(model, conditions, batch_size=batch_size, seed=seed, device=device, id_prefix=id_prefix,
+                   progress=progress, batch_fn=_sample_batch, sampler="cached, per-record pointer")
+
+
+def _sample(model, conditions: pl.DataFrame, *, batch_size: int, seed: int, device, id_prefix: str,
+            progress: bool, batch_fn, sampler: str) -> PreparedDataset:
+    import torch
+
+    if batch_size < 1:
+        raise HaloBalanceError(f"batch_size must be >= 1 (got {batch_size})")
+    cond = model.layout.encode(conditions)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    parts = []
+    with torch.inference_mode():
+        for i in _bar(range(0, len(cond), batch_size), progress, "sampling"):
+            parts.append(batch_fn(model, torch.from_numpy(cond[i:i + batch_size]).to(dev), generator))
+    visit_ptr, code_ptr, codes = _concat_ragged(parts)
+    attrs = model.layout.attributes
+    groups = conditions.select([pl.col(a).cast(pl.String) for a in attrs]) if attrs else pl.DataFrame()
+    meta = _output_meta(model, {"sampler": sampler, "seed": seed, "batch_size": batch_size,
+                                "n_records": len(cond), "id_prefix": id_prefix, "versions": _versions(),
+                                "model_config": model.config.to_dict()})
+    return PreparedDataset.from_arrays(
+        patient_ids=[f"{id_prefix}-{seed}-{i}" for i in range(len(cond))], labels=cond[:, 0].astype(np.int8),
+        groups=groups, visit_ptr=visit_ptr, code_ptr=code_ptr, codes=codes, vocab=_vocab(model),
+        meta=meta, synthetic=True)
+
+
+def _concat_ragged(parts):
+    visit_ptr, code_ptr, codes = [np.zeros(1, dtype=np.int64)], [np.zeros(1, dtype=np.int64)], []
+    for vp, cp, c in parts:
+        visit_ptr.append(vp[1:] + visit_ptr[-1][-1])
+        code_ptr.append(cp[1:] + code_ptr[-1][-1])
+        codes.append(c)
+    return (np.concatenate(visit_ptr), np.concatenate(code_ptr),
+            np.concatenate(codes) if codes else np.zeros(0, dtype=np.int32))
+
+
+def _vocab(model) -> pl.DataFrame:
+    if model.vocab is not None:
+        return model.vocab
+    V = model.config.vocab_size
+    return pl.DataFrame({"id": pl.Series(range(V), dtype=pl.Int32), "token": [f"token{i}" for i in range(V)],
+                         "kind": ["unknown"] * V, "description": [""] * V})
+
+
+def _output_meta(model, generation: dict[str, Any]) -> dict[str, Any]:
+    meta = copy.deepcopy(model.dataset_meta) or empty_meta(source="halo_balance.sample", groups=model.layout.groups)
+    meta["groups"] = copy.deepcopy(model.layout.groups)
+    meta["outcome"] = model.layout.outcome
+    meta["counts"] = {"dropped": {}}
+    meta["generation"] = generation
+    return meta
+
+
+# ---------------------------------------------------------------------- the plain reference sampler
+def _reference_visits(fine, h, generator):
+    """Multi-hot visits ``(B, V)`` with one pointer shared by the batch: one pass per code position
+    any record samples; each pass draws Bernoulli bits for every record under its current state."""
+    import torch
+
+    B, V = h.shape[0], fine.out.out_features
+    base = fine.proj(h)
+    summary = torch.zeros_like(base)
+    x = torch.zeros(B, V, dtype=torch.bool, device=h.device)
+    i = 0
+    while i < V:
+        probs = torch.sigmoid(fine.out(fine.state(base + summary)).float())
+        draws = torch.rand(B, V, generator=generator, device=h.device) < probs
+        draws[:, :i] = False
+        hit = draws.any(0).nonzero()
+        if not hit.numel():
+            break
+        p = int(hit[0, 0])
+        x[:, p] = draws[:, p]
+        summary[draws[:, p]] += fine.token_emb.weight[p]
+        i = p + 1
+    return x
+
+
+def _reference_batch(model, cond, generator):
+    import torch
+
+    B, dev, n_ctx = cond.shape[0], cond.device, model.config.n_ctx
+    visits: list[list[np.ndarray]] = [[] for _ in range(B)]
+    ended = torch.zeros(B, dtype=torch.bool, device=dev)
+    empty = np.zeros(0, np.int64)
+    for t in range(n_ctx - 1):
+        # the whole prefix, every time; finished records stay in the batch and are computed too
+        bags = [visits[b][j] if j < len(visits[b]) else empty for b in range(B) for j in range(t)]
+        lengths = torch.tensor([len(v) for v in bags], dtype=torch.long)
+        offsets = (torch.cumsum(lengths, 0) - lengths).to(dev)
+        codes = torch.from_numpy(np.concatenate(bags) if bags else empty).long().to(dev)
+        h = model.hidden_states(cond, codes, offsets, t + 1)[:, t]
+        if t > 0:
+            ended |= torch.rand(B, generator=generator, device=dev) < torch.sigmoid(model.end_logit(h).float())
+            if ended.all():
+                break
+        x = _reference_visits(model.fine, h, generator)
+        if t == 0:  # reject empty first visits
+            while (none := ~x.any(1)).any():
+                x[none] = _reference_visits(model.fine, h[none], generator)
+        for b in np.flatnonzero(~ended.cpu().numpy()):
+            visits[b].append(x[b].nonzero().squeeze(1).cpu().numpy())
+    return _records_to_ragged(visits)
+
+
+def _records_to_ragged(records: list[list[np.ndarray]]):
+    visit_ptr = np.concatenate([[0], np.cumsum([len(r) for r in records])])
+    flat = [v for r in records for v in r]
+    code_ptr = np.concatenate([[0], np.cumsum([len(v) for v in flat])])
+    codes = np.concatenate(flat).astype(np.int32) if flat else np.zeros(0, np.int32)
+    return visit_ptr, code_ptr, codes
+
+
+def reference_sample_records(model, conditions: pl.DataFrame, *, batch_size: int = 256, seed: int = 0,
+                             device: DeviceName | str = "auto", id_prefix: str = "ref",
+                             progress: bool = False) -> PreparedDataset:
+    """The plain reference sampler (module docstring); same distribution, same output format."""
+    return _sample(model, conditions, batch_size=batch_size, seed=seed, device=device, id_prefix=id_prefix,
+                   progress=progress, batch_fn=_reference_batch, sampler="reference: prefix re-run, shared pointer")
+
+
+# ---------------------------------------------------------------------- command line
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m halo_balance.sample",
+                                     description="Sample synthetic records from a trained model.")
+    parser.add_argument("--model", required=True, help="model folder written by halo_balance.train")
+    parser.add_argument("--out", required=True, help="prepared dataset folder to write")
+    parser.add_argument("--count", type=int, required=True, help="records per --condition")
+    parser.add_argument("--condition", action="append", default=[], metavar="ATTR=VALUE,...",
+                        help='e.g. "label=1,gender=F" (repeatable); attributes left out are drawn from the '
+                             "training frequencies of the matching cells; none given: all drawn")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--id-prefix", default="syn", help="patient ids are PREFIX-SEED-i")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        raise HaloBalanceError(f"--count must be >= 1 (got {args.count})")
+    check_output_dir(args.out, overwrite=args.overwrite)
+    from .model import HaloModel
+
+    model = HaloModel.from_pretrained(args.model)
+    specs = [parse_condition(c) for c in args.condition] or [{}]
+    conditions = pl.concat([model.layout.complete(spec, args.count, seed=args.seed + j)
+                            for j, spec in enumerate(specs)])
+    t0 = time.perf_counter()
+    data = sample_records(model, conditions, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                          id_prefix=args.id_prefix, progress=True)
+    seconds = time.perf_counter() - t0
+    data.save(args.out, overwrite=args.overwrite)
+    print(f"{data.n_patients} records, {data.n_visits} visits ({data.n_visits / data.n_patients:.2f} per record) "
+          f"in {seconds:.1f} s ({data.n_patients / seconds:,.0f} records/s) -> {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    run(main)

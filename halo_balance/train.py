@@ -1,0 +1,683 @@
+"""Train a conditional HALO model on a prepared dataset; score records by their likelihood.
+
+``python -m halo_balance.train --data PREPARED --out MODEL_DIR [--preset tiny|small|base] ...``
+
+- Patient-level validation split (stratified by outcome x groups), early stopping on the validation
+  loss (nats per visit, see ``model.py``), the best epoch's weights saved as the model.
+- A checkpoint every epoch in ``MODEL_DIR/checkpoint`` (replaced atomically: weights, optimizer,
+  best weights and the loop state, no pickle); ``--resume`` continues after its last epoch.
+- Batches are bucketed by record length (each batch is padded to its own longest record only),
+  visits enter as embedding-bags over sparse token ids; bf16 autocast on CUDA.
+- Records longer than the context keep their last ``n_ctx - 1`` visits (the outcome sits on the
+  final visit); the number of truncated patients is reported. The context is the preset's, or
+  ``--n-ctx``, shortened to the longest training record + 1.
+- Data-parallel training: ``torchrun --nproc_per_node=2 -m halo_balance.train ...`` (DDP; gloo on
+  CPU, nccl on CUDA); each process takes every world-size-th batch; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .config import PRESETS, ConditionLayout, HaloConfig, PresetName
+from .data import PreparedDataset
+from .errors import HaloBalanceError, OutputExistsError
+from .io import atomic_dir, read_json, write_json
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+CHECKPOINT_DIR, STATE_FILE, BEST_FILE, OPTIMIZER_FILE, TRAINING_FILE = (
+    "checkpoint", "state.json", "best.safetensors", "optimizer.safetensors", "training.json")
+PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 3e-4}
+
+
+@dataclass
+class TrainOptions:
+    """Training options (the command-line flags of ``python -m halo_balance.train``).
+
+    Parameters
+    ----------
+    preset : {"tiny", "small", "base"}
+        Model size (:data:`halo_balance.config.PRESETS`).
+    epochs : int
+        Maximum number of epochs.
+    batch_size : int
+        Patients per optimisation step (summed over processes under DDP).
+    lr : float or None
+        AdamW learning rate; ``None`` takes the preset's (tiny 3e-3, small 1e-3, base 3e-4).
+    weight_decay : float
+    patience : int
+        Stop after this many epochs without a better validation loss.
+    val_fraction : float
+        Fraction of patients held out for validation (0 disables validation and early stopping).
+    device : {"auto", "cpu", "cuda"}
+    seed : int
+        Seeds the split, the initialisation, the batch order and dropout.
+    resume : bool
+        Continue from ``out_dir/checkpoint`` (written by an earlier, stopped run).
+    overwrite : bool
+        Delete an existing ``out_dir`` before training.
+    n_ctx : int or None
+        Context length in visits (conditioning visit included); ``None``: the preset's.
+    dropout : float or None
+        ``None``: the preset's.
+    grad_clip : float
+    warmup_steps : int
+        Linear learning-rate warm-up.
+    """
+
+    preset: PresetName = "small"
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float | None = None
+    weight_decay: float = 0.01
+    patience: int = 5
+    val_fraction: float = 0.1
+    device: DeviceName = "auto"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    n_ctx: int | None = None
+    dropout: float | None = None
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+
+    def validate(self) -> TrainOptions:
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"preset must be one of {sorted(PRESETS)} (got {self.preset!r})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device must be auto, cpu or cuda (got {self.device!r})")
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"val_fraction must lie in [0, 1) (got {self.val_fraction})")
+        if self.lr is not None and self.lr <= 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.n_ctx is not None and self.n_ctx < 2:
+            problems.append(f"n_ctx must be >= 2 (got {self.n_ctx})")
+        if problems:
+            raise HaloBalanceError("invalid training options: " + "; ".join(problems))
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else PRESET_LR[self.preset]
+
+
+# ---------------------------------------------------------------------- records -> batches
+@dataclass
+class EncodedRecords:
+    """A dataset in the model's terms: condition slot ids and, per patient, its (truncated) visits."""
+
+    cond: np.ndarray  # (P, 1 + n_attributes) int64
+    first_visit: np.ndarray  # (P,) int64, global index of the first kept visit
+    lengths: np.ndarray  # (P,) int64, kept visits, 1..n_ctx-1
+    code_ptr: np.ndarray  # (n_visits + 1,) int64
+    codes: np.ndarray  # int32
+    n_ctx: int
+    n_truncated: int  # patients with more than n_ctx - 1 visits
+
+    @classmethod
+    def from_dataset(cls, dataset: PreparedDataset, layout: Any, n_ctx: int) -> EncodedRecords:
+        rec = dataset.records()
+        counts = rec.visit_counts()
+        lengths = np.minimum(counts, n_ctx - 1)
+        return cls(cond=layout.encode(dataset.patients), first_visit=rec.visit_ptr[1:] - lengths,
+                   lengths=lengths, code_ptr=rec.code_ptr, codes=rec.codes, n_ctx=n_ctx,
+                   n_truncated=int((counts > n_ctx - 1).sum()))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def visit_ids(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Global ids of the kept visits of ``rows`` (all patients by default), record by record."""
+        L = self.lengths if rows is None else self.lengths[rows]
+        first = self.first_visit if rows is None else self.first_visit[rows]
+        return _ranges(first, L)
+
+    def end_slots(self) -> tuple[int, int]:
+        """(trained end bits, of which "end"): h_1..h_L per record, minus the forced end at n_ctx - 1."""
+        positives = int((self.lengths < self.n_ctx - 1).sum())
+        return int((self.lengths - 1).sum()) + positives, positives
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for each pair, vectorised."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, dtype=np.int64) - offsets, lengths) + np.arange(total, dtype=np.int64)
+
+
+def collate(enc: EncodedRecords, rows: np.ndarray):
+    """The :class:`~halo_balance.model.Batch` of patients ``rows``, padded to its longest record."""
+    import torch
+
+    from .model import Batch
+
+    rows = np.asarray(rows, dtype=np.int64)
+    L = enc.lengths[rows]
+    B, T = len(rows), int(L.max()) + 1
+    vis = enc.visit_ids(rows)
+    k = enc.code_ptr[vis + 1] - enc.code_ptr[vis]
+    codes = enc.codes[_ranges(enc.code_ptr[vis], k)]
+    code_ptr = np.concatenate([[0], np.cumsum(k)])
+    bag = np.zeros((B, T - 1), dtype=np.int64)
+    bag[np.arange(T - 1)[None, :] < L[:, None]] = k  # row-major fill = record by record, visit by visit
+    offsets = np.concatenate([[0], np.cumsum(bag.ravel())[:-1]]) if T > 1 else np.zeros(0, dtype=np.int64)
+    rec = np.repeat(np.arange(B), L)
+    t = np.arange(len(rec)) - np.repeat(np.cumsum(L) - L, L)  # 0-based visit index: visit t+1 is predicted by h_t
+    end_t = t + 1  # end bits at h_1..h_L; the one at h_{n_ctx-1} is forced, not trained
+    keep = end_t != enc.n_ctx - 1
+    tensor = lambda a, dt=torch.long: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    return Batch(cond=tensor(enc.cond[rows]), visit_codes=tensor(codes), visit_offsets=tensor(offsets),
+                 code_ptr=tensor(code_ptr), target_hidden=tensor(rec * T + t), target_record=tensor(rec),
+                 end_hidden=tensor((rec * T + end_t)[keep]), end_record=tensor(rec[keep]),
+                 end_target=tensor((end_t == L[rec])[keep], torch.float32), n_positions=T)
+
+
+def bucket_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of similar record length (random within equal lengths), in random order."""
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# ---------------------------------------------------------------------- the marginal-frequency baseline
+@dataclass(frozen=True)
+class MarginalModel:
+    """Each code an independent Bernoulli of its visit frequency; a constant end-of-record hazard."""
+
+    code_frequency: np.ndarray  # (V,)
+    end_rate: float
+
+    @classmethod
+    def fit(cls, enc: EncodedRecords, vocab_size: int) -> MarginalModel:
+        vis = enc.visit_ids()
+        k = enc.code_ptr[vis + 1] - enc.code_ptr[vis]
+        counts = np.bincount(enc.codes[_ranges(enc.code_ptr[vis], k)], minlength=vocab_size)
+        slots, ends = enc.end_slots()
+        return cls(code_frequency=(counts + 0.5) / (len(vis) + 1.0), end_rate=(ends + 0.5) / (slots + 1.0))
+
+    def loss(self, enc: EncodedRecords) -> float:
+        """Negative log-likelihood of ``enc`` in nats per visit (the unit of the model's loss)."""
+        p = self.code_frequency
+        log1m, logit = np.log1p(-p), np.log(p) - np.log1p(-p)
+        vis = enc.visit_ids()
+        k = enc.code_ptr[vis + 1] - enc.code_ptr[vis]
+        present = enc.codes[_ranges(enc.code_ptr[vis], k)]
+        code_nll = -len(vis) * log1m.sum() - logit[present].sum()
+        slots, ends = enc.end_slots()
+        end_nll = -(ends * math.log(self.end_rate) + (slots - ends) * math.log1p(-self.end_rate))
+        return float((code_nll + end_nll) / max(len(vis), 1))
+
+
+# ---------------------------------------------------------------------- devices and processes
+def resolve_device(device: DeviceName | str, local_rank: int = 0):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise HaloBalanceError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+        return torch.device("cuda", local_rank)
+    if device != "cpu":
+        raise HaloBalanceError(f"device must be auto, cpu or cuda (got {device!r})")
+    return torch.device("cpu")
+
+
+def _autocast(device):
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    created: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        # nccl reduces CUDA tensors only, gloo CPU tensors
+        device = f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def _init_distributed(device_name: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    created = not dist.is_initialized()
+    if created:
+        use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return _Dist(rank=rank, world=world, local_rank=local, created=created)
+
+
+# ---------------------------------------------------------------------- scoring
+def _record_nll(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int, device) -> np.ndarray:
+    """Per-record NLL (nats) of ``rows``, in ``rows`` order; the model in eval mode, no gradients."""
+    import torch
+
+    out = np.zeros(len(rows), dtype=np.float64)
+    order = np.argsort(enc.lengths[rows], kind="stable")  # similar lengths together: little padding
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(device):
+        for i in range(0, len(order), batch_size):
+            pos = order[i:i + batch_size]
+            res = model(collate(enc, rows[pos]).to(device))
+            out[pos] = res.record_nll.double().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def dataset_log_likelihood(model, dataset: PreparedDataset, *, batch_size: int = 256,
+                           device: DeviceName | str = "auto") -> np.ndarray:
+    """Natural-log likelihood of each patient's record given its conditions, ``log P(R | c)``.
+
+    In ``dataset.patients`` order. Records longer than the model's context are scored on their
+    last ``n_ctx - 1`` visits, as in training. Raises :class:`IncompatibleModelError` when the
+    dataset's vocabulary or groups differ from the model's.
+    """
+    model.check_compatible(dataset)
+    dev = resolve_device(device)
+    model.to(dev)
+    enc = EncodedRecords.from_dataset(dataset, model.layout, model.config.n_ctx)
+    return -_record_nll(model, enc, np.arange(len(enc)), batch_size=batch_size, device=dev)
+
+
+# ---------------------------------------------------------------------- checkpoints (no pickle)
+def _flatten_optimizer(optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _save_checkpoint(path: Path, model, optimizer, best_state: dict, loop_state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors, opt_meta = _flatten_optimizer(optimizer)
+    with atomic_dir(path, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        save_file(best_state, str(tmp / BEST_FILE))
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        write_json(tmp / STATE_FILE, {**loop_state, "optimizer": opt_meta})
+
+
+# ---------------------------------------------------------------------- training
+def _choose_n_ctx(options: TrainOptions, enc_lengths: np.ndarray) -> int:
+    wanted = options.n_ctx or PRESETS[options.preset]["n_ctx"]
+    return int(max(2, min(wanted, int(enc_lengths.max()) + 1)))
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    from . import __version__
+
+    return {"halo_balance": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def train_model(dataset: PreparedDataset, *, out_dir: str | os.PathLike, options: TrainOptions | None = None,
+                progress: bool = True):
+    """Train a :class:`~halo_balance.model.HaloModel` on ``dataset`` and save it in ``out_dir``.
+
+    Returns the model with the best validation epoch's weights (eval mode). ``out_dir`` receives
+    the model files (``HaloModel.save_pretrained``), ``training.json`` (options, history, marginal
+    baseline, versions) and ``checkpoint/``. Under ``torchrun`` every process calls this function.
+    """
+    options = (options or TrainOptions()).validate()
+    dist_ctx = _init_distributed(options.device)
+    try:
+        trainer = _Trainer(dataset, Path(out_dir), options, dist_ctx, progress)
+        trainer.run()
+        return trainer.finish()
+    finally:
+        if dist_ctx.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+@dataclass
+class _LoopState:
+    """Everything the training loop needs to continue after a checkpoint (saved in ``state.json``)."""
+
+    val_ids: list[str]
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best_val: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+
+class _Trainer:
+    """One training run: set-up (fresh or resumed), the epochs, checkpoints and the final model."""
+
+    def __init__(self, dataset: PreparedDataset, out_dir: Path, options: TrainOptions, dist_ctx: _Dist,
+                 progress: bool) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        self.options, self.dist, self.out_dir = options, dist_ctx, out_dir
+        self.ckpt_dir = out_dir / CHECKPOINT_DIR
+        self.device = resolve_device(options.device, dist_ctx.local_rank)
+        self.progress = progress and dist_ctx.main
+        self.say = _printer(self.progress)
+        model, self.loop = self._resumed(dataset) if options.resume else self._fresh(dataset)
+        ids = set(self.loop.val_ids)
+        unknown = ids - set(dataset.patients["patient_id"].to_list())
+        if unknown:
+            raise HaloBalanceError(f"the checkpoint's validation patients are not in this dataset (e.g. "
+                                   f"{sorted(unknown)[:3]}); resume with the dataset it was trained on")
+        train_ds = dataset.select([i for i in dataset.patients["patient_id"].to_list() if i not in ids])
+        if train_ds.n_patients == 0:
+            raise HaloBalanceError("no training patients left after the validation split")
+        if model is None:
+            model = self._new_model(train_ds)
+        self.model, config = model, model.config
+        self.train = EncodedRecords.from_dataset(train_ds, model.layout, config.n_ctx)
+        self.val = (EncodedRecords.from_dataset(dataset.select(self.loop.val_ids), model.layout, config.n_ctx)
+                    if self.loop.val_ids else None)
+        marginal = MarginalModel.fit(self.train, config.vocab_size)
+        if not options.resume:  # start from the marginal-frequency model
+            model.init_output_biases(torch.from_numpy(marginal.code_frequency), marginal.end_rate)
+        model.to(self.device)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=options.learning_rate, betas=(0.9, 0.95))
+        if options.resume:
+            self.optimizer.load_state_dict(_unflatten_optimizer(
+                load_file(self.ckpt_dir / OPTIMIZER_FILE, device=str(self.device)), self._resume_meta["optimizer"]))
+            self.best_state = load_file(self.ckpt_dir / BEST_FILE)
+            self.say(f"resuming after epoch {self.loop.epoch} (best loss {self.loop.best_val})")
+        else:
+            self.best_state = self._weights()
+        self.net = model
+        if dist_ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.summary = {
+            "n_train": len(self.train), "n_val": len(self.val) if self.val else 0,
+            "truncated_patients": self.train.n_truncated + (self.val.n_truncated if self.val else 0),
+            "marginal_train_loss": marginal.loss(self.train),
+            "marginal_val_loss": marginal.loss(self.val) if self.val else None}
+        self._announce()
+
+    # ------------------------------------------------------------------ set-up
+    def _fresh(self, dataset: PreparedDataset) -> tuple[None, _LoopState]:
+        out, opts = self.out_dir, self.options
+        if out.exists() and any(out.iterdir()):
+            if not opts.overwrite:
+                raise OutputExistsError(f"output folder {out} already exists; choose another path, "
+                                        "pass --resume to continue its training, or --overwrite")
+            self.dist.barrier()  # every process has seen the old folder before it goes
+            if self.dist.main:
+                shutil.rmtree(out)
+        self.dist.barrier()
+        val_ids: list[str] = []
+        if opts.val_fraction > 0 and dataset.n_patients >= 2:
+            val_ids = [str(x) for x in dataset.train_test_split(opts.val_fraction, seed=opts.seed)[1]]
+        return None, _LoopState(val_ids=val_ids)
+
+    def _resumed(self, dataset: PreparedDataset):
+        from .model import HaloModel
+
+        if not (self.ckpt_dir / STATE_FILE).is_file():
+            raise HaloBalanceError(f"nothing to resume: {self.ckpt_dir / STATE_FILE} not found; start without --resume")
+        self._resume_meta = read_json(self.ckpt_dir / STATE_FILE)
+        model = HaloModel.from_pretrained(self.ckpt_dir)
+        model.check_compatible(dataset)
+        names = {f.name for f in dataclasses.fields(_LoopState)}
+        return model, _LoopState(**{k: v for k, v in self._resume_meta.items() if k in names})
+
+    def _new_model(self, train_ds: PreparedDataset):
+        import torch
+
+        from .model import HaloModel
+
+        opts = self.options
+        config = HaloConfig.from_preset(opts.preset, vocab_size=train_ds.vocab_size,
+                                        n_conditions=ConditionLayout.from_dataset(train_ds).n_slots,
+                                        n_ctx=_choose_n_ctx(opts, train_ds.records().visit_counts()),
+                                        dropout=opts.dropout)
+        torch.manual_seed(opts.seed)
+        return HaloModel.for_dataset(train_ds, config)
+
+    def _announce(self) -> None:
+        c, s = self.model.config, self.summary
+        if s["truncated_patients"]:
+            self.say(f"note: {s['truncated_patients']} patients have more than {c.n_ctx - 1} visits; "
+                     "their last n_ctx - 1 visits are used")
+        self.say(f"{self.model.num_parameters():,} parameters ({c.preset}, V={c.vocab_size}, n_ctx={c.n_ctx}); "
+                 f"{s['n_train']} training / {s['n_val']} validation patients on {self.device}"
+                 + (f" x {self.dist.world} processes" if self.dist.world > 1 else "")
+                 + f"; marginal-frequency loss {s['marginal_train_loss']:.3f} train"
+                 + (f", {s['marginal_val_loss']:.3f} val" if self.val else "") + " nats/visit")
+
+    def _weights(self) -> dict[str, Any]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        loop, opts = self.loop, self.options
+        for epoch in range(loop.epoch + 1, opts.epochs + 1):
+            if loop.bad_epochs >= opts.patience:
+                break
+            t0 = time.perf_counter()
+            train_loss = self._train_epoch(epoch)
+            val_loss = self._validate()
+            seconds = time.perf_counter() - t0
+            score = val_loss if val_loss is not None else train_loss
+            improved = loop.best_val is None or score < loop.best_val
+            if improved:
+                loop.best_val, loop.best_epoch, loop.bad_epochs = score, epoch, 0
+                self.best_state = self._weights()
+            else:
+                loop.bad_epochs += 1
+            loop.epoch = epoch
+            loop.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": seconds,
+                                 "patients_per_s": len(self.train) / seconds})
+            stopped = loop.bad_epochs >= opts.patience
+            self.say(f"epoch {epoch}: train {train_loss:.4f}" + (f"  val {val_loss:.4f}" if val_loss is not None else "")
+                     + f"  {len(self.train) / seconds:,.0f} patients/s" + ("  *best*" if improved else "")
+                     + ("  (early stop)" if stopped else ""))
+            if self.dist.main:
+                _save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.best_state,
+                                 {**dataclasses.asdict(loop), "options": dataclasses.asdict(opts)})
+            self.dist.barrier()
+
+    def _train_epoch(self, epoch: int) -> float:
+        import torch
+
+        opts, dist_ctx = self.options, self.dist
+        torch.manual_seed(opts.seed + 7919 * epoch + dist_ctx.rank)  # dropout: reproducible on resume
+        batches = bucket_batches(self.train.lengths, opts.batch_size, np.random.default_rng([opts.seed, epoch]))
+        if dist_ctx.world > 1:  # the same number of steps on every process: wrap around
+            total = len(batches) + (-len(batches) % dist_ctx.world)
+            batches = [batches[i % len(batches)] for i in range(dist_ctx.rank, total, dist_ctx.world)]
+        self.net.train()
+        nll = visits = 0.0
+        bar = _bar(batches, self.progress, f"epoch {epoch}/{opts.epochs}")
+        for rows in bar:
+            lr = opts.learning_rate * min(1.0, (self.loop.step + 1) / max(opts.warmup_steps, 1))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(self.device):
+                out = self.net(collate(self.train, rows).to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if opts.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.grad_clip)
+            self.optimizer.step()
+            self.loop.step += 1
+            nll += float(out.code_nll + out.end_nll)
+            visits += out.n_visits
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        nll, visits = dist_ctx.sum([nll, visits])
+        return nll / max(visits, 1)
+
+    def _validate(self) -> float | None:
+        if self.val is None:
+            return None
+        shard = np.arange(len(self.val))[self.dist.rank::self.dist.world]
+        nll = _record_nll(self.model, self.val, shard, batch_size=max(self.options.batch_size, 256), device=self.device)
+        total, visits = self.dist.sum([nll.sum(), self.val.lengths[shard].sum()])
+        return total / max(visits, 1)
+
+    def finish(self):
+        """Load the best weights, write the model and ``training.json`` (rank 0), return the model."""
+        loop, model = self.loop, self.model
+        model.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
+        model.eval()
+        if self.dist.main:
+            model.save_pretrained(self.out_dir)
+            write_json(self.out_dir / TRAINING_FILE, {
+                "options": dataclasses.asdict(self.options), "config": model.config.to_dict(), **self.summary,
+                "best_epoch": loop.best_epoch, "best_loss": loop.best_val, "loss_unit": "nats per visit",
+                "early_stopped": loop.bad_epochs >= self.options.patience, "history": loop.history,
+                "world_size": self.dist.world, "device": str(self.device), "n_parameters": model.num_parameters(),
+                "versions": _versions()})
+            if loop.best_val is not None:
+                self.say(f"saved the model of epoch {loop.best_epoch} (loss {loop.best_val:.4f} nats/visit"
+                         + (f"; marginal-frequency model {self.summary['marginal_val_loss']:.4f}" if self.val else "")
+                         + f") to {self.out_dir}")
+        self.dist.barrier()
+        return model
+
+
+def _printer(enabled: bool):
+    def say(msg: str) -> None:
+        if enabled:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+    return say
+
+
+def _bar(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, unit="batch", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- command line
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the training flags (every :class:`TrainOptions` field but ``overwrite``) to ``parser``."""
+    d = TrainOptions()
+    g = parser.add_argument_group("training")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="model size (default %(default)s)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="maximum epochs (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="patients per step (default %(default)s)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--patience", type=int, default=d.patience,
+                   help="epochs without a better validation loss before stopping (default %(default)s)")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="patients held out for validation (default %(default)s)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint")
+    g.add_argument("--n-ctx", type=int, default=None,
+                   help="context length in visits incl. the conditioning visit (default: the preset's)")
+    g.add_argument("--dropout", type=float, default=None, help="default: the preset's")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    return parser
+
+
+def train_options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """The :class:`TrainOptions` of parsed :func:`add_train_arguments` flags."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    return TrainOptions(**{k: v for k, v in vars(args).items() if k in names}).validate()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m halo_balance.train",
+                                     description="Train a conditional HALO model on a prepared dataset.")
+    parser.add_argument("--data", required=True, help="prepared dataset folder")
+    parser.add_argument("--out", required=True, help="model folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing model folder first")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    options = train_options_from_args(args)
+    dataset = PreparedDataset.load(args.data)
+    train_model(dataset, out_dir=args.out, options=options, progress=True)
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    run(main)

@@ -1,0 +1,159 @@
+"""Sampling: exactness against the likelihood and the plain sampler, reproducibility, format, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from halo_balance.cli import run
+from halo_balance.data import PreparedDataset
+from halo_balance.errors import HaloBalanceError
+from halo_balance.model import HaloModel
+from halo_balance.sample import main, reference_sample_records, sample_records, sample_visits
+from tests.conftest import make_tiny_dataset
+from tests.test_model import _visits, random_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(seed=2, n_ctx=6, code_bias=-2.5, end_bias=-0.3)
+
+
+def _conditions(model, n: int, seed: int = 0) -> pl.DataFrame:
+    return model.layout.complete({}, n, seed=seed)
+
+
+def _code_rates(ds: PreparedDataset, V: int) -> np.ndarray:
+    """Fraction of records holding each code at least once."""
+    rec = ds.records()
+    owner = np.repeat(np.arange(len(rec)), np.diff(rec.visit_ptr))
+    per_code = np.repeat(owner, np.diff(rec.code_ptr))
+    pairs = np.unique(per_code.astype(np.int64) * V + rec.codes)
+    return np.bincount(pairs % V, minlength=V) / len(rec)
+
+
+# ---------------------------------------------------------------------- exactness
+def test_visit_sampler_matches_the_likelihood_exactly():
+    """Over all 2^5 visits, the sampled frequencies equal exp(-visit_nll), with and without 'nonempty'."""
+    m = random_model(make_tiny_dataset(), code_bias=-1.0, scale=0.2, seed=5)
+    visits = [[i for i in range(5) if mask >> i & 1] for mask in range(32)]
+    h = torch.randn(1, m.config.n_embd, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prob = torch.exp(-m.fine.visit_nll(h.expand(32, -1), *_visits(visits))).double().numpy()
+        n = 40000
+        gen = torch.Generator().manual_seed(0)
+        for nonempty in (False, True):
+            codes, ptr = sample_visits(m.fine, h.expand(n, -1), gen, nonempty=nonempty)
+            masks = np.zeros(n, dtype=np.int64)
+            np.add.at(masks, np.repeat(np.arange(n), np.diff(ptr.numpy())), 1 << codes.numpy())
+            freq = np.bincount(masks, minlength=32) / n
+            expected = prob.copy()
+            if nonempty:
+                expected[0] = 0.0
+                expected /= expected.sum()
+            se = np.sqrt(expected * (1 - expected) / n) + 1e-12
+            assert np.max(np.abs(freq - expected) / np.maximum(se, 1e-3)) < 4.5, (nonempty, freq, expected)
+    assert prob[0] > 0.01  # empty visits are likely enough for the 'nonempty' case to matter
+
+
+def _z_max(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> float:
+    pooled = (a * n_a + b * n_b) / (n_a + n_b)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    return float(np.max(np.abs(a - b) / np.maximum(se, 1e-9)))
+
+
+def test_fast_and_reference_samplers_agree_in_distribution(model):
+    V, n = model.config.vocab_size, 3000
+    cond = _conditions(model, n, seed=1)
+    fast = sample_records(model, cond, batch_size=256, seed=11, device="cpu", progress=False)
+    ref = reference_sample_records(model, cond, batch_size=256, seed=12, device="cpu")
+    assert _z_max(_code_rates(fast, V), _code_rates(ref, V), n, n) < 4.5  # per-code rates, 40 codes
+    lengths_fast = np.bincount(fast.records().visit_counts(), minlength=6)[1:] / n
+    lengths_ref = np.bincount(ref.records().visit_counts(), minlength=6)[1:] / n
+    assert _z_max(lengths_fast, lengths_ref, n, n) < 4.5  # record lengths
+    sizes = [np.diff(d.records().code_ptr).mean() for d in (fast, ref)]
+    assert sizes[0] == pytest.approx(sizes[1], rel=0.05)  # codes per visit
+    # the comparison has power: a slightly different model is told apart
+    shifted = random_model(seed=2, n_ctx=6, code_bias=-2.5, end_bias=-0.3)
+    with torch.no_grad():
+        shifted.fine.out.bias[7] -= 0.8
+    other = sample_records(shifted, cond, batch_size=256, seed=13, device="cpu", progress=False)
+    assert _z_max(_code_rates(fast, V), _code_rates(other, V), n, n) > 5
+
+
+def test_conditions_steer_the_samples(model):
+    """Records of different conditions share batches and each keeps its own conditioning."""
+    cond = pl.concat([model.layout.complete({"label": 0, "gender": "F", "age_group": "65+"}, 1500),
+                      model.layout.complete({"label": 1, "gender": "M", "age_group": "18-64"}, 1500)])
+    mixed = sample_records(model, cond, batch_size=500, seed=0, device="cpu", progress=False)
+    first, second = (mixed.select(mixed.patients["patient_id"].to_list()[s]) for s in (slice(0, 1500), slice(1500, None)))
+    alone = sample_records(model, cond[1500:], batch_size=500, seed=3, device="cpu", progress=False)
+    V = model.config.vocab_size
+    assert _z_max(_code_rates(second, V), _code_rates(alone, V), 1500, 1500) < 4.5
+    assert _z_max(_code_rates(first, V), _code_rates(second, V), 1500, 1500) > 5
+
+
+# ---------------------------------------------------------------------- properties of the samples
+def test_sampling_is_reproducible_with_a_seed(model):
+    cond = _conditions(model, 300)
+    a = sample_records(model, cond, seed=4, device="cpu", progress=False)
+    b = sample_records(model, cond, seed=4, device="cpu", progress=False)
+    c = sample_records(model, cond, seed=5, device="cpu", progress=False)
+    assert a.visits.equals(b.visits) and a.patients.equals(b.patients)
+    assert not a.visits["codes"].equals(c.visits["codes"])
+
+
+def test_samples_respect_the_context_and_start_with_a_non_empty_visit():
+    # end is unlikely and codes are rare: records would run long and visits would often be empty
+    m = random_model(n_ctx=4, code_bias=-6.0, end_bias=-6.0, scale=0.05)
+    data = sample_records(m, _conditions(m, 400), seed=0, device="cpu", progress=False).validate()
+    counts = data.records().visit_counts()
+    assert counts.max() == 3 and (counts == 3).mean() > 0.9  # the end is forced at n_ctx - 1
+    lengths = data.visits.with_columns(n=pl.col("codes").list.len())
+    assert lengths.filter(pl.col("visit_index") == 0)["n"].min() >= 1
+    assert lengths.filter(pl.col("visit_index") > 0)["n"].min() == 0  # later empty visits are allowed
+
+
+def test_output_is_a_synthetic_prepared_dataset(model, tmp_path):
+    base = make_tiny_dataset()
+    cond = pl.DataFrame({"label": [1, 0, 1], "gender": ["F", "M", "M"], "age_group": ["65+", "18-64", "65+"]})
+    m = random_model(base)
+    data = sample_records(m, cond, seed=7, device="cpu", id_prefix="gen", progress=False).validate()
+    assert data.patients["patient_id"].to_list() == ["gen-7-0", "gen-7-1", "gen-7-2"]
+    assert data.patients.select("label", "gender", "age_group").equals(cond.cast({"label": pl.Int8}))
+    assert data.patients["synthetic"].all() and data.visits["synthetic"].all()
+    assert data.vocab.equals(base.vocab) and data.group_categories == base.group_categories
+    assert data.meta["generation"]["seed"] == 7 and data.meta["source"] == base.meta["source"]
+    last = data.visits.group_by("patient_id").agg(pl.col("label").last(), pl.col("visit_index").max())
+    assert sorted(last["label"].to_list()) == [0, 1, 1]  # the outcome sits on the final visit
+    both = PreparedDataset.concat([base, data]).validate()  # ids cannot collide with real ones
+    assert both.n_patients == base.n_patients + 3
+    data.save(tmp_path / "out")
+    assert PreparedDataset.load(tmp_path / "out").n_patients == 3
+    with pytest.raises(HaloBalanceError, match="'gender': value 'X'"):
+        sample_records(m, cond.with_columns(gender=pl.lit("X")), device="cpu", progress=False)
+
+
+# ---------------------------------------------------------------------- command line
+def test_cli_samples_each_condition(model, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "s"
+    main(["--model", str(tmp_path / "m"), "--out", str(out), "--count", "20", "--condition", "label=1,gender=F",
+          "--condition", "label=0", "--seed", "3", "--device", "cpu"])
+    data = PreparedDataset.load(out)
+    p = data.patients
+    assert p.height == 40 and p["synthetic"].all()
+    assert p[:20].select(pl.col("label").eq(1).all(), pl.col("gender").eq("F").all()).row(0) == (True, True)
+    assert p[20:]["label"].eq(0).all()
+    assert set(p["age_group"]) <= {"18-64", "65+"}
+    assert "records/s" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run(main, ["--model", str(tmp_path / "m"), "--out", str(tmp_path / "t"), "--count", "2",
+                   "--condition", "race=White"])
+    assert exc.value.code == 2 and "unknown condition attribute" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run(main, ["--model", str(tmp_path / "m"), "--out", str(out), "--count", "2"])
+    assert exc.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert isinstance(HaloModel.from_pretrained(tmp_path / "m"), HaloModel)

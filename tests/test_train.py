@@ -1,0 +1,191 @@
+"""Training: learning, the marginal baseline, checkpoints and resume, DDP, the likelihood, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from halo_balance.cli import run
+from halo_balance.config import ConditionLayout
+from halo_balance.data import PreparedDataset
+from halo_balance.errors import HaloBalanceError, IncompatibleModelError, OutputExistsError
+from halo_balance.model import HaloModel
+from halo_balance.train import (EncodedRecords, MarginalModel, TrainOptions, add_train_arguments, bucket_batches,
+                                collate, dataset_log_likelihood, main, train_model, train_options_from_args)
+from tests.conftest import REPO, make_learnable_dataset
+
+TINY = dict(preset="tiny", device="cpu", batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def small_cohort():
+    return make_learnable_dataset(160, seed=3)
+
+
+def test_tiny_model_learns_well_below_the_marginal_model(sim_prepared, tmp_path):
+    data = PreparedDataset.load(sim_prepared)
+    model = train_model(data, out_dir=tmp_path / "m", options=TrainOptions(
+        **TINY, epochs=10, patience=10, lr=1e-2, seed=0), progress=False)
+    info = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert info["loss_unit"] == "nats per visit" and info["n_train"] + info["n_val"] == data.n_patients
+    assert info["history"][0]["train_loss"] > 0.95 * info["marginal_train_loss"]  # it starts at the marginal model
+    assert info["history"][-1]["train_loss"] < 0.8 * info["marginal_train_loss"]
+    assert info["best_loss"] < info["marginal_val_loss"]  # and held-out patients are likelier too
+    assert not model.training and isinstance(model, HaloModel)
+
+
+def test_marginal_model_matches_a_direct_computation(tiny):
+    enc = EncodedRecords.from_dataset(tiny, ConditionLayout.from_dataset(tiny), n_ctx=10)
+    m = MarginalModel.fit(enc, tiny.vocab_size)
+    visits = [v for p in range(tiny.n_patients) for v in tiny.records().patient(p)]
+    p = m.code_frequency
+    code_nll = -sum(np.log(np.where(np.isin(np.arange(5), v), p, 1 - p)).sum() for v in visits)
+    # end bits: "end" after every last visit (4), "not end" before visits 2.. (2 of patient b)
+    end_nll = -(4 * np.log(m.end_rate) + 2 * np.log1p(-m.end_rate))
+    assert m.loss(enc) == pytest.approx((code_nll + end_nll) / len(visits))
+    assert m.code_frequency[0] == pytest.approx((2 + 0.5) / (6 + 1))
+
+
+def test_batches_are_bucketed_by_length(learnable):
+    enc = EncodedRecords.from_dataset(learnable, ConditionLayout.from_dataset(learnable), n_ctx=16)
+    batches = bucket_batches(enc.lengths, 64, np.random.default_rng(0))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(learnable.n_patients))
+    padded = sum(len(b) * enc.lengths[b].max() for b in batches)
+    ordered = np.sort(enc.lengths)
+    assert padded == sum(len(c) * c.max() for c in np.array_split(ordered, range(64, len(ordered), 64)))
+    shuffled = np.random.default_rng(0).permutation(enc.lengths)
+    assert padded < 0.7 * sum(len(c) * c.max() for c in np.array_split(shuffled, range(64, len(ordered), 64)))
+    assert min(collate(enc, b).n_positions for b in batches) == 2  # one-visit batches use 2 positions
+
+
+def test_long_records_keep_their_last_visits(learnable):
+    enc = EncodedRecords.from_dataset(learnable, ConditionLayout.from_dataset(learnable), n_ctx=3)
+    rec = learnable.records()
+    assert enc.lengths.max() == 2 and enc.n_truncated == int((rec.visit_counts() > 2).sum()) > 0
+    p = int(np.flatnonzero(rec.visit_counts() == 4)[0])
+    kept = [enc.codes[enc.code_ptr[v]:enc.code_ptr[v + 1]].tolist() for v in enc.visit_ids(np.array([p]))]
+    assert kept == rec.patient(p)[-2:]
+
+
+def test_resume_continues_from_the_saved_epoch(small_cohort, tmp_path):
+    opts = dict(**TINY, seed=1, patience=10)
+    train_model(small_cohort, out_dir=tmp_path / "full", options=TrainOptions(**opts, epochs=4), progress=False)
+    # a run stopped after two epochs, then resumed to four
+    train_model(small_cohort, out_dir=tmp_path / "cut", options=TrainOptions(**opts, epochs=2), progress=False)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 2
+    resumed = train_model(small_cohort, out_dir=tmp_path / "cut", options=TrainOptions(**opts, epochs=4, resume=True),
+                          progress=False)
+    full = json.loads((tmp_path / "full" / "training.json").read_text())["history"]
+    cut = json.loads((tmp_path / "cut" / "training.json").read_text())["history"]
+    assert [h["epoch"] for h in cut] == [1, 2, 3, 4]
+    # the same batches, dropout seeds, optimizer state and schedule: the same losses as one run
+    for a, b in zip(full, cut):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    reference = HaloModel.from_pretrained(tmp_path / "full")
+    for (name, p), q in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_early_stopping_keeps_the_best_epoch(small_cohort, tmp_path):
+    model = train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(
+        **{**TINY, "batch_size": 8}, epochs=30, patience=1, lr=0.05, seed=0), progress=False)
+    info = json.loads((tmp_path / "m" / "training.json").read_text())
+    vals = [h["val_loss"] for h in info["history"]]
+    assert info["early_stopped"] and len(vals) < 30
+    assert info["best_loss"] == min(vals) and vals[info["best_epoch"] - 1] == min(vals)
+    enc = small_cohort.select(json.loads((tmp_path / "m" / "checkpoint" / "state.json").read_text())["val_ids"])
+    val_nll = -dataset_log_likelihood(model, enc, device="cpu").sum()
+    assert val_nll / enc.n_visits == pytest.approx(min(vals), rel=1e-4)  # the saved weights are the best epoch's
+
+
+def test_output_folder_rules(small_cohort, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
+        train_model(small_cohort, out_dir=out, options=TrainOptions(**TINY, epochs=1), progress=False)
+    assert (out / "keep.txt").exists()
+    with pytest.raises(HaloBalanceError, match="nothing to resume"):
+        train_model(small_cohort, out_dir=tmp_path / "new", options=TrainOptions(**TINY, epochs=1, resume=True),
+                    progress=False)
+    with pytest.raises(HaloBalanceError, match="val_fraction"):
+        TrainOptions(val_fraction=1.5).validate()
+
+
+def test_dataset_log_likelihood_order_and_compatibility(small_cohort, tmp_path):
+    model = train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(**TINY, epochs=1), progress=False)
+    ll = dataset_log_likelihood(model, small_cohort, batch_size=7, device="cpu")
+    assert ll.shape == (small_cohort.n_patients,) and np.all(ll < 0)
+    reversed_ids = small_cohort.patients["patient_id"].reverse().to_list()
+    flipped = type(small_cohort)(small_cohort.visits, small_cohort.patients.reverse(), small_cohort.vocab,
+                                 small_cohort.meta)
+    assert flipped.patients["patient_id"].to_list() == reversed_ids
+    np.testing.assert_allclose(dataset_log_likelihood(model, flipped, device="cpu"), ll[::-1], rtol=1e-5)
+    # the likelihood is of the record given its conditions: other conditions, other values
+    other = type(small_cohort)(small_cohort.visits, small_cohort.patients.with_columns(label=1 - pl.col("label")),
+                               small_cohort.vocab, small_cohort.meta)
+    assert not np.allclose(dataset_log_likelihood(model, other, device="cpu"), ll)
+    meta = {**small_cohort.meta, "groups": {"gender": ["F", "M"]}}
+    with pytest.raises(IncompatibleModelError):
+        dataset_log_likelihood(model, type(small_cohort)(small_cohort.visits, small_cohort.patients,
+                                                          small_cohort.vocab, meta))
+
+
+def test_cli_options_round_trip():
+    parser = add_train_arguments(argparse.ArgumentParser())
+    opts = train_options_from_args(parser.parse_args(["--preset", "tiny", "--epochs", "3", "--lr", "0.01",
+                                                      "--device", "cpu", "--resume", "--n-ctx", "8"]))
+    assert opts == TrainOptions(preset="tiny", epochs=3, lr=0.01, device="cpu", resume=True, n_ctx=8)
+    assert train_options_from_args(parser.parse_args([])) == TrainOptions()
+
+
+def test_cli_trains_and_reports_errors(small_cohort, tmp_path, capsys):
+    small_cohort.save(tmp_path / "data")
+    main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--preset", "tiny", "--epochs", "1",
+          "--device", "cpu"])
+    assert HaloModel.from_pretrained(tmp_path / "m").config.preset == "tiny"
+    assert "marginal-frequency" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run(main, ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--epochs", "1"])
+    assert exc.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_ddp_with_two_cpu_processes(small_cohort, tmp_path):
+    small_cohort.save(tmp_path / "data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "halo_balance.train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"),
+           "--preset", "tiny", "--epochs", "2", "--device", "cpu", "--batch-size", "16"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert info["world_size"] == 2 and len(info["history"]) == 2
+    for folder in (tmp_path / "m", tmp_path / "m" / "checkpoint"):
+        model = HaloModel.from_pretrained(folder)
+        assert np.all(np.isfinite(dataset_log_likelihood(model, small_cohort, device="cpu")))
+    assert Path(tmp_path / "m" / "checkpoint" / "optimizer.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_small_model_on_the_eicu_demo(eicu_prepared, tmp_path):
+    """The issue's real-data check: the small preset on the eICU demo, on CPU (about a minute)."""
+    data = PreparedDataset.load(eicu_prepared)
+    model = train_model(data, out_dir=tmp_path / "m", options=TrainOptions(preset="small", device="cpu", seed=0),
+                        progress=False)
+    info = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert info["best_loss"] < 0.9 * info["marginal_val_loss"]
+    from halo_balance.sample import sample_records
+
+    synthetic = sample_records(model, model.layout.complete({}, 200, seed=0), device="cpu", progress=False)
+    assert PreparedDataset.concat([data, synthetic]).validate().n_patients == data.n_patients + 200
