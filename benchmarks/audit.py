@@ -1,0 +1,530 @@
+"""The fairness audit of a k-fold run: one self-contained HTML report with uncertainty.
+
+::
+
+    python -m benchmarks.audit --run DIR --out REPORT.html [--resamples 1000] [--permutations 1000]
+        [--seed 0] [--level 0.95] [--reference original] [--focus-model MODEL]
+        [--aggregate fold_mean|pooled] [--thresholds 0.05,0.1,...] [--bins 10] [--no-auroc]
+        [--min-deaths 10] [--fairness-min-share S] [--groups ATTR ...] [--overwrite]
+
+``DIR`` is the ``--out`` folder of ``benchmarks.kfold`` (``predictions.parquet`` and ``run.json``).
+The report holds, for every group attribute (and the intersection of several):
+
+* per-group F1, precision, TPR, FPR, underdiagnosis rate, AUROC and calibration error with
+  patient-level bootstrap confidence intervals (:mod:`benchmarks.stats`);
+* FPR, underdiagnosis, F1 and calibration gaps to the largest group with intervals and
+  permutation p-values, as gap charts with error bars;
+* FairPlay's fairness measures (disparate impact, Theil index, ...) with intervals, and every
+  method's change against Original in F1, Theil and disparate impact with paired permutation
+  p-values and Benjamini-Hochberg q-values;
+* calibration curves per group and a threshold sweep of per-group TPR / FPR (does a gap persist at
+  every threshold?) for one downstream model (``--focus-model``).
+
+Groups with fewer than ``--min-deaths`` deaths among the test patients are flagged (†) in the tables
+and left out of the charts: a handful of patients decide their intervals and p-values.
+
+Plots are PNG (matplotlib, Agg backend) embedded as base64, so the file opens anywhere. Beside the
+report, ``REPORT`` with the suffix ``.parquet`` holds every statistic as one tidy table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from halo_balance.errors import DatasetError, HaloBalanceError, OutputExistsError
+from halo_balance.io import atomic_write_bytes, read_json
+
+from .calibration import DEFAULT_THRESHOLDS, calibration_curve_by_group
+from .stats import ALL, MODEL_MEAN, RANGE, AuditTables, Design, audit_statistics, bootstrap_threshold_sweep
+
+METRIC_LABELS = {"f1": "F1", "precision": "precision", "tpr": "TPR", "fpr": "FPR", "underdiagnosis": "UDR",
+                 "selection_rate": "selection rate", "calibration_error": "ECE", "auroc": "AUROC",
+                 "di_weighted": "DI weighted", "di_averaged": "DI averaged", "theil": "Theil",
+                 "f1_variance": "F1 variance", "equalized_odds": "eq. odds", "equal_opportunity": "eq. opp.",
+                 "fpr_difference": "FPR range", "demographic_parity": "dem. parity", "calibration_gap": "ECE range"}
+SIGNIFICANCE = 0.05
+
+
+# ---------------------------------------------------------------------- inputs
+def load_run(run_dir: str | os.PathLike, *, groups: Sequence[str] | None = None) -> tuple[pl.DataFrame, dict]:
+    """The predictions of a k-fold run and its ``run.json`` (``{}`` when absent, then ``groups`` is needed)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "predictions.parquet"
+    if not path.is_file():
+        raise HaloBalanceError(f"{path} not found; pass the --out folder of a finished "
+                               "`python -m benchmarks.kfold` run")
+    meta = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    if groups is None and "groups" not in meta:
+        raise HaloBalanceError(f"{run_dir / 'run.json'} is missing, so the group attributes are unknown; pass --groups")
+    return pl.read_parquet(path), meta
+
+
+# ---------------------------------------------------------------------- formatting
+def _num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def fmt_ci(est: float | None, lo: float | None, hi: float | None, digits: int = 3) -> str:
+    """``0.412 [0.351, 0.470]``; ``n/a`` when undefined."""
+    if est is None or math.isnan(est):
+        return "n/a"
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return _num(est, digits)
+    return f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _ci(row: dict | None, *, bold_if_significant: bool = False) -> str:
+    """A table row's ``estimate [ci_low, ci_high]``; bold when its q-value is below ``SIGNIFICANCE``."""
+    if row is None:
+        return "n/a"
+    text = fmt_ci(row["estimate"], row["ci_low"], row["ci_high"])
+    q = row.get("q_value")
+    sig = bold_if_significant and q is not None and not math.isnan(q) and q < SIGNIFICANCE
+    return f"<b>{text}</b>" if sig else text
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "n/a"
+    return "&lt;0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)  # layouts are already tight; a tight bbox would lay out twice
+    plt.close(fig)
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _lookup(df: pl.DataFrame, keys: Sequence[str]) -> dict[tuple, dict]:
+    return {tuple(r[k] for k in keys): r for r in df.iter_rows(named=True)}
+
+
+# ---------------------------------------------------------------------- plots
+def plot_group_rates(tab: AuditTables, attribute: str, methods: Sequence[str], groups: Sequence[str],
+                     metrics: Sequence[str] = ("fpr", "underdiagnosis")) -> str:
+    """Per-group rates, one bar per method (mean over models), with bootstrap-interval error bars."""
+    plt = _plt()
+    g = _lookup(tab.group_metrics.filter((pl.col("attribute") == attribute) & (pl.col("model") == MODEL_MEAN)),
+                ["method", "group", "metric"])
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7, 0.35 * len(groups) * len(methods)), 3.3 * len(metrics)),
+                             squeeze=False)
+    x, width = np.arange(len(groups)), 0.8 / len(methods)
+    for ax, metric in zip(axes[:, 0], metrics):
+        for i, m in enumerate(methods):
+            r = [g.get((m, grp, metric)) for grp in groups]
+            est = np.array([np.nan if v is None else v["estimate"] for v in r])
+            lo = np.array([np.nan if v is None else v["ci_low"] for v in r])
+            hi = np.array([np.nan if v is None else v["ci_high"] for v in r])
+            err = np.nan_to_num(np.vstack([est - lo, hi - est]).clip(min=0))
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(est), width, yerr=err, capsize=2,
+                   label=m, error_kw={"elinewidth": 0.8})
+        ax.set_xticks(x, groups, rotation=25 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_title(f"{METRIC_LABELS[metric]} by {attribute} (mean over models; bootstrap CI)", fontsize=10)
+    axes[0, 0].legend(ncol=min(len(methods), 5), fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_gaps(tab: AuditTables, attribute: str, methods: Sequence[str], groups: Sequence[str], reference: str,
+              metrics: Sequence[str] = ("fpr", "underdiagnosis")) -> str:
+    """Gap of each group to the reference per method, dot and whisker; filled = permutation q < 0.05."""
+    plt = _plt()
+    gaps = _lookup(tab.gaps.filter((pl.col("attribute") == attribute) & (pl.col("model") == MODEL_MEAN)),
+                   ["method", "group", "metric"])
+    others = [x for x in groups if x != reference]
+    height = 0.45 * len(methods) * max(1, len(others) / 2) + 1.5
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), height), squeeze=False, sharey=True)
+    y = np.arange(len(methods))[::-1]
+    off = 0.7 / max(len(others), 1)
+    for ax, metric in zip(axes[0], metrics):
+        for j, grp in enumerate(others):
+            color = f"C{groups.index(grp) % 10}"  # a group keeps its colour in every figure
+            for i, m in enumerate(methods):
+                r = gaps.get((m, grp, metric))
+                if r is None or r["estimate"] is None or math.isnan(r["estimate"]):
+                    continue
+                yy = y[i] + (j - (len(others) - 1) / 2) * off
+                ax.errorbar(r["estimate"], yy, xerr=[[max(r["estimate"] - r["ci_low"], 0)],
+                                                     [max(r["ci_high"] - r["estimate"], 0)]],
+                            fmt="o", color=color, mfc=color if (r["q_value"] or 1) < SIGNIFICANCE else "white",
+                            capsize=2, label=grp if i == 0 else None)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(y, methods)
+        ax.set_xlabel(f"{METRIC_LABELS[metric]}(group) - {METRIC_LABELS[metric]}({reference})")
+        ax.set_title(f"{METRIC_LABELS[metric]} gap by {attribute}", fontsize=10)
+    axes[0, 0].legend(fontsize=7, title="group", title_fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_calibration(frame: pl.DataFrame, attribute: str, methods: Sequence[str], groups: Sequence[str],
+                     model: str, n_bins: int, ece: dict) -> str:
+    """Reliability curves per group, one panel per method (one model; test visits of all folds)."""
+    plt = _plt()
+    cols = min(4, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.2 * rows), squeeze=False, sharex=True, sharey=True)
+    for ax, m in zip(axes.ravel(), methods):
+        part = frame.filter((pl.col("method") == m) & (pl.col("model") == model))
+        if part.height == 0:
+            ax.set_visible(False)
+            continue
+        cur = calibration_curve_by_group(part["y_true"].to_numpy(), part["score"].to_numpy(),
+                                         part["_group"].to_numpy(), n_bins=n_bins)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        for (grp,), c in cur.group_by("group", maintain_order=True):
+            e = ece.get((m, grp))
+            ax.plot(c["mean_prob"], c["frac_positive"], marker="o", ms=3, lw=1, color=f"C{groups.index(grp) % 10}",
+                    label=f"{grp} (ECE {_num(e)})")
+        ax.set_title(m, fontsize=9)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in axes.ravel()[len(methods):]:
+        ax.set_visible(False)
+    fig.supxlabel("mean predicted probability (bin)", fontsize=9)
+    fig.supylabel("observed death rate (bin)", fontsize=9)
+    fig.suptitle(f"Calibration by {attribute}, model {model}", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_sweep(sweep: pl.DataFrame, attribute: str, methods: Sequence[str], groups: Sequence[str],
+               reference: str) -> tuple[str, str]:
+    """(per-group TPR / FPR against threshold; underdiagnosis gap with its bootstrap band)."""
+    plt = _plt()
+    sw = sweep.filter(pl.col("attribute") == attribute)
+    cols = min(4, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    figs = []
+    for kind in ("rates", "gap"):
+        fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.0 * rows), squeeze=False, sharex=True,
+                                 sharey=True)
+        for ax, m in zip(axes.ravel(), methods):
+            part = sw.filter(pl.col("method") == m)
+            for j, grp in enumerate(groups):
+                color = f"C{j % 10}"
+                if kind == "rates":
+                    for metric, ls in (("tpr", "-"), ("fpr", "--")):
+                        c = part.filter((pl.col("group") == grp) & (pl.col("metric") == metric)).sort("threshold")
+                        ax.plot(c["threshold"], c["estimate"], ls=ls, color=color, lw=1,
+                                label=f"{grp} {metric.upper()}" if ax is axes[0, 0] else None)
+                elif grp != reference:
+                    c = part.filter((pl.col("group") == grp) & (pl.col("metric") == "underdiagnosis_gap"))
+                    c = c.sort("threshold")
+                    ax.plot(c["threshold"], c["estimate"], color=color, lw=1, label=grp if ax is axes[0, 0] else None)
+                    ax.fill_between(c["threshold"], c["ci_low"], c["ci_high"], color=color, alpha=0.2)
+            if kind == "gap":
+                ax.axhline(0, color="grey", lw=0.8)
+            ax.set_title(m, fontsize=9)
+        for ax in axes.ravel()[len(methods):]:
+            ax.set_visible(False)
+        axes[0, 0].legend(fontsize=6)
+        fig.supxlabel("threshold (positive if score > t)", fontsize=9)
+        fig.supylabel("rate" if kind == "rates" else f"UDR(group) - UDR({reference})", fontsize=9)
+        what = "TPR (solid), FPR (dashed)" if kind == "rates" else "underdiagnosis gap, 95% bootstrap band"
+        fig.suptitle(f"Threshold sweep by {attribute}: {what}", fontsize=10)
+        fig.tight_layout()
+        figs.append(_png(fig))
+    return figs[0], figs[1]
+
+
+# ---------------------------------------------------------------------- sections
+def _comparison_rows(tab: AuditTables, model: str) -> list[list[str]]:
+    return [[_e(r["method"]), _e(r["attribute"]), METRIC_LABELS.get(r["metric"], r["metric"]),
+             _ci(r, bold_if_significant=True), fmt_p(r["p_value"]), fmt_p(r["q_value"])]
+            for r in tab.comparisons.filter(pl.col("model") == model).iter_rows(named=True)]
+
+
+def _group_table(tab: AuditTables, attribute: str, metric: str, methods: Sequence[str], groups: Sequence[str],
+                 small: set[str]) -> str:
+    g = _lookup(tab.group_metrics.filter((pl.col("attribute") == attribute) & (pl.col("model") == MODEL_MEAN)
+                                         & (pl.col("metric") == metric)), ["method", "group"])
+    sizes = {r["group"]: (r["n_patients"], r["n_deaths"]) for r in g.values()}
+    rows = [[_e(m), *(_ci(g.get((m, grp))) for grp in groups)] for m in methods]
+    header = [f"{grp}{' †' if grp in small else ''} (n={sizes.get(grp, ('?', '?'))[0]}, "
+              f"deaths={sizes.get(grp, ('?', '?'))[1]})" for grp in groups]
+    return _table(["method", *header], rows)
+
+
+def _gap_table(tab: AuditTables, attribute: str, methods: Sequence[str], metrics: Sequence[str],
+               small: set[str]) -> str:
+    gp = tab.gaps.filter((pl.col("attribute") == attribute) & (pl.col("model") == MODEL_MEAN))
+    rows = []
+    for m in methods:
+        for r in gp.filter((pl.col("method") == m) & pl.col("metric").is_in(list(metrics))).iter_rows(named=True):
+            dagger = " †" if r["group"] in small else ""
+            label = "max - min" if r["group"] == RANGE else f"{r['group']}{dagger} - {r['reference']}"
+            rows.append([_e(m), METRIC_LABELS[r["metric"]], _e(label), _ci(r, bold_if_significant=True),
+                         fmt_p(r["p_value"]), fmt_p(r["q_value"])])
+    return _table(["method", "metric", "gap", "estimate [CI]", "p", "q"], rows)
+
+
+def _fairness_table(tab: AuditTables, attribute: str, methods: Sequence[str]) -> str:
+    f = _lookup(tab.fairness.filter((pl.col("attribute") == attribute) & (pl.col("model") == MODEL_MEAN)),
+                ["method", "metric"])
+    metrics = list(dict.fromkeys(tab.fairness["metric"].to_list()))
+    rows = [[_e(m), *(_ci(f.get((m, k))) for k in metrics)] for m in methods]
+    return _table(["method", *(METRIC_LABELS.get(k, k) for k in metrics)], rows)
+
+
+def sweep_persistence(sweep: pl.DataFrame, metric: str = "underdiagnosis_gap") -> pl.DataFrame:
+    """Per (method, model, attribute, group): at how many thresholds the gap is positive / negative and
+    how many of those have a bootstrap interval excluding 0."""
+    g = sweep.filter((pl.col("metric") == metric) & pl.col("estimate").is_not_nan())
+    return (g.group_by("method", "model", "attribute", "group", maintain_order=True)
+            .agg(n=pl.len(), positive=(pl.col("estimate") > 0).sum(), negative=(pl.col("estimate") < 0).sum(),
+                 ci_above_0=(pl.col("ci_low") > 0).sum(), ci_below_0=(pl.col("ci_high") < 0).sum()))
+
+
+def _persistence_table(sweep: pl.DataFrame, attribute: str, methods: Sequence[str]) -> str:
+    per = sweep_persistence(sweep).filter(pl.col("attribute") == attribute)
+    rows = []
+    for m in methods:
+        for r in per.filter(pl.col("method") == m).iter_rows(named=True):
+            same = r["positive"] == r["n"] or r["negative"] == r["n"]
+            verdict = ("persists (CI excludes 0 everywhere)" if max(r["ci_above_0"], r["ci_below_0"]) == r["n"]
+                       else "same sign everywhere" if same else "changes sign")
+            rows.append([_e(m), _e(r["group"]), f"{r['positive']}/{r['n']}", f"{r['negative']}/{r['n']}",
+                         f"{r['ci_above_0']}/{r['n']}", f"{r['ci_below_0']}/{r['n']}", verdict])
+    return _table(["method", "group", "gap > 0", "gap < 0", "CI > 0", "CI < 0", "reading"], rows)
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1250px;color:#222;line-height:1.4}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 7px;
+text-align:left;vertical-align:top}th{background:#f2f2f2}h2{border-bottom:2px solid #444;margin-top:2em}
+img{max-width:100%}details{margin:.5em 0 1em}summary{cursor:pointer;font-weight:600}.note{color:#555;font-size:.9em}
+code{background:#f5f5f5;padding:0 3px}"""
+
+
+def render(tab: AuditTables, *, design: Design, predictions: pl.DataFrame, sweep: pl.DataFrame, meta: dict,
+           focus_model: str, reference: str, run_dir: str, seconds: float, min_deaths: int = 10) -> str:
+    """The report's HTML."""
+    methods = design.methods()
+    models = list(dict.fromkeys(k for _, k in design.series))
+    per_method_models = {m: [k for mm, k in design.series if mm == m] for m in methods}
+    partial = {m: ks for m, ks in per_method_models.items() if len(ks) < len(models)}
+    p = tab.params
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Fairness audit: {_e(run_dir)}</title>"
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>Fairness audit</h1><p>Run <code>{_e(run_dir)}</code>; "
+             f"data <code>{_e(meta.get('data', '?'))}</code>; "
+             f"written {datetime.now(timezone.utc).isoformat(timespec='seconds')} in {seconds:.0f} s.</p>",
+             "<ul>",
+             f"<li>{design.n_patients} test patients, {len(design.y_true)} test visits "
+             f"({int(design.y_true.sum())} positive), {design.n_folds} folds; methods: {_e(', '.join(methods))}; "
+             f"models: {_e(', '.join(models))}.</li>",
+             f"<li>Group attributes: {_e(', '.join(design.attributes))}; reference (largest) groups: "
+             f"{_e(', '.join(f'{a}: {g}' for a, g in p['reference_groups'].items()))}.</li>",
+             f"<li>Uncertainty: patient-level bootstrap, {p['n_resamples']} resamples drawn within folds, "
+             f"{100 * p['level']:.0f}% percentile intervals; permutation tests with {p['n_permutations']} "
+             f"resamples, p = (1 + #extreme) / (1 + #valid), two-sided; q = Benjamini-Hochberg within each table "
+             f"and metric; seed {p['seed']}. Statistics are computed per fold and averaged over folds "
+             f"({_e(p['aggregate'])}); <i>mean</i> = the model average, taken within each fold.</li>",
+             f"<li>Fairness measures leave out groups under {100 * p['fairness_min_share']:g}% of a fold's "
+             f"training patients (the run's setting). Bold: q &lt; {SIGNIFICANCE}.</li></ul>"]
+    if partial:
+        parts.append("<p class='note'>Methods run with some models only (their <i>mean</i> averages those; a "
+                     "comparison's <i>mean</i> averages the models both methods have): "
+                     + _e("; ".join(f"{m}: {', '.join(ks)}" for m, ks in partial.items())) + ".</p>")
+    parts += ["<p class='note'>How to read: a gap is a group's value minus the reference group's (UDR = "
+              "underdiagnosis rate = 1 - TPR, so a positive UDR gap means that group's deaths are missed more "
+              "often). Disparate impact: minority F1 / training-majority F1 (nearer 1 is fairer); Theil index "
+              "over group F1s (lower is fairer). For spreads (Theil, max - min, equalized odds) resampled values "
+              "lie above the estimate on average, so the percentile interval can sit above the estimate; use the "
+              "p-value for those.</p>",
+              f"<h2>Changes against {_e(reference)} (mean over models)</h2>",
+              "<p class='note'>Paired permutation test: each resample swaps the two methods' predictions for a "
+              "random half of the patients. Interval: paired bootstrap of the difference.</p>",
+              _table(["method", "attribute", "metric", "difference [CI]", "p", "q"], _comparison_rows(tab, MODEL_MEAN))]
+    sig = tab.comparisons.filter((pl.col("model") == MODEL_MEAN) & (pl.col("q_value") < SIGNIFICANCE))
+    parts.append("<p><b>Significant (q &lt; 0.05):</b> " + (_e("; ".join(
+        f"{r['method']} {METRIC_LABELS[r['metric']]}" + ("" if r["attribute"] == ALL else f" ({r['attribute']})")
+        + f" {r['estimate']:+.3f}" for r in sig.iter_rows(named=True))) or "none") + ".</p>")
+    parts.append("<details><summary>Per model</summary>" + _table(
+        ["method", "model", "attribute", "metric", "difference [CI]", "p", "q"],
+        [[_e(r["method"]), _e(r["model"]), _e(r["attribute"]), METRIC_LABELS[r["metric"]],
+          _ci(r), fmt_p(r["p_value"]), fmt_p(r["q_value"])]
+         for r in tab.comparisons.filter(pl.col("model") != MODEL_MEAN).iter_rows(named=True)]) + "</details>")
+    parts += ["<h2>Overall performance (mean over models)</h2>"]
+    overall = _lookup(tab.group_metrics.filter((pl.col("attribute") == ALL) & (pl.col("model") == MODEL_MEAN)),
+                      ["method", "metric"])
+    om = ["f1", "precision", "tpr", "fpr", "auroc", "calibration_error"]
+    parts.append(_table(["method", *(METRIC_LABELS[k] for k in om)],
+                        [[_e(m), *(_ci(overall.get((m, k))) for k in om)] for m in methods]))
+
+    frame = predictions
+    for attr in design.attributes:
+        all_groups, reference_group = design.categories[attr], p["reference_groups"][attr]
+        small = {g for g, d in zip(all_groups, design.deaths[attr]) if d < min_deaths and g != reference_group}
+        groups = [g for g in all_groups if g not in small]  # the charts leave tiny groups out
+        parts += [f"<h2>Attribute: {_e(attr)}</h2>"]
+        if small:
+            parts.append(f"<p class='note'>† fewer than {min_deaths} deaths among the test patients: their "
+                         "intervals and p-values are not interpretable (a handful of patients decide them); "
+                         f"they are left out of the charts: {_e(', '.join(sorted(small)))}.</p>")
+        parts += ["<h3>Fairness measures (mean over models)</h3>", _fairness_table(tab, attr, methods)]
+        for metric in ("f1", "fpr", "underdiagnosis", "auroc", "calibration_error"):
+            parts += [f"<h3>{METRIC_LABELS[metric]} by group (mean over models)</h3>",
+                      _group_table(tab, attr, metric, methods, all_groups, small)]
+        parts += ["<h3>FPR and underdiagnosis by group</h3>", plot_group_rates(tab, attr, methods, groups),
+                  f"<h3>Gaps to {_e(reference_group)}</h3>",
+                  "<p class='note'>Filled markers: permutation q &lt; 0.05 (group labels permuted across patients "
+                  "within folds).</p>",
+                  plot_gaps(tab, attr, methods, groups, reference_group),
+                  _gap_table(tab, attr, methods, ("fpr", "underdiagnosis", "f1", "calibration_error"), small)]
+        per_model = tab.gaps.filter((pl.col("attribute") == attr) & (pl.col("model") != MODEL_MEAN))
+        parts.append("<details><summary>Gaps per model</summary>" + _table(
+            ["method", "model", "metric", "gap", "estimate [CI]", "p", "q"],
+            [[_e(r["method"]), _e(r["model"]), METRIC_LABELS[r["metric"]],
+              _e("max - min" if r["group"] == RANGE else f"{r['group']} - {r['reference']}"),
+              _ci(r), fmt_p(r["p_value"]), fmt_p(r["q_value"])] for r in per_model.iter_rows(named=True)])
+            + "</details>")
+        focus = frame.with_columns(_group=pl.concat_str([pl.col(a) for a in attr.split(" & ")], separator=" & "))
+        focus = focus.filter(pl.col("_group").is_in(groups))
+        ece = {(r["method"], r["group"]): r["estimate"] for r in tab.group_metrics.filter(
+            (pl.col("attribute") == attr) & (pl.col("model") == focus_model) & (pl.col("metric") == "calibration_error")
+        ).iter_rows(named=True)}
+        fm = [m for m in methods if (m, focus_model) in design.series]
+        parts += [f"<h3>Calibration by group ({_e(focus_model)})</h3>",
+                  "<p class='note'>Reliability curves over the test visits of all folds, "
+                  f"{design.n_bins} equal-width bins; ECE in the legend (fold mean).</p>",
+                  plot_calibration(focus, attr, fm, groups, focus_model, design.n_bins, ece)]
+        shown = sweep.filter(pl.col("group").is_in(groups))
+        rates, gap = plot_sweep(shown, attr, fm, groups, reference_group)
+        parts += [f"<h3>Threshold sweep ({_e(focus_model)})</h3>",
+                  "<p class='note'>Does the underdiagnosis gap persist at every threshold? Counts over the "
+                  "thresholds where both groups have positives; CI = 95% bootstrap interval at that threshold. "
+                  "Post-processing methods keep their base model's scores, so their curves here and in the "
+                  "calibration plots are that model's; their group-specific decisions are in the tables above.</p>",
+                  _persistence_table(shown, attr, fm), rates, gap]
+    parts.append("<h2>Settings</h2><pre>" + _e(repr(p)) + "</pre></body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- entry points
+def run_audit(run_dir: str | os.PathLike, out: str | os.PathLike, *, groups: Sequence[str] | None = None,
+              n_resamples: int = 1000, n_permutations: int = 1000, seed: int = 0, level: float = 0.95,
+              reference: str = "original", focus_model: str | None = None, aggregate: str = "fold_mean",
+              thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n_bins: int = 10, auroc: bool = True,
+              min_deaths: int = 10, fairness_min_share: float | None = None, overwrite: bool = False,
+              progress: bool = True) -> tuple[Path, Path]:
+    """Audit a k-fold run; write the HTML report ``out`` and its table (``out`` with ``.parquet``)."""
+    out = Path(out)
+    table_path = out.with_suffix(".parquet")
+    for path in (out, table_path):
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{path} already exists; choose another --out or pass --overwrite")
+    if not 0 < level < 1:
+        raise HaloBalanceError(f"--level must lie in (0, 1), got {level}")
+    if n_resamples < 1 or n_permutations < 1:
+        raise HaloBalanceError("--resamples and --permutations must be at least 1")
+    t0 = time.perf_counter()
+    predictions, meta = load_run(run_dir, groups=groups)
+    groups = list(groups or meta["groups"])
+    source = str(Path(run_dir) / "predictions.parquet")
+    share = meta.get("fairness_min_share", 0.0) if fairness_min_share is None else fairness_min_share
+    design = Design.from_predictions(predictions, groups=groups, n_bins=n_bins, fairness_min_share=share,
+                                     methods=meta.get("methods"), source=source)
+    if reference not in design.methods():
+        raise DatasetError(f"reference method {reference!r} is not in the run", file=source, column="method",
+                           fix=f"pass --reference with one of {design.methods()}")
+    models = list(dict.fromkeys(k for _, k in design.series))
+    focus_model = focus_model or ("logreg" if "logreg" in models else models[0])
+    if focus_model not in models:
+        raise DatasetError(f"model {focus_model!r} is not in the run", file=source, column="model",
+                           fix=f"pass --focus-model with one of {models}")
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    say(f"audit: {design.n_patients} patients, {len(design.series)} (method, model) series; "
+        f"{n_resamples} bootstrap resamples, {n_permutations} permutations")
+    tab = audit_statistics(design, reference=reference, n_resamples=n_resamples, n_permutations=n_permutations,
+                           level=level, seed=seed, aggregate=aggregate, auroc=auroc)
+    say(f"audit: statistics done in {time.perf_counter() - t0:.1f} s; threshold sweep ({focus_model})")
+    sweep = bootstrap_threshold_sweep(design, series=[s for s, (_, k) in enumerate(design.series) if k == focus_model],
+                                      thresholds=thresholds, n_resamples=n_resamples, level=level, seed=seed,
+                                      aggregate=aggregate)
+    text = render(tab, design=design, predictions=predictions, sweep=sweep, meta=meta, focus_model=focus_model,
+                  reference=reference, run_dir=str(run_dir), seconds=time.perf_counter() - t0, min_deaths=min_deaths)
+    long = pl.concat([tab.long(), sweep.with_columns(table=pl.lit("threshold_sweep"))], how="diagonal_relaxed")
+    buf = io.BytesIO()
+    long.write_parquet(buf)
+    atomic_write_bytes(table_path, buf.getvalue())
+    atomic_write_bytes(out, text.encode())
+    say(f"audit: {time.perf_counter() - t0:.1f} s")
+    return out, table_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.audit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the --out folder of a benchmarks.kfold run")
+    p.add_argument("--out", required=True, help="the HTML report to write (its table goes beside it, .parquet)")
+    p.add_argument("--groups", nargs="+", default=None, metavar="ATTR", help="default: the run's --groups")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--permutations", type=int, default=1000, help="permutation-test resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--reference", default="original", help="the method every other method is compared with")
+    p.add_argument("--focus-model", default=None, help="model of the calibration curves and threshold sweep "
+                   "(default logreg)")
+    p.add_argument("--aggregate", choices=("fold_mean", "pooled"), default="fold_mean")
+    p.add_argument("--thresholds", type=lambda s: tuple(float(x) for x in s.split(",")), default=DEFAULT_THRESHOLDS,
+                   help="comma-separated thresholds of the sweep")
+    p.add_argument("--bins", type=int, default=10, help="calibration bins")
+    p.add_argument("--no-auroc", action="store_true", help="skip the AUROC bootstrap (the slowest part)")
+    p.add_argument("--min-deaths", type=int, default=10,
+                   help="groups with fewer deaths are flagged in the tables and left out of the charts")
+    p.add_argument("--fairness-min-share", type=float, default=None,
+                   help="leave groups under this share of a fold's training patients out of the fairness "
+                        "measures (default: the run's setting, 0 if it has none)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    report, table = run_audit(a.run, a.out, groups=a.groups, n_resamples=a.resamples, n_permutations=a.permutations,
+                              seed=a.seed, level=a.level, reference=a.reference, focus_model=a.focus_model,
+                              aggregate=a.aggregate, thresholds=a.thresholds, n_bins=a.bins, auroc=not a.no_auroc,
+                              min_deaths=a.min_deaths, fairness_min_share=a.fairness_min_share,
+                              overwrite=a.overwrite, progress=not a.no_progress)
+    print(f"report: {report}\ntable: {table}")
+
+
+if __name__ == "__main__":
+    from halo_balance.cli import run
+
+    run(main)

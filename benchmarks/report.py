@@ -1,0 +1,343 @@
+"""The k-fold report: the paper's tables as markdown and the plots as PNG.
+
+``python -m benchmarks.report DIR`` re-renders ``DIR/report.md`` and ``DIR/plots/`` from the tables a
+k-fold run wrote (``summary.parquet``, ``units.parquet``, ``run.json``); ``benchmarks.kfold`` calls
+:func:`write_report` at the end of every run. ``python -m benchmarks.report --compare DIR ...``
+prints one table across several runs (:func:`compare_runs`).
+
+Tables (mean +/- standard error over folds): overall F1 per method x model with the model average
+and its change against ``original`` (the paper's Table 2); FairPlay's disparate impact and the Theil
+index per method, averaged over models, for every attribute and for the intersection of several
+(Table 3), with the other fairness measures beside them; F1, underdiagnosis rate and FPR per group;
+AUROC; the size of every method's training data and the time it took. Plots: per-group F1 bars per
+method (the paper's Fig. 3), per-group FPR and underdiagnosis bars, and a radar plot of per-group F1
+for an intersection of attributes (Fig. 4). Like the paper's figures, the plots leave out groups
+holding less than 1% of the test visits; the tables keep every group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from halo_balance.errors import HaloBalanceError
+from halo_balance.io import atomic_write_bytes, read_json
+
+from .methods import SEPARATE_MIN_PER_CLASS
+from .metrics import FAIRNESS_METRICS, GROUP_SEPARATOR, groupings
+
+MODEL_MEAN = "mean"
+PLOT_MIN_SHARE = 0.01
+FAIRNESS_LABELS = {"di_weighted": "DI weighted", "di_averaged": "DI averaged", "theil": "Theil",
+                   "f1_variance": "F1 variance", "equalized_odds": "Eq. odds", "equal_opportunity": "Eq. opp.",
+                   "fpr_difference": "FPR gap", "demographic_parity": "Dem. parity"}
+
+
+def fmt(mean: float | None, se: float | None = None, digits: int = 3) -> str:
+    """``0.457 ± 0.012``; ``n/a`` for a missing or undefined value."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    if se is None or (isinstance(se, float) and math.isnan(se)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(summary: pl.DataFrame, **where) -> tuple[float | None, float | None]:
+    cond = pl.lit(True)
+    for k, v in where.items():
+        cond = cond & (pl.col(k).is_null() if v is None else pl.col(k) == v)
+    hit = summary.filter(cond)
+    return (hit["mean"][0], hit["se"][0]) if hit.height else (None, None)
+
+
+def _groups_of(summary: pl.DataFrame, attribute: str) -> list[str]:
+    return sorted(summary.filter((pl.col("attribute") == attribute) & pl.col("group").is_not_null())
+                  ["group"].unique().to_list())
+
+
+def _plotted_groups(summary: pl.DataFrame, attribute: str, method: str) -> list[str]:
+    """The groups holding at least ``PLOT_MIN_SHARE`` of the test visits (tiny groups only add noise)."""
+    groups = _groups_of(summary, attribute)
+    n = {g: _cell(summary, method=method, model=MODEL_MEAN, attribute=attribute, group=g, metric="n")[0] or 0
+         for g in groups}
+    total = sum(n.values())
+    return [g for g in groups if total and n[g] / total >= PLOT_MIN_SHARE]
+
+
+# ---------------------------------------------------------------------- tables
+def overall_table(summary: pl.DataFrame, methods: Sequence[str], models: Sequence[str], metric: str = "f1") -> str:
+    """Methods x models (+ the model mean and its change against ``original``)."""
+    base, _ = _cell(summary, method="original", model=MODEL_MEAN, attribute=None, group=None, metric=metric)
+    rows = []
+    for m in methods:
+        cells = [fmt(*_cell(summary, method=m, model=x, attribute=None, group=None, metric=metric))
+                 for x in (*models, MODEL_MEAN)]
+        mean, _ = _cell(summary, method=m, model=MODEL_MEAN, attribute=None, group=None, metric=metric)
+        change = f"{100 * (mean - base) / base:+.1f}%" if base and mean is not None and not math.isnan(mean) else "n/a"
+        rows.append([m, *cells, change])
+    return markdown_table(["method", *models, "mean of models", "vs original"], rows)
+
+
+def fairness_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str) -> str:
+    """Every fairness measure per method, averaged over models; flags Theil / DI against ``original``."""
+    def value(m, metric):
+        return _cell(summary, method=m, model=MODEL_MEAN, attribute=attribute, group=None, metric=metric)
+
+    base_theil, base_di = value("original", "theil")[0], value("original", "di_weighted")[0]
+    rows = []
+    for m in methods:
+        theil, di = value(m, "theil")[0], value(m, "di_weighted")[0]
+        flags = []
+        if m != "original" and None not in (theil, base_theil):
+            flags.append("Theil lower" if theil < base_theil else "Theil not lower")
+        if m != "original" and None not in (di, base_di) and not (math.isnan(di) or math.isnan(base_di)):
+            flags.append("DI nearer 1" if abs(1 - di) < abs(1 - base_di) else "DI not nearer 1")
+        rows.append([m, *(fmt(*value(m, k)) for k in FAIRNESS_METRICS), "; ".join(flags)])
+    return markdown_table(["method", *(FAIRNESS_LABELS[k] for k in FAIRNESS_METRICS), "vs original"], rows)
+
+
+def group_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str, metric: str) -> str:
+    """Methods x groups of one metric, averaged over models; the header gives test visits per fold."""
+    groups = _groups_of(summary, attribute)
+    sizes = [_cell(summary, method=methods[0], model=MODEL_MEAN, attribute=attribute, group=g, metric="n")[0]
+             for g in groups]
+    header = [f"{g} (n={s:.0f})" if s is not None else g for g, s in zip(groups, sizes, strict=True)]
+    rows = [[m, *(fmt(*_cell(summary, method=m, model=MODEL_MEAN, attribute=attribute, group=g, metric=metric))
+                  for g in groups)] for m in methods]
+    return markdown_table(["method", *header], rows)
+
+
+def training_table(units: pl.DataFrame, methods: Sequence[str]) -> str:
+    """Training rows per method (mean over folds) and seconds (summed over folds and models)."""
+    per = (units.group_by("method", "fold")
+           .agg(pl.col("n_train_rows", "n_train_positive", "n_synthetic_rows", "n_copied_rows").first(),
+                pl.col("method_seconds").first(), pl.col("fit_seconds").sum()))
+    agg = per.group_by("method").agg(pl.col("n_train_rows", "n_train_positive", "n_synthetic_rows",
+                                            "n_copied_rows").mean(),
+                                     pl.col("method_seconds", "fit_seconds").sum())
+    rows = []
+    for m in methods:
+        r = agg.filter(pl.col("method") == m)
+        if r.height:
+            r = r.row(0, named=True)
+            rows.append([m, f"{r['n_train_rows']:.0f}", f"{r['n_train_positive']:.0f}",
+                         f"{r['n_synthetic_rows']:.0f}", f"{r['n_copied_rows']:.0f}",
+                         f"{r['method_seconds']:.1f}", f"{r['fit_seconds']:.1f}"])
+    return markdown_table(["method", "training visits", "positive", "synthetic", "copies",
+                           "method s", "model fits s"], rows)
+
+
+# ---------------------------------------------------------------------- plots
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _series(summary: pl.DataFrame, method: str, attribute: str, groups: Sequence[str], metric: str):
+    vals = [_cell(summary, method=method, model=MODEL_MEAN, attribute=attribute, group=g, metric=metric)
+            for g in groups]
+    return (np.array([np.nan if v is None else v for v, _ in vals], dtype=float),
+            np.array([np.nan if s is None else s for _, s in vals], dtype=float))
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_group_bars(summary: pl.DataFrame, methods: Sequence[str], attribute: str, metrics: Sequence[str],
+                    path: Path) -> Path:
+    """Grouped bars per group (one bar per method) for each metric, with standard-error whiskers;
+    groups under 1% of the test visits are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _plotted_groups(summary, attribute, methods[0])
+    width_in = min(16, max(6, 0.3 * len(groups) * len(methods)))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(width_in, 3.2 * len(metrics)), squeeze=False)
+    x, width = np.arange(len(groups)), 0.8 / len(methods)
+    for ax, metric in zip(axes[:, 0], metrics, strict=True):
+        for i, m in enumerate(methods):
+            mean, se = _series(summary, m, attribute, groups, metric)
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(mean), width, yerr=np.nan_to_num(se),
+                   label=m, capsize=2)
+        ax.set_xticks(x, groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} by {attribute} (mean over models, ± SE over folds)")
+    axes[0, 0].legend(ncol=min(len(methods), 4), fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_radar(summary: pl.DataFrame, methods: Sequence[str], attribute: str, path: Path,
+               metric: str = "f1") -> Path | None:
+    """Per-group ``metric`` on a radar chart, one polygon per method; groups under 1% of visits left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _plotted_groups(summary, attribute, methods[0])
+    if len(groups) < 3:
+        return None
+    angles = np.linspace(0, 2 * np.pi, len(groups), endpoint=False)
+    fig, ax = plt.subplots(figsize=(7, 7), subplot_kw={"projection": "polar"})
+    for m in methods:
+        mean, _ = _series(summary, m, attribute, groups, metric)
+        vals = np.nan_to_num(mean)
+        style = {"linewidth": 2.5} if m in ("original", "fairplay") else {"linewidth": 1, "alpha": 0.7}
+        ax.plot(np.append(angles, angles[0]), np.append(vals, vals[0]), label=m, **style)
+    ax.set_xticks(angles, [g.replace(GROUP_SEPARATOR, "\n") for g in groups], fontsize=8)
+    ax.set_title(f"{metric} by {attribute} (mean over models and folds)")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- the report
+def _partial_methods_note(summary: pl.DataFrame, methods: Sequence[str], models: Sequence[str]) -> str:
+    """A sentence naming the methods that ran with some of the models only (their mean is over those)."""
+    ran = summary.group_by("method").agg(pl.col("model").unique())
+    ran = {r["method"]: set(r["model"]) for r in ran.iter_rows(named=True)}
+    partial = [f"{m} ({', '.join(x for x in models if x in ran.get(m, ()))})" for m in methods
+               if not set(models) <= ran.get(m, set())]
+    return (" Some methods run with some of the models only, and their `mean of models` averages those: "
+            + "; ".join(partial) + ".") if partial else ""
+
+
+def write_report(out: str | Path) -> Path:
+    """Write ``out/report.md`` and ``out/plots/*.png`` from a finished k-fold folder."""
+    out = Path(out)
+    for name in ("run.json", "summary.parquet", "units.parquet"):
+        if not (out / name).is_file():
+            raise HaloBalanceError(f"{out / name} is missing; run `python -m benchmarks.kfold ... --out {out}` first")
+    run = read_json(out / "run.json")
+    summary, units = pl.read_parquet(out / "summary.parquet"), pl.read_parquet(out / "units.parquet")
+    methods = [m for m in run["methods"] if m in set(summary["method"])]
+    models = [m for m in run["models"] if m in set(summary["model"])]
+    last = run["invocations"][-1]
+    lines = [
+        "# k-fold benchmark report", "",
+        f"- data: `{run['data']}` (sha256 {run['data_fingerprint'][:12]})",
+        f"- groups: {', '.join(run['groups'])}; folds: {run['folds']} (patient level, stratified by outcome x "
+        f"{', '.join(run['stratify'])}); seed: {run['seed']}",
+        f"- methods: {', '.join(methods)}; models: {', '.join(models)}; "
+        f"threshold: score > {run['downstream_threshold']}",
+        f"- balancing: ratio {run['ratio']}, min cell size {run['min_cell_size']}; FairPlay: {run['fairplay']}",
+        f"- fairness measures leave out groups under {100 * run.get('fairness_min_share', 0):g}% of a fold's "
+        "training patients (they keep their per-group rows)",
+        f"- machine: {last.get('machine')}; jobs: {last.get('jobs')}; this invocation: "
+        f"{last.get('wall_seconds', 'n/a')} s, {last.get('units_computed', 'n/a')} units computed",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in run['versions'].items())}", "",
+        "Values are mean ± standard error over folds; `mean of models` averages the downstream models "
+        "within each fold first. Metrics are computed on test visits." + _partial_methods_note(summary, methods, models),
+        "",
+        "## Overall F1", "", overall_table(summary, methods, models, "f1"), "",
+        "## Overall AUROC", "", overall_table(summary, methods, models, "auroc"), "",
+    ]
+    plots = out / "plots"
+    for attribute, attrs in groupings(run["groups"]):
+        lines += [f"## Fairness across {attribute}", "",
+                  "Averaged over models. DI = FairPlay's disparate impact (minority F1 / majority F1; weighted by "
+                  "training group size, or averaged), nearer 1 is fairer; Theil index over group F1s, lower is "
+                  "fairer; the gaps are largest minus smallest group value.", "",
+                  fairness_table(summary, methods, attribute), "",
+                  f"### F1 by {attribute}", "", group_table(summary, methods, attribute, "f1"), "",
+                  f"### Underdiagnosis rate (1 - TPR) by {attribute}", "",
+                  group_table(summary, methods, attribute, "underdiagnosis"), "",
+                  f"### FPR by {attribute}", "", group_table(summary, methods, attribute, "fpr"), ""]
+        bars = plot_group_bars(summary, methods, attribute, ["f1"], plots / f"group_f1_{_slug(attribute)}.png")
+        gaps = plot_group_bars(summary, methods, attribute, ["fpr", "underdiagnosis"],
+                               plots / f"group_fpr_udr_{_slug(attribute)}.png")
+        lines += [f"![F1 by {attribute}](plots/{bars.name})", "", f"![FPR and underdiagnosis by {attribute}]"
+                  f"(plots/{gaps.name})", ""]
+        if len(attrs) > 1:
+            radar = plot_radar(summary, methods, attribute, plots / f"radar_f1_{_slug(attribute)}.png")
+            if radar is not None:
+                lines += [f"![F1 radar, {attribute}](plots/{radar.name})", ""]
+    lines += ["## Training data and time", "",
+              "Visits each method hands to the downstream models (mean over folds) and seconds summed over "
+              "folds (and models).", "", training_table(units, methods), ""]
+    fp = units.filter(pl.col("method") == "fairplay").group_by("fold").agg(pl.all().first())
+    if fp.height:
+        cached = fp["generator_cached"] if "generator_cached" in fp.columns else pl.Series([None] * fp.height)
+        where = (f" ({int((~cached.cast(pl.Boolean)).sum())} of {fp.height} folds trained here, the others loaded "
+                 "from the cache)" if cached.null_count() == 0 else "")
+        lines += [f"FairPlay, summed over folds: generator {fp['generator_seconds'].sum():.0f} s{where}, "
+                  f"balancing {fp['balance_seconds'].sum():.0f} s; both are included in its `method s`.", ""]
+    pooled = (units.filter(pl.col("pooled_groups") != "").group_by("fold").agg(pl.col("pooled_groups").first())
+              .sort("fold"))
+    if pooled.height:
+        lines += ["`separate` scored these test groups with the pooled model (fewer than "
+                  f"{SEPARATE_MIN_PER_CLASS} training visits of a class for a model of their own): " + "; ".join(
+                      f"fold {r['fold']}: {r['pooled_groups']}" for r in pooled.iter_rows(named=True)), ""]
+    path = out / "report.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+def compare_runs(outs: Sequence[str | Path]) -> str:
+    """One markdown table across finished runs (e.g. the experiments of a dataset): per method, each
+    run's mean-of-models F1 (and its change against ``original``), AUROC, Theil index and weighted
+    disparate impact. The fairness columns use the intersection of a run's attributes when it has
+    several."""
+    header, columns = ["method"], []
+    for out in outs:
+        run = read_json(Path(out) / "run.json")
+        summary = pl.read_parquet(Path(out) / "summary.parquet")
+        attribute = groupings(run["groups"])[-1][0]
+        header += [f"{attribute}: F1", "AUROC", "Theil", "DI"]
+        columns.append((run["methods"], summary, attribute))
+    methods = list(dict.fromkeys(m for ms, _, _ in columns for m in ms))
+    rows = []
+    for m in methods:
+        row = [m]
+        for _, summary, attribute in columns:
+            mean = {(metric, attr): _cell(summary, method=m, model=MODEL_MEAN, attribute=attr, group=None,
+                                          metric=metric) for metric, attr in (("f1", None), ("auroc", None),
+                                                                              ("theil", attribute),
+                                                                              ("di_weighted", attribute))}
+            f1, se = mean[("f1", None)]
+            base = _cell(summary, method="original", model=MODEL_MEAN, attribute=None, group=None, metric="f1")[0]
+            change = f" ({100 * (f1 - base) / base:+.0f}%)" if f1 is not None and base else ""
+            row += [fmt(f1, se) + change, fmt(mean[("auroc", None)][0]), fmt(mean[("theil", attribute)][0]),
+                    fmt(mean[("di_weighted", attribute)][0])]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                description="Re-render a k-fold report, or compare finished runs.")
+    p.add_argument("out", nargs="+", help="the --out folder(s) of finished benchmarks.kfold runs")
+    p.add_argument("--compare", action="store_true",
+                   help="print one table across the runs (F1, AUROC, Theil, DI per method) instead")
+    args = p.parse_args(argv)
+    if args.compare:
+        print(compare_runs(args.out))
+        return
+    for out in args.out:
+        print(write_report(out))
+
+
+if __name__ == "__main__":
+    from halo_balance.cli import run
+
+    run(main)
