@@ -31,7 +31,7 @@ from . import __version__
 from .data import PreparedDataset
 from .errors import DatasetError
 from .fidelity import STATISTICS, fidelity_report
-from .io import atomic_dir, atomic_write_bytes, check_output_dir, write_json
+from .io import atomic_dir, atomic_write_bytes, check_output_dir, read_json, write_json
 from .privacy import MAX_QUERIES, Metric, privacy_report
 
 REPORT_FORMAT = "halo_balance.evaluate/1"
@@ -42,7 +42,7 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
              seed: int = 0, metric: Metric = "jaccard", k: int = 5,
              min_cell_records: int = 20, cells: Sequence[Sequence[str]] | None = None,
              sensitive_tokens: Sequence[str] = (), max_queries: int | None = MAX_QUERIES, batch_size: int = 256,
-             device: str = "auto") -> dict[str, Any]:
+             device: str = "auto", not_members: Sequence[str] = ()) -> dict[str, Any]:
     """Fidelity and privacy of ``synthetic`` against the generator's training data ``real``.
 
     Parameters
@@ -75,6 +75,10 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
         the records searched are always complete.
     batch_size, device : int, str
         For the model's likelihood.
+    not_members : sequence of str
+        Ids of ``real`` patients the generator was not fitted on (its early-stopping patients,
+        ``validation_patient_ids`` of the model's ``training.json``): left out of the membership
+        attacks' members, kept everywhere else.
 
     Returns
     -------
@@ -109,6 +113,14 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
         notes.append("No held-out data was given: ceilings compare two stratified halves of the training "
                      "data; the membership attacks are skipped; attribute inference attacks half a and "
                      "uses half b as the reference attacker's data.")
+    members = None
+    is_left_out = pl.col("patient_id").is_in(pl.Series(list(not_members), dtype=pl.String).implode())
+    left_out = real.patients.filter(is_left_out)["patient_id"]
+    if len(left_out):
+        members = real.select(real.patients.filter(~is_left_out)["patient_id"])
+        data["not_members"] = len(left_out)
+        notes.append(f"{len(left_out)} patients of the training data were the generator's early-stopping "
+                     "patients (never fitted): the membership attacks leave them out of the members.")
     if log_likelihood is None and model is not None:
         log_likelihood = _model_log_likelihood(model, batch_size=batch_size, device=device)
     report: dict[str, Any] = {
@@ -126,7 +138,8 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
                                     min_cell_records=min_cell_records),
         "privacy": privacy_report(real, synthetic, holdout=holdout, log_likelihood=log_likelihood,
                                   victims_and_reference=victims_and_reference, metric=metric, k=k,
-                                  sensitive_tokens=sensitive_tokens, max_queries=max_queries, seed=seed),
+                                  sensitive_tokens=sensitive_tokens, max_queries=max_queries, seed=seed,
+                                  members=members),
     }
     for side, (n, total) in report["privacy"]["sampled"].items():
         notes.append(f"Privacy distances used a random sample of {n} of the {total} {side} records as queries.")
@@ -289,16 +302,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     real = PreparedDataset.load(args.real)
     synthetic = PreparedDataset.load(args.synthetic)
     holdout = PreparedDataset.load(args.holdout) if args.holdout else None
-    model = None
+    model, not_members = None, []
     if args.model:
         from .model import HaloModel
+        from .train import TRAINING_FILE
 
         model = HaloModel.from_pretrained(args.model)
+        if (args.model / TRAINING_FILE).is_file():
+            not_members = read_json(args.model / TRAINING_FILE).get("validation_patient_ids", [])
     report = evaluate(real, synthetic, holdout=holdout, model=model, seed=args.seed, metric=args.metric, k=args.k,
                       min_cell_records=args.min_cell_records,
                       cells=[c.split(",") for c in args.cells] if args.cells else None,
                       sensitive_tokens=args.sensitive_token, max_queries=args.max_queries or None,
-                      batch_size=args.batch_size, device=args.device)
+                      batch_size=args.batch_size, device=args.device, not_members=not_members)
     report["inputs"] = {"real": str(args.real), "synthetic": str(args.synthetic),
                         "holdout": None if args.holdout is None else str(args.holdout),
                         "model": None if args.model is None else str(args.model)}

@@ -271,7 +271,8 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
                    log_likelihood: Callable[[PreparedDataset], np.ndarray] | None = None,
                    victims_and_reference: tuple[PreparedDataset, PreparedDataset] | None = None,
                    metric: Metric = "jaccard", k: int = 5, sensitive_tokens: Sequence[str] = (),
-                   max_queries: int | None = MAX_QUERIES, seed: int = 0) -> dict[str, Any]:
+                   max_queries: int | None = MAX_QUERIES, seed: int = 0,
+                   members: PreparedDataset | None = None) -> dict[str, Any]:
     """Every privacy figure of ``synthetic`` against the generator's training data ``train``.
 
     Parameters
@@ -295,6 +296,9 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
         exact copies are always counted over every record.
     seed : int
         Seed of those samples.
+    members : PreparedDataset, optional
+        The patients of ``train`` the generator was fitted on, for the membership attacks (default
+        ``train``): a model's early-stopping patients are in its data but were never fitted.
     """
     rng = np.random.default_rng(seed)
     sampled: dict[str, list[int]] = {}
@@ -333,16 +337,20 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
         reason = "needs held-out real patients (--holdout): every --real patient is a training member"
         mia = {"distance": {"skipped": reason}, "likelihood": {"skipped": reason}}
     else:
-        member_d = nearest_neighbours(X_train[q_train], X_syn, metric=metric)[0][:, 0]
+        if members is None:
+            members, X_members, q_members = train, X_train, q_train
+        else:
+            X_members, q_members = record_features(members), sample(members, "members")
+        member_d = nearest_neighbours(X_members[q_members], X_syn, metric=metric)[0][:, 0]
         nonmember_d = nearest_neighbours(X_hold[q_hold], X_syn, metric=metric)[0][:, 0]
         mia = {"distance": {"metric": metric, **distance_membership_inference(member_d, nonmember_d)}}
         if log_likelihood is None:
             mia["likelihood"] = {"skipped": "needs the model (--model)"}
         else:
-            members, nonmembers = _subset(train, q_train), _subset(holdout, q_hold)
+            queried, nonmembers = _subset(members, q_members), _subset(holdout, q_hold)
             mia["likelihood"] = likelihood_membership_inference(
-                _checked_ll(log_likelihood(members), members), _checked_ll(log_likelihood(nonmembers), nonmembers),
-                member_sizes=_events(members.records()), nonmember_sizes=_events(nonmembers.records()))
+                _checked_ll(log_likelihood(queried), queried), _checked_ll(log_likelihood(nonmembers), nonmembers),
+                member_sizes=_events(queried.records()), nonmember_sizes=_events(nonmembers.records()))
 
     victims, reference = victims_and_reference if victims_and_reference else (train, holdout)
     attr = attribute_inference(_subset(victims, sample(victims, "victims")), synthetic, reference=reference,

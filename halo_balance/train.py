@@ -607,7 +607,9 @@ class _Trainer:
                 "best_epoch": loop.best_epoch, "best_loss": loop.best_val, "loss_unit": "nats per visit",
                 "early_stopped": loop.bad_epochs >= self.options.patience, "history": loop.history,
                 "world_size": self.dist.world, "device": str(self.device), "n_parameters": model.num_parameters(),
-                "versions": _versions()})
+                "versions": _versions(),
+                # patients held out for early stopping: evaluation must not count them as members
+                "validation_patient_ids": sorted(loop.val_ids)})
             if loop.best_val is not None:
                 self.say(f"saved the model of epoch {loop.best_epoch} (loss {loop.best_val:.4f} nats/visit"
                          + (f"; marginal-frequency model {self.summary['marginal_val_loss']:.4f}" if self.val else "")

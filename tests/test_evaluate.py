@@ -155,3 +155,25 @@ def test_cli_model_wiring(tmp_path, tiny, syn, holdout):
                                                dataset_log_likelihood(loaded, holdout, device="cpu"))
     assert got["auroc"] == pytest.approx(expected["auroc"]) and got["n_members"] == 4
     assert rep["parameters"]["likelihood"] and "torch" in rep["versions"]
+    # a trained model's folder names its early-stopping patients; they stop counting as members
+    (tmp_path / "model" / "training.json").write_text(json.dumps({"validation_patient_ids": ["a"]}))
+    rep = main(["--real", str(tmp_path / "real"), "--synthetic", str(tmp_path / "syn"), "--holdout",
+                str(tmp_path / "holdout"), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
+                "--device", "cpu", "--overwrite"])
+    assert rep["privacy"]["membership_inference"]["likelihood"]["n_members"] == 3
+
+
+def test_early_stopping_patients_are_not_counted_as_members(tiny, syn, holdout):
+    def log_likelihood(ds):
+        return -np.arange(ds.n_patients, dtype=float)
+
+    full = evaluate(tiny, syn, holdout=holdout, log_likelihood=log_likelihood)
+    ids = tiny.patients["patient_id"].to_list()
+    rep = evaluate(tiny, syn, holdout=holdout, log_likelihood=log_likelihood, not_members=[ids[0], "not-a-patient"])
+    for attack in ("distance", "likelihood"):
+        assert full["privacy"]["membership_inference"][attack]["n_members"] == 4
+        assert rep["privacy"]["membership_inference"][attack]["n_members"] == 3
+    assert rep["data"]["not_members"] == 1 and any("early-stopping" in n for n in rep["notes"])
+    # everything that is not a membership attack still sees every training patient
+    assert rep["privacy"]["exact_copies"] == full["privacy"]["exact_copies"]
+    assert rep["fidelity"] == full["fidelity"]

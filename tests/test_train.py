@@ -37,6 +37,8 @@ def test_tiny_model_learns_well_below_the_marginal_model(sim_prepared, tmp_path)
         **TINY, epochs=10, patience=10, lr=1e-2, seed=0), progress=False)
     info = json.loads((tmp_path / "m" / "training.json").read_text())
     assert info["loss_unit"] == "nats per visit" and info["n_train"] + info["n_val"] == data.n_patients
+    assert len(info["validation_patient_ids"]) == info["n_val"] > 0
+    assert set(info["validation_patient_ids"]) <= set(data.patients["patient_id"].to_list())
     assert info["history"][0]["train_loss"] > 0.95 * info["marginal_train_loss"]  # it starts at the marginal model
     assert info["history"][-1]["train_loss"] < 0.8 * info["marginal_train_loss"]
     assert info["best_loss"] < info["marginal_val_loss"]  # and held-out patients are likelier too
