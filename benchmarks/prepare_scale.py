@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,9 +72,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--patients", type=int, default=300_000)
     p.add_argument("--baseline-patients", type=int, default=30_000, help="0 to skip the baseline")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sim", type=Path, default=Path("/tmp/halo_sim_full"), help="simulated cohort folder")
-    p.add_argument("--work", type=Path, default=Path("/tmp/halo_prepare_scale"),
-                   help="folder for the baseline cohort and the prepared outputs")
+    tmp = Path(tempfile.gettempdir())
+    p.add_argument("--sim", type=Path, default=tmp / "halo_sim_full",
+                   help="simulated cohort folder (default: halo_sim_full in the system's temporary folder)")
+    p.add_argument("--work", type=Path, default=tmp / "halo_prepare_scale",
+                   help="folder for the baseline cohort and the prepared outputs (default: in the temporary folder)")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     runs = []
