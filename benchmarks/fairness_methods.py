@@ -1,10 +1,9 @@
 """Further mitigation methods for the k-fold harness (pre-, in- and post-processing).
 
 Each method names its training rows (:func:`training_set`, a :class:`benchmarks.methods.TrainingSet`)
-and a group-aware estimator (:func:`make_estimator`) with ``fit(X, y, groups, *, patients=None,
-synthetic=None)``, ``score(X, groups)`` (positive-class probability) and ``predict(X, groups)``
-(0/1; not always ``score > 0.5``). ``groups`` are the harness's cell groups (the chosen
-attributes joined by ``" & "``).
+and a group-aware estimator (:func:`make_estimator`, with the interface of
+:class:`benchmarks.methods.SingleModel`) whose ``predict(X, groups)`` (0/1) is not always
+``score > 0.5``. ``groups`` are the harness's cell groups (the chosen attributes joined by ``" & "``).
 
 ``importance_weighting``
     The original training visits with sample weights that make every (visit label x group) cell
@@ -253,13 +252,13 @@ class ThresholdOptimized(_GroupSlots):
                 oof[real].reshape(-1, 1), y[real], sensitive_features=_mapped(g, self.groups_, self.fallback_group_))
         return self
 
-    def predict(self, X: sp.csr_matrix, groups: np.ndarray) -> np.ndarray:
-        s = self.score(X).reshape(-1, 1)
+    def score_and_predict(self, X: sp.csr_matrix, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.score(X)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = self.thresholder_.predict(s, sensitive_features=_mapped(groups, self.groups_, self.fallback_group_),
-                                            random_state=self.random_state)
-        return np.asarray(out, dtype=np.int8)
+            out = self.thresholder_.predict(scores.reshape(-1, 1), random_state=self.random_state,
+                                            sensitive_features=_mapped(groups, self.groups_, self.fallback_group_))
+        return scores, np.asarray(out, dtype=np.int8)
 
 
 class _Shared:
@@ -358,10 +357,12 @@ class ExponentiatedGradientModel(_GroupSlots):
     def score(self, X: sp.csr_matrix, groups: np.ndarray | None = None) -> np.ndarray:
         return self.weights_ @ self._probabilities(X)
 
-    def predict(self, X: sp.csr_matrix, groups: np.ndarray | None = None) -> np.ndarray:
-        p_positive = self.weights_ @ downstream.predict(self._probabilities(X)).astype(np.float64)
+    def score_and_predict(self, X: sp.csr_matrix, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The mixture's mean probability, and the randomised classifier's seeded decision."""
+        probabilities = self._probabilities(X)
+        p_positive = self.weights_ @ downstream.predict(probabilities).astype(np.float64)
         rng = np.random.default_rng(self.random_state)
-        return (rng.random(X.shape[0]) < p_positive).astype(np.int8)
+        return self.weights_ @ probabilities, (rng.random(X.shape[0]) < p_positive).astype(np.int8)
 
 
 def make_estimator(method: FairnessMethodName, model: downstream.ModelName, *, ratio: float = 1.0,

@@ -366,12 +366,12 @@ def _run_task(task: _Task) -> list[dict[str, Any]]:
         est = make_estimator(task.method, name, ratio=task.ratio, min_cell_size=task.min_cell_size,
                              random_state=task.seed)
         est.fit(rows.X, rows.y, rows.group, patients=rows.source, synthetic=rows.synthetic)
-        scores = est.score(X_test, test_groups)
+        scores, prediction = est.score_and_predict(X_test, test_groups)
         pooled = est.pooled_groups(test_groups)
         preds = frame.select("patient_id", "visit_index", *task.groups).with_columns(
             fold=pl.lit(task.fold, pl.Int32), method=pl.lit(task.method), model=pl.lit(name),
             y_true=pl.Series(y_test, dtype=pl.Int8), score=pl.Series(scores, dtype=pl.Float64),
-            prediction=pl.Series(est.predict(X_test, test_groups), dtype=pl.Int8),
+            prediction=pl.Series(prediction, dtype=pl.Int8),
         ).select("fold", "method", "model", "patient_id", "visit_index", *task.groups, "y_true", "score",
                  "prediction")
         info = {"fold": task.fold, "method": task.method, "model": name, "settings": unit_hash,

@@ -260,7 +260,8 @@ class SingleModel:
     """One downstream model on all training rows: the estimator of every method that only changes the rows.
 
     The harness's estimators share one interface: ``fit(X, y, groups, *, patients=None,
-    synthetic=None)``, ``score(X, groups)`` (positive-class probability) and ``predict(X, groups)``.
+    synthetic=None)``, ``score(X, groups)`` (positive-class probability), ``predict(X, groups)`` and
+    ``score_and_predict(X, groups)`` (both at the cost of one scoring pass; the harness uses it).
     """
 
     def __init__(self, model: downstream.ModelName, *, random_state: int = 0) -> None:
@@ -275,8 +276,13 @@ class SingleModel:
     def score(self, X: sp.csr_matrix, groups: np.ndarray | None = None) -> np.ndarray:
         return downstream.score(self.model_, X)
 
+    def score_and_predict(self, X: sp.csr_matrix, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and 0/1 decisions of the rows (decisions: ``score > 0.5`` unless a method overrides)."""
+        scores = self.score(X, groups)
+        return scores, downstream.predict(scores)
+
     def predict(self, X: sp.csr_matrix, groups: np.ndarray | None = None) -> np.ndarray:
-        return downstream.predict(self.score(X, groups))
+        return self.score_and_predict(X, groups)[1]
 
     def pooled_groups(self, groups: np.ndarray) -> list[str]:
         """The groups of ``groups`` served by a model or setting shared with other groups (none here)."""
