@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 import pytest
 
 from halo_balance import generate
 from halo_balance.balance import rebalance
 from halo_balance.data import PreparedDataset
-from halo_balance.errors import HaloBalanceError, IncompatibleModelError
+from halo_balance.errors import IncompatibleModelError
 from halo_balance.model import HaloModel
 
 
