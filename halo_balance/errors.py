@@ -6,6 +6,9 @@ Command-line entry points turn these into a one-line error and a non-zero exit (
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class HaloBalanceError(Exception):
     """Base class for every error this package raises on bad input or bad usage."""
@@ -44,3 +47,19 @@ class OutputExistsError(HaloBalanceError, FileExistsError):
 
 class IncompatibleModelError(HaloBalanceError, ValueError):
     """A trained model does not match a dataset (vocabulary or conditioning layout)."""
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to a mistyped ``value``, else ``""``."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_choice(what: str, values: Iterable[str], choices: Iterable[str]) -> HaloBalanceError:
+    """The error for ``values`` that are not among ``choices``: names each, suggests the closest, lists all.
+
+    ``what`` names the option, e.g. ``"--methods"``.
+    """
+    choices = list(choices)
+    bad = ", ".join(f"{v!r}{did_you_mean(v, choices)}" for v in values)
+    return HaloBalanceError(f"{what}: unknown {bad}; choose from {', '.join(map(str, choices))}")
