@@ -1,1 +1,3 @@
-"""Benchmarks: the k-fold fairness harness, the audit report, and speed/scale measurements."""
+"""Benchmarks: what users run (the k-fold fairness harness ``kfold`` with its ``methods``,
+``downstream`` models, ``metrics``, ``stats``, ``audit`` and ``report``), and, apart in ``speed/``, the
+project's own speed and scale measurements."""

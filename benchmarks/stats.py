@@ -326,7 +326,7 @@ def gaps_from_groups(x: np.ndarray, *, reference: int) -> np.ndarray:
 def _one_blas_thread(fn: Callable) -> Callable:
     """Run ``fn`` with single-threaded BLAS: the engine makes many small products per chunk, where
     thread start-up and spinning cost more than they gain (15x slower with 2 threads on a busy
-    2-core machine; ``python -m benchmarks.bench_audit``)."""
+    2-core machine; ``python -m benchmarks.speed.bench_audit``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from benchmarks import audit
-from benchmarks.bench_audit import simulate_predictions
+from benchmarks.speed.bench_audit import simulate_predictions
 from halo_balance.cli import run as cli_run
 
 GROUPS = {"age_group": {"pediatric": 0.04, "adult": 0.66, "elderly": 0.3}, "gender": {"Female": 0.45, "Male": 0.55}}

@@ -109,7 +109,7 @@ def test_threshold_sweep_undefined_rates_are_nan():
 
 
 def test_bootstrap_sweep_point_estimates_equal_the_metricframe_sweep():
-    from benchmarks.bench_audit import simulate_predictions
+    from benchmarks.speed.bench_audit import simulate_predictions
     from benchmarks.stats import bootstrap_threshold_sweep
 
     df = simulate_predictions(n_patients=200, groups={"g": {"A": 0.4, "B": 0.6}}, seed=6)

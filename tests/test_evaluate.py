@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from benchmarks.evaluate_speed import draw_cohort
+from benchmarks.speed.evaluate_speed import draw_cohort
 from halo_balance.cli import run
 from halo_balance.data import PreparedDataset
 from halo_balance.errors import DatasetError

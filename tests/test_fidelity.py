@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.evaluate_speed import draw_cohort, loop_statistics
+from benchmarks.speed.evaluate_speed import draw_cohort, loop_statistics
 from halo_balance.fidelity import (STATISTICS, Probabilities, code_statistics, compare_statistics,
                                    distribution_summary, fidelity_report, pair_counts, record_matrix, union_r2,
                                    visit_matrix)

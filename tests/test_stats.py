@@ -8,7 +8,7 @@ import pytest
 from scipy import stats as sst
 
 from benchmarks import metrics as M
-from benchmarks.bench_audit import simulate_predictions
+from benchmarks.speed.bench_audit import simulate_predictions
 from benchmarks.stats import (ALL, Design, audit_statistics, bootstrap, bootstrap_threshold_sweep, disparate_impact,
                               group_permutation, paired_permutation, permutation_p_value, theil_index)
 from halo_balance.errors import DatasetError

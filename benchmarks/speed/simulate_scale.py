@@ -1,7 +1,7 @@
 """Scale benchmark of the MIMIC-IV-layout simulator: wall time, rows, bytes on disk, peak memory.
 
-    python -m benchmarks.simulate_scale [--patients 300000] [--out DIR] [--seed 0] [--chunk-patients K]
-    python -m benchmarks.simulate_scale --compare-levels [--patients 2000]
+    python -m benchmarks.speed.simulate_scale [--patients 300000] [--out DIR] [--seed 0] [--chunk-patients K]
+    python -m benchmarks.speed.simulate_scale --compare-levels [--patients 2000]
 
 Runs ``python -m data_prep.simulate`` as a child process (so its peak resident memory is measured
 alone, threads included, via ``getrusage(RUSAGE_CHILDREN)``) and prints wall time, CPU time, rows
@@ -89,7 +89,7 @@ def compare_levels(patients: int, seed: int) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | list:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.simulate_scale", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed.simulate_scale", description=__doc__.split("\n")[0])
     parser.add_argument("--patients", type=int, default=None,
                         help="patients (default 300000; 2000 with --compare-levels)")
     parser.add_argument("--out", type=Path, help="keep the cohort here (default: a temporary folder, removed)")

@@ -1,6 +1,6 @@
 """Sampling throughput: the cached, per-record-pointer sampler against the plain reference sampler.
 
-``python -m benchmarks.sample_speed [--model MODEL_DIR | --patients N --train-epochs E] [--records-1 50]
+``python -m benchmarks.speed.sample_speed [--model MODEL_DIR | --patients N --train-epochs E] [--records-1 50]
 [--records-256 512]``
 
 On one trained model and in one run, both samplers of ``halo_balance.sample`` draw records for
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.train_speed import simulated_cohort
+from benchmarks.speed.train_speed import simulated_cohort
 import halo_balance  # noqa: F401  (sets passive OpenMP waiting before torch is imported)
 
 
@@ -34,7 +34,7 @@ def _timed(fn, model, conditions, batch_size: int, seed: int, device: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sample_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.sample_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="trained model folder (default: train one on a simulated cohort)")
     p.add_argument("--patients", type=int, default=2000)
     p.add_argument("--train-epochs", type=int, default=4)

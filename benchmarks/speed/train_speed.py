@@ -1,10 +1,10 @@
 """Training throughput: this package's HALO model against the original HALO training step.
 
-``python -m benchmarks.train_speed [--data PREPARED | --patients N] [--preset small] [--epochs 3]``
+``python -m benchmarks.speed.train_speed [--data PREPARED | --patients N] [--preset small] [--epochs 3]``
 
 Both models train side by side in one run, on the same prepared data, with the same transformer
 (width, depth, heads, context) and batch size, each in its own process (so that peak memory is its
-own): the reference (``benchmarks/halo_reference.py``: dense multi-hot input, dense masked fine
+own): the reference (``benchmarks/speed/halo_reference.py``: dense multi-hot input, dense masked fine
 MLP of width d + V', sigmoid + BCE on probabilities, every batch padded to the full context) and
 ``halo_balance.model.HaloModel`` (embedding-bag input, the O(V x H) fine module, length-bucketed
 batches). A step is batch construction + forward + backward + AdamW update. Printed: patients/s
@@ -125,7 +125,7 @@ def run_reference(data: str, preset: str, epochs: int, batch_size: int, device_n
                   seed: int) -> dict:
     import torch
 
-    from benchmarks.halo_reference import ReferenceConfig, ReferenceHALO, dense_batch
+    from benchmarks.speed.halo_reference import ReferenceConfig, ReferenceHALO, dense_batch
     from halo_balance.config import ConditionLayout
     from halo_balance.data import PreparedDataset
 
@@ -217,7 +217,7 @@ def simulated_cohort(out: Path, *, patients: int, seed: int, **prepare_options) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.train_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="prepared dataset (default: simulate --patients and prepare)")
     p.add_argument("--patients", type=int, default=3000)
     p.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--large-batch", type=int, default=8)
     a = p.parse_args(argv)
 
-    from benchmarks.halo_reference import ReferenceConfig, parameter_count
+    from benchmarks.speed.halo_reference import ReferenceConfig, parameter_count
     from halo_balance.config import HaloConfig
     from halo_balance.data import PreparedDataset
 

@@ -1,6 +1,6 @@
 """Full-scale MIMIC-IV preprocessing: wall time and peak memory on the simulator's cohort.
 
-``python -m benchmarks.prepare_scale [--patients 300000] [--baseline-patients 30000]``
+``python -m benchmarks.speed.prepare_scale [--patients 300000] [--baseline-patients 30000]``
 
 Prepares a simulated cohort in the raw MIMIC-IV layout (``data_prep.simulate``; an existing cohort
 in ``--sim`` with the same size and seed is reused) with ``python -m data_prep.mimic_iv`` in a child
@@ -68,7 +68,7 @@ def prepare(sim: Path, out: Path, patients: int, seed: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.prepare_scale", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.prepare_scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--patients", type=int, default=300_000)
     p.add_argument("--baseline-patients", type=int, default=30_000, help="0 to skip the baseline")
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """Speed of the audit statistics on a simulated predictions table of benchmark size.
 
-``python -m benchmarks.bench_audit --patients 2000 --resamples 1000`` prints the seconds taken by
+``python -m benchmarks.speed.bench_audit --patients 2000 --resamples 1000`` prints the seconds taken by
 the design, the bootstrap (with and without AUROC), both permutation families and the threshold
 sweep. :func:`simulate_predictions` is also the test suite's source of predictions with known
 group effects.
@@ -79,7 +79,7 @@ def _naive_seconds_per_resample(df: pl.DataFrame, groups: list[str], *, units: i
     """CPU seconds of one bootstrap resample done the direct way: resample patients, then recompute
     the harness's per-unit metrics (``benchmarks.metrics.unit_metrics``) of every (fold, method,
     model) unit; timed on ``units`` units and scaled to all of them."""
-    from .metrics import groupings, group_labels, unit_metrics
+    from ..metrics import groupings, group_labels, unit_metrics
 
     patients = df.select("patient_id", "fold", *groups).unique()
     keys = df.select("fold", "method", "model").unique().sort("fold", "method", "model")
@@ -98,7 +98,7 @@ def _naive_seconds_per_resample(df: pl.DataFrame, groups: list[str], *, units: i
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from .stats import Design, bootstrap, bootstrap_threshold_sweep, group_permutation, paired_permutation
+    from ..stats import Design, bootstrap, bootstrap_threshold_sweep, group_permutation, paired_permutation
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patients", type=int, default=2000)

@@ -1,6 +1,6 @@
 """Speed of ``halo_balance.evaluate`` at the eICU-demo scale, and its pair counting against plain loops.
 
-``python -m benchmarks.evaluate_speed [--real 1800] [--synthetic 2000] [--holdout 700] [--vocab 1300]``
+``python -m benchmarks.speed.evaluate_speed [--real 1800] [--synthetic 2000] [--holdout 700] [--vocab 1300]``
 
 Draws seeded cohorts with Zipf-like token frequencies and per-patient topics (so that pairs and
 consecutive pairs carry structure), then times: HALO's statistics by sparse products
