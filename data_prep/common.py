@@ -277,7 +277,9 @@ class Reference:
     vocab: pl.DataFrame
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, source: str, lab_source: str) -> Reference:
+    def load(cls, path: str | os.PathLike, *, source: str | None, lab_source: str | None) -> Reference:
+        """Read ``path``; ``source`` / ``lab_source`` None accept a folder prepared from any source
+        (``data_prep.meds`` re-prepares data that came from MIMIC-IV or eICU)."""
         path = Path(path)
         for name in (META_FILE, VOCAB_FILE):
             if not (path / name).is_file():
@@ -289,11 +291,12 @@ class Reference:
             raise DatasetError(f"is not valid JSON ({exc})", file=str(path / META_FILE)) from exc
         vocab = pl.read_parquet(path / VOCAB_FILE)
         labs = meta.get("preprocessing", {}).get("labs")
-        if meta.get("source", {}).get("name") != source or not isinstance(labs, dict):
-            raise DatasetError(f"was not prepared from {source} by data_prep", file=str(path / META_FILE),
+        if (source is not None and meta.get("source", {}).get("name") != source) or not isinstance(labs, dict):
+            origin = source or "raw tables"
+            raise DatasetError(f"was not prepared from {origin} by data_prep", file=str(path / META_FILE),
                                column="source", value=meta.get("source"),
-                               fix=f"pass a folder prepared by data_prep from {source}")
-        if labs.get("source") != lab_source:
+                               fix=f"pass a folder prepared by data_prep from {origin}")
+        if lab_source is not None and labs.get("source") != lab_source:
             raise DatasetError(f"its labs come from {labs.get('source')!r}, not {lab_source!r}",
                                file=str(path / META_FILE), column="preprocessing.labs.source",
                                fix="prepare both datasets with the same lab source")
