@@ -17,10 +17,13 @@ COMMANDS = {
     "simulate": "data_prep.simulate",
     "prepare-mimic-iv": "data_prep.mimic_iv",
     "prepare-eicu": "data_prep.eicu",
+    "prepare-meds": "data_prep.meds",
     "train": "halo_balance.train",
     "sample": "halo_balance.sample",
     "evaluate": "halo_balance.evaluate",
     "generate": "halo_balance.generate",
+    "export": "halo_balance.export",
+    "hf": "halo_balance.hf",
     "kfold": "benchmarks.kfold",
     "audit": "benchmarks.audit",
 }

@@ -26,6 +26,12 @@ import polars as pl
 from .errors import HaloBalanceError
 
 PresetName = Literal["tiny", "small", "base"]
+#: ``model_type`` of ``config.json``: the name under which ``halo_balance.hf`` registers the model
+#: with ``transformers``' Auto classes.
+MODEL_TYPE = "halo_balance"
+#: Bookkeeping keys ``transformers`` writes into ``config.json``; they carry no model size.
+HF_CONFIG_KEYS = frozenset({"model_type", "architectures", "transformers_version", "dtype", "torch_dtype",
+                            "auto_map", "_name_or_path"})
 
 #: Model sizes per preset. ``tiny`` trains a 600-patient cohort in seconds on a CPU, ``small`` the
 #: eICU demo in minutes, ``base`` has the transformer size of the published HALO (GPU).
@@ -94,11 +100,14 @@ class HaloConfig:
         return cls(vocab_size=vocab_size, n_conditions=n_conditions, preset=name, **sizes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The sizes, and ``model_type`` so that ``transformers.AutoConfig`` recognises ``config.json``."""
+        return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> HaloConfig:
+        """Read :meth:`to_dict`'s output; keys that ``transformers`` adds to ``config.json`` are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in HF_CONFIG_KEYS}
         unknown = sorted(set(d) - known)
         if unknown:
             raise HaloBalanceError(f"config.json holds unknown keys {unknown}; it was written by a "

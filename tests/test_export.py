@@ -1,0 +1,246 @@
+"""Export to the raw MIMIC-IV / eICU layouts and MEDS: round trips on the real demos and the simulator."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import MIMIC_DEMO, REPO, require, visit_tokens
+from data_prep.eicu import prepare_eicu
+from data_prep.meds import prepare_meds
+from data_prep.mimic_iv import prepare_mimic_iv
+from halo_balance import PreparedDataset
+from halo_balance.errors import DatasetError
+from halo_balance.export import export, restore_ids
+from halo_balance.export.decode import TimeRules, as_float32, bin_of, bin_range, decode, draw_in_bins
+
+
+@pytest.fixture(scope="module")
+def mimic_demo_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mimic") / "prepared"
+    prepare_mimic_iv(require(MIMIC_DEMO), out, progress=False)
+    return out
+
+
+def with_synthetic(ds: PreparedDataset, n: int, seed: int = 0) -> PreparedDataset:
+    """``ds`` plus ``n`` synthetic patients: real records put under other patients' groups and outcomes."""
+    rng = np.random.default_rng(seed)
+    rec = ds.records()
+    src, dst = rng.choice(len(rec), n, replace=False), rng.choice(len(rec), n, replace=False)
+    syn = PreparedDataset.from_records(
+        patient_ids=[f"syn-{i:06d}" for i in range(n)], labels=rec.labels[dst],
+        groups=rec.groups[dst.tolist()], visits=[rec.patient(int(p)) for p in src],
+        vocab=ds.vocab, meta=ds.meta, synthetic=True)
+    return PreparedDataset.concat([ds, syn]).validate()
+
+
+def assert_round_trip(original: PreparedDataset, back: PreparedDataset, export_dir: Path, *,
+                      conflicts_allowed: bool = False) -> None:
+    """Records, labels, groups and synthetic flags of ``back`` (ids restored) equal ``original``'s.
+
+    With ``conflicts_allowed``, a visit that holds several bins of one lab item (which no visit mean
+    can give back) may come back with one bin of that item between the extremes, and nothing else.
+    """
+    back = restore_ids(back, export_dir)
+    cols = original.patients.columns
+    assert back.patients.sort("patient_id").select(cols).equals(original.patients.sort("patient_id"))
+    key = ["patient_id", "visit_index", "label", "synthetic"]
+    assert back.visits.sort("patient_id", "visit_index").select(key).equals(
+        original.visits.sort("patient_id", "visit_index").select(key))
+    a, b = visit_tokens(original), visit_tokens(back)
+    assert a.keys() == b.keys()
+    bad = {k for k in a if a[k] != b[k]}
+    if not conflicts_allowed:
+        assert not bad, sorted(bad)[:3]
+    for k in bad:
+        def split(tokens):
+            labs: dict[str, list[int]] = {}
+            for t in tokens:
+                if t.startswith("lab:"):
+                    item, _, b_ = t[4:].rpartition(":")
+                    labs.setdefault(item, []).append(int(b_))
+            return {t for t in tokens if not t.startswith("lab:")}, labs
+        (oa, la), (ob, lb) = split(a[k]), split(b[k])
+        assert oa == ob and la.keys() == lb.keys()
+        for item, bins in la.items():
+            if len(bins) == 1:
+                assert lb[item] == bins
+            else:
+                assert len(lb[item]) == 1 and min(bins) <= lb[item][0] <= max(bins)
+
+
+# ---------------------------------------------------------------------- lab values
+def test_bin_ranges_close_open_outer_bins() -> None:
+    edges = [1.0, 2.0, 4.0]
+    assert bin_range(edges, 1) == (0.0, 1.0)  # width 1, stopped at 0
+    assert bin_range(edges, 2) == (1.0, 2.0)
+    assert bin_range(edges, 4) == (4.0, 6.0)
+    assert bin_range([-3.0, -1.0], 1) == (-5.0, -3.0)  # a negative edge keeps the mirrored width
+    assert bin_range([7.35], 2) == (7.35, 7.35 + 7.35 / 2)
+
+
+@pytest.mark.parametrize("stored", [lambda v: v, as_float32])
+def test_drawn_values_land_in_their_bin(stored) -> None:
+    rng = np.random.default_rng(0)
+    edges = [0.1, 0.1000001, 1.0, 7.35, 7.4, 140.0, 1e6]  # a very narrow bin too
+    bins = rng.integers(1, len(edges) + 2, 5000)
+    values, misplaced = draw_in_bins(rng, edges, bins, stored=stored, forbidden=(-1.0,))
+    assert misplaced == 0
+    assert np.array_equal(bin_of(stored(values), edges), bins)
+    assert not np.any(values == -1.0)
+    as_text = (lambda v: str(np.float32(v))) if stored is as_float32 else (lambda v: repr(float(v)))
+    short = [len(as_text(v)) for v in values[bins == 4]]  # [1.0, 7.35): a few digits, not 17
+    assert np.median(short) <= 5
+
+
+def test_every_exported_lab_value_is_in_its_tokens_bin(mimic_demo_prepared: Path) -> None:
+    ds = PreparedDataset.load(mimic_demo_prepared)
+    dec = decode(ds, seed=0, numeric_ids=True, rules=TimeRules())
+    items = {it["item"]: it["edges"] for it in ds.meta["preprocessing"]["labs"]["items"]}
+    assert dec.labs.height > 8000
+    for item, part in dec.labs.partition_by("item", as_dict=True).items():
+        assert np.array_equal(bin_of(part["value"].to_numpy(), items[item[0]]), part["bin"].to_numpy())
+    v = dec.visits
+    assert (v["admit"] < v["discharge"]).all()
+    t = dec.labs.join(v.select("visit_no", "admit", "discharge"), on="visit_no")
+    assert ((t["time"] > t["admit"]) & (t["time"] < t["discharge"])).all()
+    nxt = v.with_columns(n=pl.col("admit").shift(-1).over("patient_id")).drop_nulls("n")
+    assert (nxt["discharge"] < nxt["n"]).all()  # visits in order, never overlapping
+
+
+# ---------------------------------------------------------------------- round trips on the real demos
+def test_mimic_demo_round_trip_with_synthetic(mimic_demo_prepared: Path, tmp_path: Path) -> None:
+    ds = with_synthetic(PreparedDataset.load(mimic_demo_prepared), 30)
+    res = export(ds, tmp_path / "raw", format="mimic-iv", seed=1)
+    assert res.report["lab_values_outside_bin"] == 0 and res.report["visit_items_with_several_bins"] == 0
+    hosp = tmp_path / "raw" / "hosp"
+    for name in ("patients", "admissions", "diagnoses_icd", "labevents", "d_labitems", "d_icd_diagnoses"):
+        raw = pl.read_csv(MIMIC_DEMO / "hosp" / f"{name}.csv.gz", n_rows=1, infer_schema=False)
+        assert pl.read_csv(hosp / f"{name}.csv.gz", n_rows=1, infer_schema=False).columns == raw.columns
+    adm = pl.read_csv(hosp / "admissions.csv.gz", try_parse_dates=True)
+    assert (adm["admittime"] < adm["dischtime"]).all()
+    deaths = adm.filter(pl.col("hospital_expire_flag") == 1)
+    assert deaths.height == int(ds.patients["label"].sum())
+    assert (deaths["deathtime"] == deaths["dischtime"]).all() and (deaths["discharge_location"] == "DIED").all()
+    ids = pl.read_csv(tmp_path / "raw" / "patient_ids.csv", infer_schema=False).with_columns(
+        synthetic=pl.col("synthetic") == "true")
+    syn = ids.filter(pl.col("synthetic"))
+    assert syn.height == 30 and syn["exported_id"].cast(pl.Int64).min() == 20_000_000
+    real = ids.filter(~pl.col("synthetic"))
+    assert (real["patient_id"] == real["exported_id"]).all()  # real patients keep their ids
+
+    back = prepare_mimic_iv(tmp_path / "raw", tmp_path / "back", bins_from=mimic_demo_prepared, progress=False)
+    assert_round_trip(ds, back, tmp_path / "raw")
+    assert {k: v for k, v in back.meta["counts"]["dropped"].items() if v} == {}
+
+
+def test_mimic_dictionary_gives_real_codes(mimic_demo_prepared: Path, tmp_path: Path) -> None:
+    export(mimic_demo_prepared, tmp_path / "raw", format="mimic-iv", dictionary=MIMIC_DEMO)
+    dx = pl.read_csv(tmp_path / "raw" / "hosp" / "diagnoses_icd.csv.gz", schema_overrides={"icd_code": pl.String})
+    d = pl.read_csv(tmp_path / "raw" / "hosp" / "d_icd_diagnoses.csv.gz", schema_overrides={"icd_code": pl.String})
+    raw = pl.read_csv(MIMIC_DEMO / "hosp" / "d_icd_diagnoses.csv.gz", schema_overrides={"icd_code": pl.String})
+    assert d.height == raw.height  # the dictionary is written whole
+    assert dx.join(raw, on=["icd_code", "icd_version"], how="anti").height == 0  # every code is a listed code
+    assert "4280" in dx.filter(pl.col("icd_version") == 9)["icd_code"].to_list()  # 428 has no code of its own
+    back = prepare_mimic_iv(tmp_path / "raw", tmp_path / "back", bins_from=mimic_demo_prepared, progress=False)
+    assert_round_trip(PreparedDataset.load(mimic_demo_prepared), back, tmp_path / "raw")
+
+
+def test_eicu_demo_round_trip_with_synthetic(eicu_prepared: Path, tmp_path: Path) -> None:
+    ds = with_synthetic(PreparedDataset.load(eicu_prepared), 40)
+    res = export(ds, tmp_path / "raw", format="eicu", seed=2)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [
+        "apacheApsVar.csv.gz", "diagnosis.csv.gz", "export.json", "patient.csv.gz", "patient_ids.csv"]
+    assert res.report["lab_values_outside_bin"] == 0
+    pat = pl.read_csv(tmp_path / "raw" / "patient.csv.gz", infer_schema=False)
+    assert set(ds.patients["patient_id"]) == set(pat["uniquepid"])  # synthetic ids stay as they are
+    assert (pat.filter(pl.col("hospitaldischargestatus") == "Expired").height == int(ds.patients["label"].sum()))
+    aps = pl.read_csv(tmp_path / "raw" / "apacheApsVar.csv.gz", infer_schema_length=None)
+    from data_prep.eicu import APACHE_LABS
+
+    assert (aps.select(list(APACHE_LABS)) != -1).to_numpy().any(axis=1).all()  # a row only for stays with labs
+    assert (aps.select("eyes", "temperature", "fio2") == -1).to_numpy().all()  # not in the prepared data
+    back = prepare_eicu(tmp_path / "raw", tmp_path / "back", lab_source="apache", bins_from=eicu_prepared,
+                        progress=False)
+    assert_round_trip(ds, back, tmp_path / "raw")
+
+
+def test_eicu_raw_lab_table_round_trip(tmp_path: Path) -> None:
+    """The full release's ``lab`` path: a hand-made lab table, prepared, exported and prepared again."""
+    from test_eicu import write_fixture
+
+    first = prepare_eicu(write_fixture(tmp_path / "in"), tmp_path / "prepared", lab_source="lab", n_lab_items=2,
+                         n_bins=2, progress=False)
+    assert first.meta["preprocessing"]["labs"]["n_items"] > 0
+    export(tmp_path / "prepared", tmp_path / "raw", format="eicu")
+    assert (tmp_path / "raw" / "lab.csv.gz").is_file()
+    back = prepare_eicu(tmp_path / "raw", tmp_path / "back", lab_source="lab", bins_from=tmp_path / "prepared",
+                        progress=False)
+    assert_round_trip(first, back, tmp_path / "raw")
+
+
+@pytest.mark.parametrize("which", ["mimic", "eicu"])
+def test_meds_round_trip_on_the_demos(which: str, mimic_demo_prepared: Path, eicu_prepared: Path,
+                                      tmp_path: Path) -> None:
+    import meds
+
+    src = mimic_demo_prepared if which == "mimic" else eicu_prepared
+    ds = with_synthetic(PreparedDataset.load(src), 25)
+    res = export(ds, tmp_path / "meds", format="meds")
+    assert res.report["lab_values_outside_bin"] == 0
+    shard = tmp_path / "meds" / "data" / "train" / "0.parquet"
+    meds.DataSchema.validate(pq.read_table(shard))
+    data = pl.read_parquet(shard)
+    syn = pl.read_parquet(tmp_path / "meds" / "metadata" / "synthetic_subjects.parquet")
+    assert int(syn["synthetic"].sum()) == 25
+    assert set(data["subject_id"]) == set(syn["subject_id"])
+    back = prepare_meds(tmp_path / "meds", tmp_path / "back", bins_from=src, progress=False)
+    assert_round_trip(ds, back, tmp_path / "meds")
+
+
+# ---------------------------------------------------------------------- generated records (simulator)
+@pytest.fixture(scope="module")
+def sim_augmented(sim_prepared: Path, sim_model: Path) -> PreparedDataset:
+    from halo_balance import HaloModel
+    from halo_balance.sample import sample_records
+
+    model = HaloModel.from_pretrained(sim_model)
+    synthetic = sample_records(model, model.layout.complete({}, 60, seed=0), seed=0)
+    return PreparedDataset.concat([PreparedDataset.load(sim_prepared), synthetic]).validate()
+
+
+@pytest.mark.parametrize("fmt", ["mimic-iv", "meds"])
+def test_simulator_round_trip_with_generated_records(fmt: str, sim_prepared: Path, sim_augmented: PreparedDataset,
+                                                     tmp_path: Path) -> None:
+    res = export(sim_augmented, tmp_path / "raw", format=fmt, seed=3)
+    assert res.report["lab_values_outside_bin"] == 0
+    prepare = prepare_mimic_iv if fmt == "mimic-iv" else prepare_meds
+    back = prepare(tmp_path / "raw", tmp_path / "back", bins_from=sim_prepared, progress=False)
+    assert_round_trip(sim_augmented, back, tmp_path / "raw",
+                      conflicts_allowed=res.report["visit_items_with_several_bins"] > 0)
+
+
+# ---------------------------------------------------------------------- errors and the command line
+def test_wrong_source_is_a_clear_error(eicu_prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="prepared from 'eicu'.*--format meds"):
+        export(eicu_prepared, tmp_path / "raw", format="mimic-iv")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_cli_writes_and_refuses_to_overwrite(mimic_demo_prepared: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "halo_balance.export", "--data", str(mimic_demo_prepared), "--format", "mimic-iv",
+           "--out", str(tmp_path / "raw")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    assert "100 patients" in ok.stdout
+    with gzip.open(tmp_path / "raw" / "hosp" / "patients.csv.gz", "rt") as f:
+        assert f.readline().startswith("subject_id,gender,anchor_age")
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 2 and "Traceback" not in again.stderr and "--overwrite" in again.stderr
