@@ -390,9 +390,12 @@ def _groups(events: pl.LazyFrame, kept: pl.DataFrame, rules: Sequence[GroupRule]
             e, labels = r.edges(), r.age_labels()
             births = ordered.filter(pl.col("code") == BIRTH, pl.col("time").is_not_null()).group_by(
                 "subject_id").agg(birth=pl.col("time").first())
-            vals = (births.join(first.lazy(), on="subject_id").with_columns(
-                age=((pl.col("first") - pl.col("birth")).dt.total_days() / 365.25).floor())
-                    .select("subject_id", v=pl.col("age").cut([x - 0.5 for x in e], labels=labels).cast(pl.String)))
+            age = ((pl.col("first") - pl.col("birth")).dt.total_days() / 365.25).floor()
+            group = pl.when(age < e[0]).then(pl.lit(labels[0]))
+            for edge, label in zip(e[1:], labels[1:-1]):
+                group = group.when(age < edge).then(pl.lit(label))
+            vals = births.join(first.lazy(), on="subject_id").select(
+                "subject_id", v=group.otherwise(pl.lit(labels[-1])))
         out = out.join(vals.collect(), on="subject_id", how="left").with_columns(
             pl.col("v").fill_null(UNKNOWN).alias(r.attribute)).drop("v")
     return out.sort("subject_id").select(patient_id=pl.col("subject_id").cast(pl.String), label="label",
