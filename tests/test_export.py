@@ -244,3 +244,38 @@ def test_cli_writes_and_refuses_to_overwrite(mimic_demo_prepared: Path, tmp_path
         assert f.readline().startswith("subject_id,gender,anchor_age")
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 2 and "Traceback" not in again.stderr and "--overwrite" in again.stderr
+
+
+def test_time_tokens_decode_to_ages_and_gaps_inside_their_bins() -> None:
+    """The time-token contract (kind ``time``, ``time:age:<b>`` on first visits, ``time:gap:<b>`` on later
+    ones, 0-based bins, edges in ``preprocessing.time_bins``) turned into consistent dates."""
+    from conftest import make_tiny_dataset
+
+    base = make_tiny_dataset()
+    extra = pl.DataFrame({"id": pl.Series(range(5, 11), dtype=pl.Int32),
+                          "token": ["time:age:0", "time:age:1", "time:age:2", "time:gap:0", "time:gap:1", "time:gap:2"],
+                          "kind": ["time"] * 6, "description": [""] * 6})
+    vocab = pl.concat([base.vocab, extra])
+    meta = {**base.meta, "groups": {"gender": ["F", "M"], "age_group": ["18-44", "65-79"]},
+            "preprocessing": {"time_bins": {"n_bins": 3, "age_edges": [40.0, 70.0],
+                                            "gap_days_edges": [30.0, 365.0]}}}
+    n = 300
+    rng = np.random.default_rng(0)
+    age_bin = rng.integers(0, 3, n)
+    gap_bins = [rng.integers(0, 3, 2) for _ in range(n)]
+    visits = [[[0, 5 + int(age_bin[i])], [1, 8 + int(gap_bins[i][0])], [2, 8 + int(gap_bins[i][1])]] for i in range(n)]
+    groups = {"gender": ["F"] * n, "age_group": ["65-79" if b == 2 else "18-44" for b in age_bin]}
+    ds = PreparedDataset.from_records(patient_ids=[f"p{i}" for i in range(n)], labels=[0] * n, groups=groups,
+                                      visits=visits, vocab=vocab, meta=meta, synthetic=False).validate()
+    dec = decode(ds, seed=0, numeric_ids=False, rules=TimeRules())
+    assert dec.report["time_tokens_misplaced"] == 0
+    age = dec.patients["age"].to_numpy()
+    lo = np.array([0, 40, 70])[age_bin]
+    hi = np.array([40, 70, 92])[age_bin]
+    group_lo = np.where(age_bin == 2, 65, 18)
+    assert ((age >= np.maximum(lo, group_lo)) & (age < hi)).all()
+    v = dec.visits.sort("visit_no")
+    gaps = (v["admit"] - v["discharge"].shift(1)).dt.total_minutes().to_numpy()[v["visit_index"].to_numpy() > 0] / 1440
+    b = np.array([g for pair in gap_bins for g in pair])
+    edges = np.array([0.0, 30.0, 365.0, 700.0])
+    assert ((gaps >= edges[b] - 1 / 1440) & (gaps < edges[b + 1] + 1 / 1440)).all()  # minute rounding
