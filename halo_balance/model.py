@@ -64,11 +64,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConditionLayout, HaloConfig
+from .copies import RECORD_COUNTS_FILE, RecordCounts
 from .errors import HaloBalanceError, IncompatibleModelError
 from .io import atomic_write_bytes, read_json, write_json
 
-CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, CONDITIONS_FILE, DATASET_META_FILE = (
-    "config.json", "model.safetensors", "vocab.parquet", "conditions.json", "dataset_meta.json")
+CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, CONDITIONS_FILE, DATASET_META_FILE, PRIVACY_FILE = (
+    "config.json", "model.safetensors", "vocab.parquet", "conditions.json", "dataset_meta.json", "privacy.json")
 
 
 # ---------------------------------------------------------------------- coarse transformer
@@ -154,7 +155,8 @@ class FineModule(nn.Module):
         """u from z = P h + b_P + s (the summary of the codes chosen so far)."""
         return self.ln_2(z + self.mlp(self.ln_1(z)))
 
-    def _blocks(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor) -> _FineBlocks:
+    def _blocks(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor, *,
+                isolated: bool = False) -> _FineBlocks:
         """Teacher-forced logits of N visits, laid out by blocks of codes (see :class:`_FineBlocks`).
 
         Visit n holds ``codes[code_ptr[n]:code_ptr[n+1]]`` (sorted). A visit with k codes has k + 1
@@ -162,6 +164,11 @@ class FineModule(nn.Module):
         up to V-1). Computing every state's V logits would cost (k + 1) x V x H; instead the codes
         are cut into C blocks of ``size`` and each state is multiplied only with the blocks it
         governs: (N x C + K) x size x H multiply-adds, about N x V x H.
+
+        With ``isolated``, each visit's running code sums are computed from its own codes alone
+        (a padded per-visit cumsum) instead of as differences of batch-wide prefix sums, whose
+        rounding depends on the other visits of the batch: per-record gradients for differential
+        privacy (``dp.py``) must be functions of their record only.
         """
         N, V, dev = h.shape[0], self.out.out_features, h.device
         codes = codes.long()
@@ -170,15 +177,21 @@ class FineModule(nn.Module):
         visit_of_state = torch.repeat_interleave(torch.arange(N, device=dev), k + 1)
         m = torch.arange(visit_of_state.numel(), device=dev) - first_state[visit_of_state]
         start = code_ptr[:-1][visit_of_state]
-        # prefix sums of the code embeddings over the batch, differenced per visit (cumsum runs
-        # along the contiguous dimension: several times faster on CPU); gathers use index_select,
-        # whose backward is an index_add
-        prefix = F.pad(self.token_emb(codes).T.cumsum(1), (1, 0)).T.contiguous()
-        s = prefix.index_select(0, start + m) - prefix.index_select(0, start)
+        visit_of_code = torch.repeat_interleave(torch.arange(N, device=dev), k)
+        emb = self.token_emb(codes)
+        if isolated:
+            at = torch.arange(codes.numel(), device=dev) - code_ptr[:-1][visit_of_code]
+            padded = emb.new_zeros(N, int(k.max()) + 1 if N else 1, emb.shape[1])
+            s = padded.index_put((visit_of_code, at + 1), emb).cumsum(1)[visit_of_state, m]
+        else:
+            # prefix sums of the code embeddings over the batch, differenced per visit (cumsum runs
+            # along the contiguous dimension: several times faster on CPU); gathers use index_select,
+            # whose backward is an index_add
+            prefix = F.pad(emb.T.cumsum(1), (1, 0)).T.contiguous()
+            s = prefix.index_select(0, start + m) - prefix.index_select(0, start)
         u = self.state(self.proj(h).index_select(0, visit_of_state) + s)  # (S, H), S = N + K
         size = max(16, -(-V // self.max_blocks))
         C = -(-V // size)
-        visit_of_code = torch.repeat_interleave(torch.arange(N, device=dev), k)
         block_of_code = codes // size
         counts = torch.bincount(visit_of_code * C + block_of_code, minlength=N * C).view(N, C)
         lo = torch.cumsum(counts, 1) - counts  # first state of each (visit, block)
@@ -202,16 +215,17 @@ class FineModule(nn.Module):
         per_block = n_rows.view(C, N).sum(1)
         slot = row_block * int(per_block.max()) + torch.arange(row_block.numel(), device=dev) - (
             torch.cumsum(per_block, 0) - per_block)[row_block]
-        rows = u.new_zeros(C * int(per_block.max()), u.shape[1]).index_copy(
-            0, slot, u.index_select(0, first_state[row_visit] + row_m))
+        row_state = u.index_select(0, first_state[row_visit] + row_m)  # (R, H)
+        rows = u.new_zeros(C * int(per_block.max()), u.shape[1]).index_copy(0, slot, row_state)
         weight = F.pad(self.out.weight, (0, 0, 0, C * size - V)).view(C, size, -1)
         bias = F.pad(self.out.bias, (0, C * size - V)).view(C, 1, size)
         logits = torch.baddbmm(bias, rows.view(C, -1, rows.shape[1]), weight.transpose(1, 2))
         logits = logits.view(-1, size).index_select(0, slot)  # (R, size)
         code_row = row_start.view(C, N)[block_of_code, visit_of_code] + (
             torch.arange(codes.numel(), device=dev) - code_ptr[:-1][visit_of_code] - lo[visit_of_code, block_of_code])
-        return _FineBlocks(logits=logits, row_visit=row_visit, row_block=row_block, col_lo=col_lo, col_hi=col_hi,
-                           code_row=code_row, code_col=codes % size, visit_of_code=visit_of_code, size=size, n_visits=N)
+        return _FineBlocks(logits=logits, row_state=row_state, row_visit=row_visit, row_block=row_block,
+                           col_lo=col_lo, col_hi=col_hi, code_row=code_row, code_col=codes % size,
+                           visit_of_code=visit_of_code, size=size, n_visits=N)
 
     def logits(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``(N, V)``: logit i of visit n under the state after its codes below i."""
@@ -227,12 +241,7 @@ class FineModule(nn.Module):
 
         BCE with logits summed over the codes: sum_i softplus(l_i) - sum_{i chosen} l_i.
         """
-        blocks = self._blocks(h, codes, code_ptr)
-        logits = blocks.logits.float()
-        per_row = torch.where(blocks.mask(), F.softplus(logits), 0.0).sum(1)
-        chosen = logits.reshape(-1).index_select(0, blocks.code_row * blocks.size + blocks.code_col)
-        nll = logits.new_zeros(blocks.n_visits).index_add(0, blocks.row_visit, per_row)
-        return nll.index_add(0, blocks.visit_of_code, -chosen)
+        return self._blocks(h, codes, code_ptr).visit_nll()
 
 
 @dataclass
@@ -242,6 +251,7 @@ class _FineBlocks:
     chosen code q sits at ``logits[code_row[q], code_col[q]]``."""
 
     logits: torch.Tensor  # (R, size)
+    row_state: torch.Tensor  # (R, H), the state u the row's logits are computed from
     row_visit: torch.Tensor
     row_block: torch.Tensor
     col_lo: torch.Tensor
@@ -255,6 +265,14 @@ class _FineBlocks:
     def mask(self) -> torch.Tensor:
         j = torch.arange(self.size, device=self.logits.device)
         return (j >= self.col_lo[:, None]) & (j <= self.col_hi[:, None])
+
+    def visit_nll(self) -> torch.Tensor:
+        """``-log P(visit n | h_n)`` per visit, float32 (see :meth:`FineModule.visit_nll`)."""
+        logits = self.logits.float()
+        per_row = torch.where(self.mask(), F.softplus(logits), 0.0).sum(1)
+        chosen = logits.reshape(-1).index_select(0, self.code_row * self.size + self.code_col)
+        nll = logits.new_zeros(self.n_visits).index_add(0, self.row_visit, per_row)
+        return nll.index_add(0, self.visit_of_code, -chosen)
 
 
 # ---------------------------------------------------------------------- batches and outputs
@@ -295,13 +313,17 @@ class Batch:
 
 @dataclass
 class HaloOutput:
-    """``loss`` (nats per real visit), per-record NLL and its parts (sums over the batch)."""
+    """``loss`` (nats per real visit), per-record NLL and its parts (sums over the batch).
+
+    ``fine_blocks`` (the fine module's block layout) is kept only by ``forward(..., per_record=True)``.
+    """
 
     loss: torch.Tensor
     record_nll: torch.Tensor  # (B,) nats
     code_nll: torch.Tensor  # scalar sum over visits
     end_nll: torch.Tensor  # scalar sum
     n_visits: int
+    fine_blocks: _FineBlocks | None = None
 
 
 # ---------------------------------------------------------------------- the model
@@ -317,10 +339,17 @@ class HaloModel(nn.Module):
         The vocabulary table of the training data (saved with the model, checked on use).
     dataset_meta : dict, optional
         ``meta.json`` of the training data; sampled datasets carry it.
+    privacy : dict, optional
+        The differential-privacy guarantee of a DP-trained model (epsilon, delta, accountant,
+        clipping norm, ...: ``dp.PrivacyPlan.summary``); ``None`` for a model trained without DP.
+    record_counts : halo_balance.copies.RecordCounts, optional
+        Salted digests of the training records with their patient counts, for the copy rule
+        (``copies.py``); saved as ``record_counts.parquet``.
     """
 
     def __init__(self, config: HaloConfig, layout: ConditionLayout, *, vocab: pl.DataFrame | None = None,
-                 dataset_meta: dict[str, Any] | None = None) -> None:
+                 dataset_meta: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
+                 record_counts: Any = None) -> None:
         super().__init__()
         if layout.n_slots != config.n_conditions:
             raise HaloBalanceError(f"the layout has {layout.n_slots} condition slots, the config "
@@ -329,6 +358,7 @@ class HaloModel(nn.Module):
             raise HaloBalanceError(f"the vocabulary has {vocab.height} tokens, the config vocab_size="
                                    f"{config.vocab_size}")
         self.config, self.layout, self.vocab, self.dataset_meta = config, layout, vocab, dataset_meta or {}
+        self.privacy, self.record_counts = privacy, record_counts
         d = config.n_embd
         self.cond_emb = nn.EmbeddingBag(config.n_conditions, d, mode="sum")
         self.visit_emb = nn.EmbeddingBag(config.vocab_size, d, mode="sum")
@@ -380,15 +410,22 @@ class HaloModel(nn.Module):
         if T > 1:
             visits = self.visit_emb(visit_codes, visit_offsets).view(B, T - 1, -1)
             x = torch.cat([x, visits], 1)
-        x = self.drop(x + self.pos_emb(torch.arange(T, device=cond.device)))
+        # positions looked up per record (not broadcast), so that each record has its own rows
+        x = self.drop(x + self.pos_emb(torch.arange(T, device=cond.device).expand(B, T)))
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
 
-    def forward(self, batch: Batch) -> HaloOutput:
+    def forward(self, batch: Batch, *, per_record: bool = False) -> HaloOutput:
+        """Loss and per-record NLL of a batch.
+
+        ``per_record=True`` computes every record's values from that record alone and keeps the
+        fine module's block layout in the output, for per-record gradients (``dp.py``).
+        """
         h = self.hidden_states(batch.cond, batch.visit_codes, batch.visit_offsets, batch.n_positions)
         h = h.reshape(-1, h.shape[-1])
-        code_nll = self.fine.visit_nll(h[batch.target_hidden], batch.visit_codes, batch.code_ptr)
+        blocks = self.fine._blocks(h[batch.target_hidden], batch.visit_codes, batch.code_ptr, isolated=per_record)
+        code_nll = blocks.visit_nll()
         end_logit = self.end_head(h[batch.end_hidden]).squeeze(-1).float()
         end_nll = F.binary_cross_entropy_with_logits(end_logit, batch.end_target, reduction="none")
         record_nll = (torch.zeros(batch.n_records, device=h.device)
@@ -396,7 +433,8 @@ class HaloModel(nn.Module):
         code_sum, end_sum = code_nll.sum(), end_nll.sum()
         loss = (code_sum + end_sum) / max(batch.n_visits, 1)
         return HaloOutput(loss=loss, record_nll=record_nll, code_nll=code_sum.detach(),
-                          end_nll=end_sum.detach(), n_visits=batch.n_visits)
+                          end_nll=end_sum.detach(), n_visits=batch.n_visits,
+                          fine_blocks=blocks if per_record else None)
 
     # ------------------------------------------------------------------ incremental (sampling)
     def new_cache(self, batch: int, *, device: torch.device | str, dtype: torch.dtype = torch.float32) -> KVCache:
@@ -453,8 +491,9 @@ class HaloModel(nn.Module):
                                          ". Train a model on data prepared with the same vocabulary and groups")
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors``, ``vocab.parquet``, ``conditions.json`` and
-        ``dataset_meta.json`` into ``directory`` (each file atomically; ``config.json`` last)."""
+        """Write ``config.json``, ``model.safetensors``, ``vocab.parquet``, ``conditions.json``,
+        ``dataset_meta.json``, ``record_counts.parquet`` (when known) and, for a DP-trained model,
+        ``privacy.json`` into ``directory`` (each file atomically; ``config.json`` last)."""
         from safetensors.torch import save
 
         directory = Path(directory)
@@ -469,6 +508,13 @@ class HaloModel(nn.Module):
             atomic_write_bytes(directory / VOCAB_FILE, buf.getvalue())
         write_json(directory / CONDITIONS_FILE, self.layout.to_dict())
         write_json(directory / DATASET_META_FILE, self.dataset_meta)
+        for name, value in ((PRIVACY_FILE, self.privacy), (RECORD_COUNTS_FILE, self.record_counts)):
+            if value is None:
+                (directory / name).unlink(missing_ok=True)
+            elif name == PRIVACY_FILE:
+                write_json(directory / name, value)
+            else:
+                value.save(directory / name)
         write_json(directory / CONFIG_FILE, self.config.to_dict())
         return directory
 
@@ -486,7 +532,9 @@ class HaloModel(nn.Module):
         layout = ConditionLayout.from_dict(read_json(directory / CONDITIONS_FILE))
         vocab = pl.read_parquet(directory / VOCAB_FILE) if (directory / VOCAB_FILE).is_file() else None
         meta = read_json(directory / DATASET_META_FILE) if (directory / DATASET_META_FILE).is_file() else {}
-        model = cls(config, layout, vocab=vocab, dataset_meta=meta)
+        privacy = read_json(directory / PRIVACY_FILE) if (directory / PRIVACY_FILE).is_file() else None
+        counts = RecordCounts.load(directory / RECORD_COUNTS_FILE) if (directory / RECORD_COUNTS_FILE).is_file() else None
+        model = cls(config, layout, vocab=vocab, dataset_meta=meta, privacy=privacy, record_counts=counts)
         state = load_file(directory / WEIGHTS_FILE, device=str(map_location))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

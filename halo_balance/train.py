@@ -13,6 +13,8 @@
   ``--n-ctx``, shortened to the longest training record + 1.
 - Data-parallel training: ``torchrun --nproc_per_node=2 -m halo_balance.train ...`` (DDP; gloo on
   CPU, nccl on CUDA); each process takes every world-size-th batch; rank 0 writes.
+- Differential privacy: ``--dp-epsilon EPS`` trains with DP-SGD, the patient as the unit of privacy
+  (``dp.py``: per-record gradients, Poisson sampling, clipping, noise, the accountant).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import math
 import os
 import platform
+import secrets
 import shutil
 import sys
 import time
@@ -33,7 +36,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .config import PRESETS, ConditionLayout, HaloConfig, PresetName
+from .copies import RecordCounts
 from .data import PreparedDataset
+from .dp import AccountantName, PrivacyPlan, PrivateSteps, private_statistics
 from .errors import HaloBalanceError, OutputExistsError
 from .io import atomic_dir, read_json, write_json
 
@@ -60,8 +65,9 @@ class TrainOptions:
     weight_decay : float
     patience : int
         Stop after this many epochs without a better validation loss.
-    val_fraction : float
-        Fraction of patients held out for validation (0 disables validation and early stopping).
+    val_fraction : float or None
+        Fraction of patients held out for validation (0 disables validation and early stopping);
+        ``None``: 0.1, or 0 with ``dp_epsilon`` (every patient then in the private training set).
     device : {"auto", "cpu", "cuda"}
     seed : int
         Seeds the split, the initialisation, the batch order and dropout.
@@ -76,6 +82,17 @@ class TrainOptions:
     grad_clip : float
     warmup_steps : int
         Linear learning-rate warm-up.
+    dp_epsilon : float or None
+        Train with differential privacy (DP-SGD, the patient as the unit) at this epsilon
+        (``dp.py``); ``batch_size`` is then the expected size of the Poisson samples, ``epochs``
+        the planned length the noise is calibrated for, and ``grad_clip`` is replaced by the
+        per-patient clipping norm ``dp_max_grad_norm``.
+    dp_delta : float or None
+        ``None``: 1e-5 or 1 / (10 N), whichever is smaller.
+    dp_max_grad_norm : float
+        Each patient's gradient is clipped to this L2 norm.
+    dp_accountant : {"rdp", "prv"}
+        Opacus' privacy accountant.
     """
 
     preset: PresetName = "small"
@@ -84,7 +101,7 @@ class TrainOptions:
     lr: float | None = None
     weight_decay: float = 0.01
     patience: int = 5
-    val_fraction: float = 0.1
+    val_fraction: float | None = None
     device: DeviceName = "auto"
     seed: int = 0
     resume: bool = False
@@ -93,6 +110,10 @@ class TrainOptions:
     dropout: float | None = None
     grad_clip: float = 1.0
     warmup_steps: int = 100
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_accountant: AccountantName = "rdp"
 
     def validate(self) -> TrainOptions:
         problems = []
@@ -103,8 +124,16 @@ class TrainOptions:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if not 0.0 <= self.val_fraction < 1.0:
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction must lie in [0, 1) (got {self.val_fraction})")
+        if self.dp_epsilon is not None and not self.dp_epsilon > 0:
+            problems.append(f"dp_epsilon must be > 0 (got {self.dp_epsilon})")
+        if self.dp_delta is not None and not 0.0 < self.dp_delta < 1.0:
+            problems.append(f"dp_delta must lie in (0, 1) (got {self.dp_delta})")
+        if not self.dp_max_grad_norm > 0:
+            problems.append(f"dp_max_grad_norm must be > 0 (got {self.dp_max_grad_norm})")
+        if self.dp_accountant not in ("rdp", "prv"):
+            problems.append(f"dp_accountant must be rdp or prv (got {self.dp_accountant!r})")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if self.n_ctx is not None and self.n_ctx < 2:
@@ -116,6 +145,16 @@ class TrainOptions:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else PRESET_LR[self.preset]
+
+    @property
+    def private(self) -> bool:
+        return self.dp_epsilon is not None
+
+    @property
+    def validation_fraction(self) -> float:
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.0 if self.private else 0.1
 
 
 # ---------------------------------------------------------------------- records -> batches
@@ -414,6 +453,7 @@ class _LoopState:
     best_val: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
+    dp: dict[str, Any] | None = None  # the PrivacyPlan, its accountant history included
 
 
 class _Trainer:
@@ -430,6 +470,9 @@ class _Trainer:
         self.progress = progress and dist_ctx.main
         self.say = _printer(self.progress)
         model, self.loop = self._resumed(dataset) if options.resume else self._fresh(dataset)
+        if options.resume and self.loop.dp and not options.private:
+            raise HaloBalanceError("the checkpoint was trained with differential privacy; resume it with the same "
+                                   "--dp-epsilon (and --dp-delta, --dp-max-grad-norm, --batch-size, --epochs)")
         ids = set(self.loop.val_ids)
         unknown = ids - set(dataset.patients["patient_id"].to_list())
         if unknown:
@@ -440,13 +483,24 @@ class _Trainer:
             raise HaloBalanceError("no training patients left after the validation split")
         if model is None:
             model = self._new_model(train_ds)
+        # every patient given, validation ones included, for the copy rule of sample / generate
+        model.record_counts = model.record_counts or RecordCounts.from_dataset(dataset)
         self.model, config = model, model.config
         self.train = EncodedRecords.from_dataset(train_ds, model.layout, config.n_ctx)
         self.val = (EncodedRecords.from_dataset(dataset.select(self.loop.val_ids), model.layout, config.n_ctx)
                     if self.loop.val_ids else None)
         marginal = MarginalModel.fit(self.train, config.vocab_size)
-        if not options.resume:  # start from the marginal-frequency model
+        self.plan = self._privacy_plan() if options.private else None
+        if not options.resume and self.plan is None:  # start from the marginal-frequency model
             model.init_output_biases(torch.from_numpy(marginal.code_frequency), marginal.end_rate)
+        elif not options.resume:  # ... or from its private estimate (dp.py)
+            stats = private_statistics(self.train, model.layout, config.vocab_size,
+                                       noise_multiplier=self.plan.statistics_noise_multiplier,
+                                       generator=np.random.default_rng(secrets.randbits(64)))
+            model.init_output_biases(torch.from_numpy(stats.code_frequency), stats.end_rate)
+            model.layout.cells = stats.cells
+            for sigma, q, n in stats.history:
+                self.plan.record(sigma, q, n)
         model.to(self.device)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -461,6 +515,9 @@ class _Trainer:
         else:
             self.best_state = self._weights()
         self.net = model
+        self.private = None
+        if self.plan is not None:
+            self.private = PrivateSteps(model, self.optimizer, self.plan, device=self.device)
         if dist_ctx.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -472,6 +529,31 @@ class _Trainer:
             "marginal_train_loss": marginal.loss(self.train),
             "marginal_val_loss": marginal.loss(self.val) if self.val else None}
         self._announce()
+
+    def _privacy_plan(self) -> PrivacyPlan:
+        """A calibrated plan, or the checkpoint's (its accountant continues) when resuming."""
+        opts, n = self.options, len(self.train)
+        if self.dist.world > 1:
+            raise HaloBalanceError("differentially private training runs in one process; start it without torchrun")
+        plan = PrivacyPlan.calibrate(target_epsilon=opts.dp_epsilon, delta=opts.dp_delta,
+                                     max_grad_norm=opts.dp_max_grad_norm, accountant=opts.dp_accountant,
+                                     n_records=n, batch_size=opts.batch_size, epochs=opts.epochs) \
+            if not (opts.resume and self.loop.dp) else PrivacyPlan(**self.loop.dp)
+        if opts.resume:
+            if not self.loop.dp:
+                raise HaloBalanceError("the checkpoint was trained without differential privacy; resume it without "
+                                       "--dp-epsilon, or start a new private training")
+            fresh = PrivacyPlan.calibrate(target_epsilon=opts.dp_epsilon, delta=opts.dp_delta,
+                                          max_grad_norm=opts.dp_max_grad_norm, accountant=opts.dp_accountant,
+                                          n_records=n, batch_size=opts.batch_size, epochs=opts.epochs)
+            fields = ("target_epsilon", "delta", "max_grad_norm", "accountant", "n_records", "sample_rate",
+                      "planned_steps")
+            changed = [f"{f} {getattr(plan, f)} -> {getattr(fresh, f)}" for f in fields
+                       if getattr(plan, f) != getattr(fresh, f)]
+            if changed:
+                raise HaloBalanceError("the checkpoint's noise was calibrated for other privacy settings ("
+                                       + "; ".join(changed) + "); resume with the options it was started with")
+        return plan
 
     # ------------------------------------------------------------------ set-up
     def _fresh(self, dataset: PreparedDataset) -> tuple[None, _LoopState]:
@@ -485,8 +567,8 @@ class _Trainer:
                 shutil.rmtree(out)
         self.dist.barrier()
         val_ids: list[str] = []
-        if opts.val_fraction > 0 and dataset.n_patients >= 2:
-            val_ids = [str(x) for x in dataset.train_test_split(opts.val_fraction, seed=opts.seed)[1]]
+        if opts.validation_fraction > 0 and dataset.n_patients >= 2:
+            val_ids = [str(x) for x in dataset.train_test_split(opts.validation_fraction, seed=opts.seed)[1]]
         return None, _LoopState(val_ids=val_ids)
 
     def _resumed(self, dataset: PreparedDataset):
@@ -506,10 +588,12 @@ class _Trainer:
         from .model import HaloModel
 
         opts = self.options
+        # under DP the context is not fitted to the longest record (that would reveal its length)
+        n_ctx = (opts.n_ctx or PRESETS[opts.preset]["n_ctx"]) if opts.private else \
+            _choose_n_ctx(opts, train_ds.records().visit_counts())
         config = HaloConfig.from_preset(opts.preset, vocab_size=train_ds.vocab_size,
                                         n_conditions=ConditionLayout.from_dataset(train_ds).n_slots,
-                                        n_ctx=_choose_n_ctx(opts, train_ds.records().visit_counts()),
-                                        dropout=opts.dropout)
+                                        n_ctx=n_ctx, dropout=opts.dropout)
         torch.manual_seed(opts.seed)
         return HaloModel.for_dataset(train_ds, config)
 
@@ -523,6 +607,12 @@ class _Trainer:
                  + (f" x {self.dist.world} processes" if self.dist.world > 1 else "")
                  + f"; marginal-frequency loss {s['marginal_train_loss']:.3f} train"
                  + (f", {s['marginal_val_loss']:.3f} val" if self.val else "") + " nats/visit")
+        if self.plan is not None:
+            p = self.plan
+            self.say(f"differential privacy: epsilon {p.target_epsilon:g}, delta {p.delta:.2g} ({p.accountant}); "
+                     f"noise multiplier {p.noise_multiplier:.3f}, clipping norm {p.max_grad_norm:g}, Poisson "
+                     f"samples of {p.expected_batch_size:.0f} expected patients, {p.planned_steps} steps"
+                     + (f"; the {s['n_val']} validation patients are NOT protected" if self.val else ""))
 
     def _weights(self) -> dict[str, Any]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -538,7 +628,8 @@ class _Trainer:
             val_loss = self._validate()
             seconds = time.perf_counter() - t0
             score = val_loss if val_loss is not None else train_loss
-            improved = loop.best_val is None or score < loop.best_val
+            # under DP without validation patients nothing selects among epochs: the last one is kept
+            improved = loop.best_val is None or score < loop.best_val or (self.plan is not None and self.val is None)
             if improved:
                 loop.best_val, loop.best_epoch, loop.bad_epochs = score, epoch, 0
                 self.best_state = self._weights()
@@ -551,6 +642,8 @@ class _Trainer:
             self.say(f"epoch {epoch}: train {train_loss:.4f}" + (f"  val {val_loss:.4f}" if val_loss is not None else "")
                      + f"  {len(self.train) / seconds:,.0f} patients/s" + ("  *best*" if improved else "")
                      + ("  (early stop)" if stopped else ""))
+            if self.plan is not None:
+                loop.dp = self.plan.to_dict()
             if self.dist.main:
                 _save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.best_state,
                                  {**dataclasses.asdict(loop), "options": dataclasses.asdict(opts)})
@@ -561,7 +654,10 @@ class _Trainer:
 
         opts, dist_ctx = self.options, self.dist
         torch.manual_seed(opts.seed + 7919 * epoch + dist_ctx.rank)  # dropout: reproducible on resume
-        batches = bucket_batches(self.train.lengths, opts.batch_size, np.random.default_rng([opts.seed, epoch]))
+        if self.private is not None:  # Poisson samples of patients (secret randomness, see dp.py)
+            batches = list(self.private.batches())
+        else:
+            batches = bucket_batches(self.train.lengths, opts.batch_size, np.random.default_rng([opts.seed, epoch]))
         if dist_ctx.world > 1:  # the same number of steps on every process: wrap around
             total = len(batches) + (-len(batches) % dist_ctx.world)
             batches = [batches[i % len(batches)] for i in range(dist_ctx.rank, total, dist_ctx.world)]
@@ -572,6 +668,11 @@ class _Trainer:
             lr = opts.learning_rate * min(1.0, (self.loop.step + 1) / max(opts.warmup_steps, 1))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if self.private is not None:
+                step_nll, step_visits = self.private.step(self.train, rows, autocast=lambda: _autocast(self.device))
+                self.loop.step += 1
+                nll, visits = nll + step_nll, visits + step_visits
+                continue
             with _autocast(self.device):
                 out = self.net(collate(self.train, rows).to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
@@ -600,6 +701,8 @@ class _Trainer:
         loop, model = self.loop, self.model
         model.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
         model.eval()
+        privacy = self.plan.summary(unprotected_patients=len(loop.val_ids)) if self.plan is not None else None
+        model.privacy = privacy
         if self.dist.main:
             model.save_pretrained(self.out_dir)
             write_json(self.out_dir / TRAINING_FILE, {
@@ -609,11 +712,14 @@ class _Trainer:
                 "world_size": self.dist.world, "device": str(self.device), "n_parameters": model.num_parameters(),
                 "versions": _versions(),
                 # patients held out for early stopping: evaluation must not count them as members
-                "validation_patient_ids": sorted(loop.val_ids)})
+                "validation_patient_ids": sorted(loop.val_ids), "dp": privacy})
             if loop.best_val is not None:
                 self.say(f"saved the model of epoch {loop.best_epoch} (loss {loop.best_val:.4f} nats/visit"
                          + (f"; marginal-frequency model {self.summary['marginal_val_loss']:.4f}" if self.val else "")
                          + f") to {self.out_dir}")
+            if privacy is not None:
+                self.say(f"privacy spent: epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:.2g} "
+                         f"({privacy['steps']} DP-SGD steps, {privacy['accountant']} accountant)")
         self.dist.barrier()
         return model
 
@@ -647,8 +753,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--patience", type=int, default=d.patience,
                    help="epochs without a better validation loss before stopping (default %(default)s)")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="patients held out for validation (default %(default)s)")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="patients held out for validation (default 0.1; 0 with --dp-epsilon)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint")
@@ -657,6 +763,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--dropout", type=float, default=None, help="default: the preset's")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p = parser.add_argument_group("differential privacy (DP-SGD; the unit of privacy is the patient)")
+    p.add_argument("--dp-epsilon", type=float, default=None, metavar="EPS",
+                   help="train (EPS, delta)-differentially private (default: no DP)")
+    p.add_argument("--dp-delta", type=float, default=None, metavar="D",
+                   help="delta (default: 1e-5 or 1/(10 N), whichever is smaller)")
+    p.add_argument("--dp-max-grad-norm", type=float, default=d.dp_max_grad_norm, metavar="C",
+                   help="per-patient gradient clipping norm (default %(default)s)")
+    p.add_argument("--dp-accountant", choices=["rdp", "prv"], default=d.dp_accountant,
+                   help="Opacus privacy accountant (default %(default)s)")
     return parser
 
 

@@ -1,0 +1,223 @@
+"""Copies of training records in synthetic output: which to reject, which identify nobody.
+
+A synthetic record is a *copy* when it equals a training patient's record (the same visits with
+the same tokens, in the same order). A record that many real patients share (an empty visit, a
+common one- or two-code visit) identifies nobody, and rejecting its copies only distorts the
+distribution; a record that few patients hold may identify them. The rule, applied by
+``halo_balance.generate`` / :func:`~halo_balance.balance.rebalance`, ``halo_balance.sample`` and
+``FairPlaySampler`` alike: a copy of a training record held by fewer than ``k`` training patients
+(:data:`COPY_K` by default, ``--copy-k``) is rejected and re-drawn; a copy of a record that at least
+``k`` patients share is kept and counted. Both counts are reported.
+
+The check needs the training records' counts but must not keep the records: a model folder holds
+``record_counts.parquet``, one row per distinct training record with the number of patients
+holding it (``n``) and a 128-bit keyed BLAKE2b digest of the record (``digest``), keyed by a random
+16-byte salt of that model (stored in the file's metadata). Why digests rather than records: the
+file reveals no patient's codes, so it can sit beside the weights. Why a salt: digests of the same
+record differ between model folders, so folders cannot be linked patient by patient, and no table
+of digests can be prepared in advance. What it does not protect against: whoever holds the folder
+can test a *guessed* complete record for membership, and very short records can be guessed by
+enumeration; like ``training.json``, the file belongs with the data team, not with the synthetic
+data that is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import secrets
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from .data import PreparedDataset, Records
+from .errors import HaloBalanceError
+
+#: default k: copies of records held by fewer than this many training patients are rejected
+COPY_K = 5
+RECORD_COUNTS_FILE = "record_counts.parquet"
+DIGEST_BYTES = 16
+_FORMAT = "halo_balance.record_counts/1"
+
+
+def record_digests(records: Records, salt: bytes) -> list[bytes]:
+    """Keyed BLAKE2b digest of each record: its visits' sorted int32 codes, each visit closed by -1."""
+    n_visits = len(records.code_ptr) - 1
+    flat = np.empty(len(records.codes) + n_visits, dtype="<i4")
+    end_of_visit = records.code_ptr[1:] + np.arange(n_visits)  # each visit shifted by the delimiters before it
+    is_delim = np.zeros(len(flat), dtype=bool)
+    is_delim[end_of_visit] = True
+    flat[is_delim] = -1
+    flat[~is_delim] = records.codes
+    start = records.code_ptr[records.visit_ptr[:-1]] + records.visit_ptr[:-1]
+    stop = records.code_ptr[records.visit_ptr[1:]] + records.visit_ptr[1:]
+    buf = flat.tobytes()
+    return [hashlib.blake2b(buf[4 * a:4 * b], digest_size=DIGEST_BYTES, key=salt).digest()
+            for a, b in zip(start.tolist(), stop.tolist())]
+
+
+@dataclass
+class RecordCounts:
+    """Patients per distinct training record, by salted digest (module docstring).
+
+    Attributes
+    ----------
+    salt : bytes
+        The key of the digests (16 random bytes per model).
+    counts : dict of bytes to int
+        Digest -> number of training patients holding that record.
+    """
+
+    salt: bytes
+    counts: dict[bytes, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_dataset(cls, dataset: PreparedDataset | Records, *, salt: bytes | None = None) -> RecordCounts:
+        records = dataset.records() if isinstance(dataset, PreparedDataset) else dataset
+        salt = secrets.token_bytes(16) if salt is None else salt
+        return cls(salt=salt, counts=dict(Counter(record_digests(records, salt))))
+
+    @property
+    def n_patients(self) -> int:
+        return sum(self.counts.values())
+
+    def lookup(self, records: Records) -> np.ndarray:
+        """Training patients holding each of ``records`` (0: not a training record), int64."""
+        return np.fromiter((self.counts.get(d, 0) for d in record_digests(records, self.salt)),
+                           dtype=np.int64, count=len(records))
+
+    def to_bytes(self) -> bytes:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"digest": pa.array(list(self.counts), type=pa.binary(DIGEST_BYTES)),
+                          "n": pa.array(list(self.counts.values()), type=pa.int64())})
+        table = table.replace_schema_metadata({"format": _FORMAT, "salt": self.salt.hex()})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return buf.getvalue()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from .io import atomic_write_bytes
+
+        path = Path(path)
+        atomic_write_bytes(path, self.to_bytes())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RecordCounts:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        if meta.get("format") != _FORMAT or "salt" not in meta:
+            raise HaloBalanceError(f"{path} is not a record-count file written by halo_balance")
+        frame = pl.from_arrow(table)
+        return cls(salt=bytes.fromhex(meta["salt"]), counts=dict(zip(frame["digest"].to_list(), frame["n"].to_list())))
+
+
+@dataclass
+class CopyFilter:
+    """The copy rule: reject copies of records held by fewer than ``k`` patients of any reference.
+
+    Parameters
+    ----------
+    k : int
+        Records that at least ``k`` training patients share may be emitted.
+    references : sequence of RecordCounts
+        The training data(s) to check against (e.g. the data being balanced and the generator's
+        own training data); a record is rare if any reference holds it 1..k-1 times.
+    """
+
+    k: int = COPY_K
+    references: Sequence[RecordCounts] = ()
+
+    def __post_init__(self) -> None:
+        if int(self.k) < 1:
+            raise HaloBalanceError(f"copy_k must be >= 1 (got {self.k}); 1 rejects no copy (see --allow-copies)")
+
+    def classify(self, records: Records) -> tuple[np.ndarray, np.ndarray]:
+        """``(rare, common)`` boolean arrays: copies to reject, and copies of shared records to keep."""
+        rare = np.zeros(len(records), dtype=bool)
+        copy = np.zeros(len(records), dtype=bool)
+        for ref in self.references:
+            n = ref.lookup(records)
+            rare |= (n > 0) & (n < self.k)
+            copy |= n > 0
+        return rare, copy & ~rare
+
+
+@dataclass
+class Draw:
+    """What :func:`draw_without_copies` returns.
+
+    ``dataset`` holds one record per condition row that could be filled, in row order, with ids
+    ``{id_prefix}-{seed}-{row}``; ``rows`` the condition row of each of its patients; ``rejected``
+    per condition row the rare copies re-drawn; ``kept_copies`` per row whether its record is a
+    copy of a shared training record; ``unfilled`` the rows still a rare copy after the last round.
+    """
+
+    dataset: PreparedDataset
+    rows: np.ndarray
+    rejected: np.ndarray
+    kept_copies: np.ndarray
+    unfilled: np.ndarray
+
+    def summary(self, copy_filter: CopyFilter | None) -> dict[str, Any]:
+        return {"allow_copies": copy_filter is None, "copy_k": None if copy_filter is None else int(copy_filter.k),
+                "rejected_copies": int(self.rejected.sum()), "kept_copies": int(self.kept_copies.sum())}
+
+
+def draw_without_copies(model, conditions: pl.DataFrame, *, copy_filter: CopyFilter | None, max_rounds: int = 10,
+                        seed: int = 0, batch_size: int = 256, device: str = "auto", id_prefix: str = "syn",
+                        progress: bool = True) -> Draw:
+    """Sample one record per row of ``conditions``, re-drawing rare copies (``copy_filter``) in up to
+    ``max_rounds`` rounds (round r uses seed ``seed + r``); ``copy_filter=None`` keeps every record."""
+    from .sample import sample_records
+
+    if max_rounds < 1:
+        raise HaloBalanceError(f"max_rounds must be >= 1, got {max_rounds}")
+    n = conditions.height
+    todo = np.arange(n)
+    rejected = np.zeros(n, dtype=np.int64)
+    kept_copies = np.zeros(n, dtype=bool)
+    parts: list[tuple[PreparedDataset, np.ndarray]] = []
+    for round_ in range(max_rounds):
+        if not len(todo):
+            break
+        drawn = sample_records(model, conditions[todo], batch_size=batch_size, seed=seed + round_, device=device,
+                               id_prefix=f"{id_prefix}-r{round_}", progress=progress)
+        if copy_filter is None:
+            parts.append((drawn, todo))
+            todo = todo[:0]
+            break
+        rare, common = copy_filter.classify(drawn.records())
+        rejected[todo[rare]] += 1
+        kept_copies[todo[common]] = True
+        if (~rare).any():
+            parts.append((drawn.select(drawn.patients["patient_id"].filter(pl.Series(~rare))), todo[~rare]))
+        todo = todo[rare]
+    if not parts:  # nothing drawn: an empty dataset of the model's format
+        parts.append((sample_records(model, conditions.clear(), seed=seed, device=device, progress=False),
+                      np.zeros(0, dtype=np.int64)))
+    return Draw(dataset=_in_row_order(parts, id_prefix, seed), rows=np.sort(np.concatenate([r for _, r in parts])),
+                rejected=rejected, kept_copies=kept_copies, unfilled=todo)
+
+
+def _in_row_order(parts: list[tuple[PreparedDataset, np.ndarray]], id_prefix: str, seed: int) -> PreparedDataset:
+    """The drawn parts as one dataset in condition-row order, ids ``{id_prefix}-{seed}-{row}``."""
+    data = PreparedDataset.concat([d for d, _ in parts])
+    rows = np.concatenate([r for _, r in parts])
+    new_ids = [f"{id_prefix}-{seed}-{r}" for r in rows.tolist()]
+    mapping = pl.DataFrame({"patient_id": data.patients["patient_id"], "_new": new_ids, "_row": rows})
+    patients = (data.patients.join(mapping, on="patient_id", how="left")
+                .sort("_row").with_columns(patient_id=pl.col("_new")).drop("_new", "_row"))
+    visits = (data.visits.join(mapping, on="patient_id", how="left")
+              .sort("_row", "visit_index").with_columns(patient_id=pl.col("_new")).drop("_new", "_row"))
+    return PreparedDataset(visits, patients, data.vocab, data.meta)
