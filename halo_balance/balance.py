@@ -10,9 +10,11 @@ synthetic patient are drawn from the real training patients of that cell, in the
 (for a cell with no real patient, from the real patients sharing its group values, whatever their
 outcome; failing that, from all real patients).
 
-Privacy. A synthetic record equal to a training record (same visits with the same tokens, in the
-same order) is rejected and re-drawn, in up to ``max_rounds`` rounds, unless ``allow_copies``; the
-plan reports the rejections per cell, and a cell that cannot be filled is an error.
+Privacy. A synthetic record equal to a training record held by fewer than ``copy_k`` training
+patients is rejected and re-drawn, in up to ``max_rounds`` rounds, unless ``allow_copies``; copies of
+records that at least ``copy_k`` patients share identify nobody and are kept (``copies.py``). The
+plan reports both counts per cell, and a cell that cannot be filled is an error. The training
+records are those of ``train`` and, when the generator carries them, its own training records.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from .config import ConditionLayout
+from .copies import COPY_K, CopyFilter, RecordCounts, draw_without_copies
 from .data import PreparedDataset
 from .errors import HaloBalanceError
 from .plan import plan_cells
@@ -45,7 +48,8 @@ class BalanceResult:
         The synthetic patients alone.
     plan : polars.DataFrame
         One row per cell: ``label``, the group columns, ``n_real``, ``to_generate``, ``target``,
-        ``status``, ``generated``, ``rejected`` (exact copies of training records re-drawn).
+        ``status``, ``generated``, ``rejected`` (copies of records held by fewer than ``copy_k``
+        training patients, re-drawn) and ``kept_copies`` (copies of shared records, kept).
     model : HaloModel
         The generator used.
     """
@@ -58,7 +62,7 @@ class BalanceResult:
 
 def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = None, ratio: float = 1.0,
               min_cell_size: int = 5, include_empty_cells: bool = False, allow_copies: bool = False,
-              max_rounds: int = 10, seed: int = 0, batch_size: int = 256, device: str = "auto",
+              copy_k: int = COPY_K, max_rounds: int = 10, seed: int = 0, batch_size: int = 256, device: str = "auto",
               train_options: Any = None, model_dir: str | os.PathLike | None = None,
               progress: bool = True) -> BalanceResult:
     """Balance ``train`` on outcome x ``groups`` with a conditional HALO generator.
@@ -74,7 +78,10 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
     ratio, min_cell_size, include_empty_cells
         See :func:`halo_balance.plan.plan_cells`.
     allow_copies : bool
-        Keep synthetic records that equal a training record (rejected and re-drawn by default).
+        Keep every synthetic record, copies of rare training records included.
+    copy_k : int
+        Copies of training records held by fewer than this many patients are rejected and
+        re-drawn; copies of records that at least ``copy_k`` patients share are kept.
     max_rounds : int
         Rounds of re-drawing rejected records before giving up on a cell.
     seed : int
@@ -89,11 +96,11 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
     progress : bool
     """
     from .model import HaloModel
-    from .sample import sample_records
 
     groups = list(groups)
     if max_rounds < 1:
         raise HaloBalanceError(f"max_rounds must be >= 1, got {max_rounds}")
+    copy_filter = None if allow_copies else CopyFilter(k=copy_k)
     real = train.select(train.patients.filter(~pl.col("synthetic"))["patient_id"]) \
         if train.patients["synthetic"].any() else train
     if real.n_patients == 0:
@@ -107,40 +114,31 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
     model.check_compatible(real)
 
     conditions, cell_of = _conditions(real, plan, groups, seed=seed)
-    todo = np.arange(conditions.height)
-    keep_parts: list[PreparedDataset] = []
-    rejected = np.zeros(plan.height, dtype=np.int64)
-    train_keys = None if allow_copies else set(real.records().keys())
-    for round_ in range(max_rounds):
-        if len(todo) == 0:
-            break
-        drawn = sample_records(model, conditions[todo], batch_size=batch_size, seed=seed + round_,
-                               device=device, id_prefix=f"syn-r{round_}", progress=progress)
-        if train_keys is None:
-            keep_parts.append(drawn)
-            todo = todo[:0]
-            break
-        copies = np.fromiter((k in train_keys for k in drawn.records().keys()), dtype=bool, count=len(todo))
-        np.add.at(rejected, cell_of[todo[copies]], 1)
-        if (~copies).any():
-            keep_parts.append(drawn.select(drawn.patients["patient_id"].filter(pl.Series(~copies))))
-        todo = todo[copies]
-    if len(todo):
-        short = plan.with_row_index("_i").filter(pl.col("_i").is_in(np.unique(cell_of[todo]).tolist()))
+    if copy_filter is not None:
+        copy_filter.references = [RecordCounts.from_dataset(real)] + (
+            [model.record_counts] if getattr(model, "record_counts", None) is not None else [])
+    draw = draw_without_copies(model, conditions, copy_filter=copy_filter, max_rounds=max_rounds, seed=seed,
+                               batch_size=batch_size, device=device, id_prefix="syn", progress=progress)
+    if len(draw.unfilled):
+        short = plan.with_row_index("_i").filter(pl.col("_i").is_in(np.unique(cell_of[draw.unfilled]).tolist()))
         raise HaloBalanceError(
-            f"{len(todo)} synthetic records could not be drawn without copying a training record after "
-            f"{max_rounds} rounds (cells: {_cell_names(short, groups)}); the generator memorises these cells. "
-            "Train with more regularisation, raise max_rounds, or pass allow_copies/--allow-copies")
+            f"{len(draw.unfilled)} synthetic records could not be drawn without copying a training record held by "
+            f"fewer than {copy_k} patients after {max_rounds} rounds (cells: {_cell_names(short, groups)}); the "
+            "generator memorises these cells. Train with more regularisation (or with --dp-epsilon), raise "
+            "max_rounds, or pass allow_copies/--allow-copies")
 
-    synthetic = _renumber(PreparedDataset.concat(keep_parts) if keep_parts else _empty_like(real), real)
+    synthetic = _renumber(draw.dataset, real)
     generated = np.bincount(cell_of, minlength=plan.height)
     plan = plan.with_columns(generated=pl.Series(generated, dtype=pl.Int64),
-                             rejected=pl.Series(rejected, dtype=pl.Int64))
+                             rejected=pl.Series(np.bincount(cell_of, weights=draw.rejected, minlength=plan.height)
+                                                .astype(np.int64), dtype=pl.Int64),
+                             kept_copies=pl.Series(np.bincount(cell_of, weights=draw.kept_copies, minlength=plan.height)
+                                                   .astype(np.int64), dtype=pl.Int64))
     out = PreparedDataset.concat([train, synthetic]) if synthetic.n_patients else train
     out.meta = {**out.meta, "generation": {
         "method": "halo_balance.rebalance", "groups": groups, "ratio": ratio, "min_cell_size": min_cell_size,
-        "include_empty_cells": include_empty_cells, "allow_copies": allow_copies, "max_rounds": max_rounds,
-        "seed": seed, "batch_size": batch_size, "rejected_copies": int(rejected.sum()),
+        "include_empty_cells": include_empty_cells, "max_rounds": max_rounds,
+        **draw.summary(copy_filter), "seed": seed, "batch_size": batch_size,
         "synthetic_patients": synthetic.n_patients, "model_config": model.config.to_dict(),
         "sampler": synthetic.meta.get("generation", {}) if synthetic.n_patients else {}}}
     return BalanceResult(dataset=out, synthetic=synthetic, plan=plan, model=model)
@@ -197,10 +195,6 @@ def _renumber(synthetic: PreparedDataset, real: PreparedDataset) -> PreparedData
     remap = pl.col("patient_id").replace_strict(mapping, return_dtype=pl.String)
     return PreparedDataset(synthetic.visits.with_columns(remap), synthetic.patients.with_columns(remap),
                            synthetic.vocab, synthetic.meta)
-
-
-def _empty_like(real: PreparedDataset) -> PreparedDataset:
-    return PreparedDataset(real.visits.clear(), real.patients.clear(), real.vocab, real.meta)
 
 
 def _cell_names(cells: pl.DataFrame, groups: list[str]) -> str:

@@ -4,7 +4,7 @@
 trains a conditional HALO generator on the real patients (or reuses ``--model``), tops every
 under-filled (outcome x groups) cell up to the largest cell, and writes ``DIR`` atomically: the
 prepared format (real rows unchanged, synthetic rows appended with ``synthetic = true``),
-``plan.csv`` (cell, real n, to generate, target, generated, rejected copies) and, when a model was
+``plan.csv`` (cell, real n, to generate, target, generated, rejected and kept copies) and, when a model was
 trained here, ``model/``. ``meta.json`` records the parameters, seed, versions and model path.
 
 ``python -m halo_balance.generate --demo [--out DIR]`` runs the whole pipeline on the built-in
@@ -23,6 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from .balance import BalanceResult, rebalance
+from .copies import COPY_K
 from .data import PreparedDataset
 from .io import atomic_dir, atomic_write_bytes, check_output_dir, write_json
 
@@ -68,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cell-size", type=int, default=5, help="skip observed cells with fewer real patients")
     p.add_argument("--include-empty-cells", action="store_true", help="also generate for cells with no patient")
     p.add_argument("--allow-copies", action="store_true",
-                   help="keep synthetic records identical to a training record (rejected by default)")
+                   help="keep synthetic records identical to a rare training record (rejected by default)")
+    p.add_argument("--copy-k", type=int, default=COPY_K,
+                   help="copies of records held by fewer than this many training patients are re-drawn; copies of "
+                        "records at least this many share are kept (default %(default)s)")
     p.add_argument("--max-rounds", type=int, default=10, help="re-draw rounds for rejected copies")
     p.add_argument("--sample-batch-size", type=int, default=256, help="records sampled together")
     p.add_argument("--demo", action="store_true",
@@ -99,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.perf_counter()
     result = rebalance(data, groups=args.groups, model=args.model, ratio=args.ratio,
                        min_cell_size=args.min_cell_size, include_empty_cells=args.include_empty_cells,
-                       allow_copies=args.allow_copies, max_rounds=args.max_rounds, seed=args.seed,
+                       allow_copies=args.allow_copies, copy_k=args.copy_k, max_rounds=args.max_rounds, seed=args.seed,
                        batch_size=args.sample_batch_size, device=args.device, train_options=options)
     write_balanced(result, args.out, overwrite=args.overwrite,
                    model_path=None if args.model is None else str(args.model), trained_model=args.model is None)
@@ -109,8 +113,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _print_summary(result: BalanceResult, groups: Sequence[str], out: Path, seconds: float) -> None:
     print(f"\n{summary_table(result.plan, groups)}\n")
     n_syn = result.synthetic.n_patients
-    print(f"wrote {out}: {result.dataset.n_patients - n_syn} real + {n_syn} synthetic patients "
-          f"({int(result.plan['rejected'].sum())} copies of training records rejected) in {seconds:.0f} s")
+    gen = result.dataset.meta["generation"]
+    copies = ("copies allowed" if gen["allow_copies"] else
+              f"{gen['rejected_copies']} copies of training records held by fewer than {gen['copy_k']} patients "
+              f"rejected and re-drawn, {gen['kept_copies']} copies of records that at least {gen['copy_k']} share kept")
+    print(f"wrote {out}: {result.dataset.n_patients - n_syn} real + {n_syn} synthetic patients ({copies}) "
+          f"in {seconds:.0f} s")
     print(f"plan: {out / 'plan.csv'}")
 
 
@@ -140,8 +148,8 @@ def run_demo(args: argparse.Namespace) -> None:
         model = train_model(train, out_dir=tmp / "model", options=options)
         _stage("4/5 balancing outcome x race")
         result = rebalance(train, groups=DEMO_GROUPS, model=model, ratio=args.ratio,
-                           min_cell_size=args.min_cell_size, seed=args.seed, batch_size=args.sample_batch_size,
-                           device=args.device)
+                           min_cell_size=args.min_cell_size, copy_k=args.copy_k, seed=args.seed,
+                           batch_size=args.sample_batch_size, device=args.device)
         write_balanced(result, tmp / "augmented", model_path=str(out / "model"))
         _stage("5/5 evaluating fidelity and privacy of the synthetic patients")
         report = evaluate(train, result.synthetic, holdout=holdout, model=result.model, seed=args.seed,

@@ -2,7 +2,10 @@
 
 ``python -m halo_balance.sample --model MODEL_DIR --out DIR --count N --condition "label=1,gender=F"``
 
-Each ``--condition`` gets N records. Attributes a condition leaves out (``label`` included) are
+Each ``--condition`` gets N records. Copies of training records held by fewer than ``--copy-k``
+training patients are rejected and re-drawn (``copies.py``; the model folder's
+``record_counts.parquet``), copies of records that at least that many patients share are kept, and
+both are counted, unless ``--allow-copies``. Attributes a condition leaves out (``label`` included) are
 drawn jointly from the training patients' (outcome x groups) cell frequencies stored with the
 model, restricted to the cells that match the given values (:meth:`ConditionLayout.complete`);
 without ``--condition`` every attribute is drawn that way.
@@ -39,6 +42,7 @@ import numpy as np
 import polars as pl
 
 from .config import parse_condition
+from .copies import COPY_K, RECORD_COUNTS_FILE, CopyFilter, draw_without_copies
 from .data import PreparedDataset, empty_meta
 from .errors import HaloBalanceError
 from .io import check_output_dir
@@ -192,7 +196,7 @@ def _sample(model, conditions: pl.DataFrame, *, batch_size: int, seed: int, devi
     groups = conditions.select([pl.col(a).cast(pl.String) for a in attrs]) if attrs else pl.DataFrame()
     meta = _output_meta(model, {"sampler": sampler, "seed": seed, "batch_size": batch_size,
                                 "n_records": len(cond), "id_prefix": id_prefix, "versions": _versions(),
-                                "model_config": model.config.to_dict()})
+                                "model_config": model.config.to_dict(), "model_privacy": model.privacy})
     return PreparedDataset.from_arrays(
         patient_ids=[f"{id_prefix}-{seed}-{i}" for i in range(len(cond))], labels=cond[:, 0].astype(np.int8),
         groups=groups, visit_ptr=visit_ptr, code_ptr=code_ptr, codes=codes, vocab=_vocab(model),
@@ -308,24 +312,48 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--id-prefix", default="syn", help="patient ids are PREFIX-SEED-i")
+    parser.add_argument("--allow-copies", action="store_true",
+                        help="keep records equal to a rare training record (rejected and re-drawn by default)")
+    parser.add_argument("--copy-k", type=int, default=COPY_K,
+                        help="copies of records held by fewer than this many training patients are re-drawn; "
+                             "copies of records at least this many share are kept (default %(default)s)")
+    parser.add_argument("--max-rounds", type=int, default=10, help="re-draw rounds for rejected copies")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.count < 1:
         raise HaloBalanceError(f"--count must be >= 1 (got {args.count})")
+    copy_filter = None if args.allow_copies else CopyFilter(k=args.copy_k)
     check_output_dir(args.out, overwrite=args.overwrite)
     from .model import HaloModel
 
     model = HaloModel.from_pretrained(args.model)
+    if copy_filter is not None:
+        if model.record_counts is None:
+            raise HaloBalanceError(f"{args.model} has no {RECORD_COUNTS_FILE} (a model trained by an older version) "
+                                   "to check copies of training records against; retrain it, or pass --allow-copies")
+        copy_filter.references = [model.record_counts]
     specs = [parse_condition(c) for c in args.condition] or [{}]
     conditions = pl.concat([model.layout.complete(spec, args.count, seed=args.seed + j)
                             for j, spec in enumerate(specs)])
     t0 = time.perf_counter()
-    data = sample_records(model, conditions, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                          id_prefix=args.id_prefix, progress=True)
+    draw = draw_without_copies(model, conditions, copy_filter=copy_filter, max_rounds=args.max_rounds,
+                               seed=args.seed, batch_size=args.batch_size, device=args.device,
+                               id_prefix=args.id_prefix, progress=True)
+    if len(draw.unfilled):
+        raise HaloBalanceError(f"{len(draw.unfilled)} records could not be drawn without copying a training record "
+                               f"held by fewer than {args.copy_k} patients after {args.max_rounds} rounds; the model "
+                               "memorises them. Train with more regularisation (or --dp-epsilon), raise --max-rounds, "
+                               "or pass --allow-copies")
     seconds = time.perf_counter() - t0
+    data = draw.dataset
+    data.meta["generation"]["copies"] = draw.summary(copy_filter)
     data.save(args.out, overwrite=args.overwrite)
+    copies = ("copies allowed" if copy_filter is None else
+              f"{int(draw.rejected.sum())} copies of training records held by fewer than {copy_filter.k} patients "
+              f"rejected and re-drawn, {int(draw.kept_copies.sum())} copies of records that at least {copy_filter.k} "
+              "share kept")
     print(f"{data.n_patients} records, {data.n_visits} visits ({data.n_visits / data.n_patients:.2f} per record) "
-          f"in {seconds:.1f} s ({data.n_patients / seconds:,.0f} records/s) -> {args.out}", file=sys.stderr)
+          f"in {seconds:.1f} s ({data.n_patients / seconds:,.0f} records/s); {copies} -> {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

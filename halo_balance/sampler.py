@@ -21,6 +21,7 @@ import polars as pl
 import scipy.sparse as sp
 from imblearn.base import BaseSampler
 
+from .copies import COPY_K
 from .data import PreparedDataset, empty_meta
 from .errors import DatasetError
 
@@ -38,7 +39,11 @@ class FairPlaySampler(BaseSampler):
     min_cell_size : int, default=5
         Cells with fewer rows are left alone.
     allow_copies : bool, default=False
-        Keep synthetic rows identical to a training row (re-drawn by default).
+        Keep synthetic rows identical to a rare training row (re-drawn by default).
+    copy_k : int, default=5
+        Synthetic rows identical to a training row that fewer than ``copy_k`` training rows hold
+        are re-drawn; copies of rows that at least ``copy_k`` share (an empty row, a common one-
+        or two-token row) identify nobody and are kept (``halo_balance.copies``).
     generator : HaloModel or path, default=None
         A trained generator whose vocabulary is the feature columns; ``None`` trains one per fit.
     preset : {"tiny", "small", "base"}, default="tiny"
@@ -53,7 +58,7 @@ class FairPlaySampler(BaseSampler):
     generator_ : HaloModel
         The generator used in the last fit.
     plan_ : polars.DataFrame
-        The balancing plan of the last fit (cells, real counts, generated, rejected copies).
+        The balancing plan of the last fit (cells, real counts, generated, rejected and kept copies).
     n_synthetic_ : int
     feature_names_in_ : ndarray of str
         Names of the token feature columns.
@@ -64,12 +69,13 @@ class FairPlaySampler(BaseSampler):
     _sampling_type = "over-sampling"
 
     def __init__(self, *, group_columns: Sequence[str | int] = (), ratio: float = 1.0, min_cell_size: int = 5,
-                 allow_copies: bool = False, generator: Any = None, preset: str = "tiny", epochs: int = 30,
+                 allow_copies: bool = False, copy_k: int = COPY_K, generator: Any = None, preset: str = "tiny", epochs: int = 30,
                  patience: int = 5, device: str = "auto", random_state: int | None = None) -> None:
         self.group_columns = group_columns
         self.ratio = ratio
         self.min_cell_size = min_cell_size
         self.allow_copies = allow_copies
+        self.copy_k = copy_k
         self.generator = generator
         self.preset = preset
         self.epochs = epochs
@@ -119,7 +125,8 @@ class FairPlaySampler(BaseSampler):
             dataset.meta["groups"] = {a: list(c) for a, c in generator.layout.groups.items()}
             dataset.validate()
         result = rebalance(dataset, groups=table.group_names, model=generator, ratio=self.ratio,
-                           min_cell_size=self.min_cell_size, allow_copies=self.allow_copies, seed=seed,
+                           min_cell_size=self.min_cell_size, allow_copies=self.allow_copies, copy_k=self.copy_k,
+                           seed=seed,
                            device=self.device, train_options=options, progress=False)
         self.generator_, self.plan_, self.n_synthetic_ = result.model, result.plan, result.synthetic.n_patients
         syn = result.synthetic

@@ -138,6 +138,10 @@ def test_output_is_a_synthetic_prepared_dataset(model, tmp_path):
 
 # ---------------------------------------------------------------------- command line
 def test_cli_samples_each_condition(model, tmp_path, capsys):
+    from halo_balance.copies import RecordCounts
+    from tests.conftest import make_learnable_dataset
+
+    model.record_counts = RecordCounts.from_dataset(make_learnable_dataset(50))  # random_model's data
     model.save_pretrained(tmp_path / "m")
     out = tmp_path / "s"
     main(["--model", str(tmp_path / "m"), "--out", str(out), "--count", "20", "--condition", "label=1,gender=F",
