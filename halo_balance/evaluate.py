@@ -3,7 +3,9 @@
 ``python -m halo_balance.evaluate --real TRAIN --synthetic SYNTHETIC [--holdout HELD_OUT]
 [--model MODEL_DIR] --out REPORT`` writes ``REPORT/report.json`` and ``REPORT/report.md``.
 
-``--real`` is the data the generator was trained on. ``--holdout`` holds real patients it never saw:
+The report opens with a plain-language privacy verdict built from every attack, the worst one named
+next to its baseline (:func:`halo_balance.privacy.privacy_verdict`). ``--real`` is the data the
+generator was trained on. ``--holdout`` holds real patients it never saw:
 they give the real-vs-real ceiling of every fidelity figure (training vs held-out) and the
 non-members of the membership attacks. Without it, ``--real`` is split into two stratified halves
 for the ceiling, the membership attacks are skipped, and the report says so. With ``--model`` the
@@ -32,7 +34,7 @@ from .data import PreparedDataset
 from .errors import DatasetError
 from .fidelity import STATISTICS, fidelity_report
 from .io import atomic_dir, atomic_write_bytes, check_output_dir, read_json, write_json
-from .privacy import MAX_QUERIES, Metric, privacy_report
+from .privacy import MAX_QUERIES, Metric, privacy_report, privacy_verdict
 
 REPORT_FORMAT = "halo_balance.evaluate/1"
 
@@ -85,7 +87,9 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
     dict
         ``format``, ``created``, ``parameters``, ``versions``, ``data`` (sizes and set-aside rows),
         ``notes``, ``fidelity`` (see :func:`halo_balance.fidelity.fidelity_report`), ``privacy``
-        (see :func:`halo_balance.privacy.privacy_report`) and ``elapsed_seconds``.
+        (see :func:`halo_balance.privacy.privacy_report`; its ``verdict`` from
+        :func:`halo_balance.privacy.privacy_verdict`, with the model's differential-privacy
+        guarantee when it has one) and ``elapsed_seconds``.
     """
     start = time.perf_counter()
     notes: list[str] = []
@@ -141,6 +145,7 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
                                   sensitive_tokens=sensitive_tokens, max_queries=max_queries, seed=seed,
                                   members=members),
     }
+    report["privacy"]["verdict"] = privacy_verdict(report["privacy"], dp=getattr(model, "privacy", None))
     for side, (n, total) in report["privacy"]["sampled"].items():
         notes.append(f"Privacy distances used a random sample of {n} of the {total} {side} records as queries.")
     report["elapsed_seconds"] = round(time.perf_counter() - start, 3)
@@ -187,9 +192,17 @@ def _versions(*, with_torch: bool) -> dict[str, str]:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a human-readable markdown page."""
     fid, priv, data = report["fidelity"], report["privacy"], report["data"]
+    verdict = priv["verdict"]
     lines = ["# Synthetic data evaluation", "",
              f"Created {report['created']} by halo_balance {report['versions']['halo_balance']} "
-             f"(seed {report['parameters']['seed']}, {report['elapsed_seconds']} s).", ""]
+             f"(seed {report['parameters']['seed']}, {report['elapsed_seconds']} s).", "",
+             "## Privacy verdict", "", f"**{verdict['text']}**", "",
+             "| attack | result | baseline | grade |", "| --- | ---: | ---: | --- |"]
+    for a in verdict["attacks"]:
+        value = f"{a['value']:.0f}" if a["kind"] == "rare_copies" else f"{a['value']:.3f}"
+        base = {"auroc": "0.500 (chance)", "rare_copies": "0"}.get(a["kind"], f"{a['baseline']:.3f}")
+        lines.append(f"| {a['attack']} | {value} | {base} | {a['level']} |")
+    lines.append("")
     for role in ("real", "synthetic", "holdout"):
         if role in data:
             d = data[role]
@@ -242,20 +255,23 @@ def render_markdown(report: dict[str, Any]) -> str:
         m = mia[how]
         if "skipped" in m:
             lines.append(f"- **Membership inference by {how}**: skipped ({m['skipped']}).")
-        else:
-            per = (f"; AUROC of the log-likelihood per token or visit {_f(m['per_event']['auroc'])}"
-                   if "per_event" in m else "")
-            lines.append(f"- **Membership inference by {how}**: AUROC {_f(m['auroc'])} (0.5 = no better than "
-                         f"chance; TPR at 10% FPR {_f(m['tpr_at_fpr_0.1'])}{per}; {m['n_members']} members, "
-                         f"{m['n_nonmembers']} non-members).")
+            continue
+        for name, fig in ((how, m), (f"{how} per token (log-likelihood / (tokens + visits))", m.get("per_event"))):
+            if fig is not None:
+                lines.append(f"- **Membership inference by {name}**: AUROC {_f(fig['auroc'])} (0.5 = no better than "
+                             f"chance; TPR at 10% FPR {_f(fig['tpr_at_fpr_0.1'])}; {fig['n_members']} members, "
+                             f"{fig['n_nonmembers']} non-members).")
     lines += ["", f"Attribute inference: a {ai['k']}-nearest-neighbour attacker who knows a training patient's "
-              "tokens predicts the hidden attribute from the synthetic records; the reference attacker uses real "
-              "patients outside the training data instead. Accuracy (balanced accuracy).", "",
-              "| attribute | attacker on synthetic | majority guess | attacker on real reference |",
-              "| --- | ---: | ---: | ---: |"]
+              "tokens predicts the hidden attribute from the synthetic records; the majority guess is the training "
+              "data's most frequent value; the reference attacker uses real patients outside the training data "
+              "instead. Accuracy (balanced accuracy); advantage: the attacker's balanced accuracy minus the better "
+              "baseline.", "",
+              "| attribute | attacker on synthetic | majority guess | attacker on real reference | advantage |",
+              "| --- | ---: | ---: | ---: | ---: |"]
     for name, a in ai["attributes"].items():
         ref = a.get("reference")
-        lines.append(f"| {name} | {_acc(a['attacker'])} | {_acc(a['majority'])} | {_acc(ref) if ref else '-'} |")
+        lines.append(f"| {name} | {_acc(a['attacker'])} | {_acc(a['majority'])} | {_acc(ref) if ref else '-'} | "
+                     f"{a['advantage']:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -323,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         atomic_write_bytes(tmp / "report.md", render_markdown(report).encode())
     uni = report["fidelity"]["statistics"]["unigram_per_visit"]
     mia = report["privacy"]["membership_inference"]["distance"]
+    print(f"privacy verdict: {report['privacy']['verdict']['text']}")
     print(f"unigram R^2 {_f(uni['r2'])} (ceiling {_f(uni['ceiling_r2'])}); exact copies "
           f"{report['privacy']['exact_copies']['synthetic_copies']}; distance MIA AUROC {_f(mia.get('auroc'))}")
     print(f"report written to {args.out}/report.md and report.json")

@@ -11,8 +11,11 @@
   0.5 means the attacker learns nothing.
 - **Attribute inference**: an attacker who knows a patient's tokens predicts a hidden attribute (a
   group, the outcome or a sensitive token) by majority vote of its ``k`` nearest synthetic records;
-  its accuracy is set beside a majority-class guess and beside the same attacker working from real
-  patients outside the training data (what any population sample would reveal).
+  its accuracy is set beside a guess of the training data's majority class and beside the same
+  attacker working from real patients outside the training data (what any population sample would
+  reveal); its *advantage* is its balanced accuracy minus the better of those two.
+- **Verdict** (:func:`privacy_verdict`): every attack against its baseline, graded by the
+  thresholds of :data:`VERDICT_THRESHOLDS`, the worst one named, in plain words.
 
 Distances come from sparse products in blocks of query rows, so memory stays bounded.
 """
@@ -28,6 +31,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from .copies import COPY_K
 from .data import PreparedDataset, Records
 from .errors import DatasetError
 from .fidelity import distribution_summary, record_matrix
@@ -39,23 +43,31 @@ BLOCK_CELLS = 1 << 23
 # records queried per side for distances (the reference side is always complete)
 MAX_QUERIES = 5_000
 
+#: (some leakage above, leaks above) per kind of figure: membership AUROC (chance 0.5; 0.55 is about
+#: three standard errors at 400 held-out patients), attribute-inference advantage in balanced
+#: accuracy, copies of training records held by fewer than k patients
+VERDICT_THRESHOLDS = {"auroc": (0.55, 0.65), "advantage": (0.02, 0.05), "rare_copies": (0, 0)}
+VERDICT_LEVELS = ("no measurable leak", "some leakage", "leaks")
+
 
 # ---------------------------------------------------------------------- copies
-def exact_copies(synthetic: Records, train: Records) -> dict[str, int]:
+def exact_copies(synthetic: Records, train: Records, *, k: int = COPY_K) -> dict[str, int]:
     """How many synthetic records equal a training record (every visit, every token, same order).
 
     Returns ``synthetic_copies`` (synthetic records equal to some training record),
     ``copies_of_unique_records`` (those equal to a training record that occurs once in the
     training data: common records, such as one visit with one frequent token, are shared by many
-    patients and reveal no one), ``training_records_copied`` (distinct training records reproduced)
-    and ``training_duplicates`` (training records equal to an earlier training record: copies the
-    data itself already holds).
+    patients and reveal no one), ``copies_of_rare_records`` (equal to a training record held by
+    fewer than ``k`` patients: the copies ``halo_balance.copies`` rejects), ``rare_k`` (that k),
+    ``training_records_copied`` (distinct training records reproduced) and ``training_duplicates``
+    (training records equal to an earlier training record: copies the data itself already holds).
     """
     train_keys = train.keys()
     counts = Counter(train_keys)
     syn_keys = synthetic.keys()
     return {"synthetic_copies": sum(k in counts for k in syn_keys),
             "copies_of_unique_records": sum(counts.get(k, 0) == 1 for k in syn_keys),
+            "copies_of_rare_records": sum(0 < counts.get(key, 0) < k for key in syn_keys), "rare_k": k,
             "training_records_copied": len(counts.keys() & set(syn_keys)),
             "training_duplicates": len(train_keys) - len(counts)}
 
@@ -188,7 +200,7 @@ def knn_vote(neighbour_values: np.ndarray) -> np.ndarray:
 def attribute_inference(victims: PreparedDataset, attacker: PreparedDataset, *,
                         reference: PreparedDataset | None = None, attributes: Sequence[str] | None = None,
                         sensitive_tokens: Sequence[str] = (), k: int = 5,
-                        metric: Metric = "jaccard") -> dict[str, Any]:
+                        metric: Metric = "jaccard", prior: PreparedDataset | None = None) -> dict[str, Any]:
     """A kNN attacker over ``attacker``'s records predicts each hidden attribute of ``victims``.
 
     Parameters
@@ -207,12 +219,16 @@ def attribute_inference(victims: PreparedDataset, attacker: PreparedDataset, *,
         predicted; these columns are removed from the attacker's view for every attribute.
     k : int
         Neighbours that vote.
+    prior : PreparedDataset, optional
+        The data whose most frequent value is the majority guess: the generator's training data
+        (default ``victims``, who are training patients).
 
     Returns
     -------
     dict with ``k``, ``metric`` and, per attribute, ``accuracy`` / ``balanced_accuracy`` of the
-    attacker, of a majority-class guess (the attacker's most frequent value) and, with
-    ``reference``, of the reference attacker.
+    attacker, of a majority-class guess (the training data's most frequent value) and, with
+    ``reference``, of the reference attacker, and the attacker's ``advantage``: its balanced
+    accuracy minus the better of the majority guess's and the reference attacker's.
     """
     attributes = ["label", *victims.group_attributes] if attributes is None else list(attributes)
     unknown = [a for a in attributes if a != "label" and a not in victims.group_attributes]
@@ -221,13 +237,13 @@ def attribute_inference(victims: PreparedDataset, attacker: PreparedDataset, *,
                            value=unknown[0])
     token_ids = _token_ids(victims, sensitive_tokens)
     sides = {"attacker": attacker, **({"reference": reference} if reference is not None else {})}
+    known = {"victims": victims, "prior": victims if prior is None else prior, **sides}
     X_victims = record_features(victims, drop_tokens=token_ids)
     neighbours = {s: nearest_neighbours(X_victims, record_features(d, drop_tokens=token_ids), k=k, metric=metric)[1]
                   for s, d in sides.items()}
-    targets = {a: {s: d.patients[a].cast(pl.String).to_numpy() for s, d in {"victims": victims, **sides}.items()}
-               for a in attributes}
+    targets = {a: {s: d.patients[a].cast(pl.String).to_numpy() for s, d in known.items()} for a in attributes}
     presence = {s: record_matrix(d.records(), d.vocab_size)[:, token_ids].toarray()
-                for s, d in {"victims": victims, **sides}.items()} if token_ids else {}
+                for s, d in known.items()} if token_ids else {}
     for j, tok in enumerate(sensitive_tokens):
         targets[f"token:{tok}"] = {s: presence[s][:, j].astype(str) for s in presence}
     out: dict[str, Any] = {"k": k, "metric": metric, "n_victims": victims.n_patients,
@@ -239,11 +255,13 @@ def attribute_inference(victims: PreparedDataset, attacker: PreparedDataset, *,
         split = np.cumsum([len(v) for v in values.values()])[:-1]
         coded = dict(zip(values, np.split(codes, split)))
         truth = coded["victims"]
-        majority = np.bincount(coded["attacker"], minlength=len(classes)).argmax()
+        majority = np.bincount(coded["prior"], minlength=len(classes)).argmax()
         row = {"classes": classes.tolist(), "majority_class": str(classes[majority]),
                "majority": _accuracies(truth, np.full(len(truth), majority))}
         for side in sides:
             row[side] = _accuracies(truth, knn_vote(coded[side][neighbours[side]]))
+        baseline = max(row[s]["balanced_accuracy"] for s in ("majority", "reference") if s in row)
+        row["advantage"] = row["attacker"]["balanced_accuracy"] - baseline
         out["attributes"][name] = row
     return out
 
@@ -354,7 +372,7 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
 
     victims, reference = victims_and_reference if victims_and_reference else (train, holdout)
     attr = attribute_inference(_subset(victims, sample(victims, "victims")), synthetic, reference=reference,
-                               sensitive_tokens=sensitive_tokens, k=k, metric=metric)
+                               sensitive_tokens=sensitive_tokens, k=k, metric=metric, prior=train)
     return {"exact_copies": copies, "nearest_neighbour": nn, "membership_inference": mia,
             "attribute_inference": attr, "sampled": sampled}
 
@@ -382,3 +400,72 @@ def _checked_ll(values: np.ndarray, dataset: PreparedDataset) -> np.ndarray:
     if len(values) != dataset.n_patients:
         raise ValueError(f"log_likelihood returned {len(values)} values for {dataset.n_patients} patients")
     return values
+
+
+# ---------------------------------------------------------------------- the verdict
+def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A plain-language verdict from every attack of a :func:`privacy_report`, the worst one named.
+
+    Each attack's excess over its baseline is graded by :data:`VERDICT_THRESHOLDS`: a membership
+    AUROC's distance from chance (0.5; an AUROC below 0.5 counts as much as its mirror image, since
+    an attacker would flip the score), an attribute-inference advantage over the better of the
+    majority guess and a real population sample, and the number of synthetic copies of training
+    records held by fewer than k patients. The verdict is the worst grade; ``dp`` (a model's
+    ``privacy`` summary) adds its guarantee to the text.
+
+    Returns
+    -------
+    dict with ``level`` (one of :data:`VERDICT_LEVELS`), ``worst`` (the attack), ``attacks`` (one
+    entry per attack: ``attack``, ``kind``, ``value``, ``baseline``, ``level``), ``complete``
+    (False when the membership attacks were skipped), ``dp`` and ``text``.
+    """
+    attacks: list[dict[str, Any]] = []
+
+    def grade(kind: str, name: str, value: float, baseline: float) -> None:
+        some, leak = VERDICT_THRESHOLDS[kind]
+        excess = abs(value - baseline) + 0.5 if kind == "auroc" else value - baseline
+        level = 2 if excess > leak else 1 if excess > some else 0
+        # how far towards (or past) the "leaks" threshold, comparable across kinds
+        zero = 0.5 if kind == "auroc" else 0.0
+        severity = (excess - zero) / (leak - zero) if leak > zero else float(excess)
+        attacks.append({"attack": name, "kind": kind, "value": value, "baseline": baseline,
+                        "level": VERDICT_LEVELS[level], "severity": severity})
+
+    mia = privacy["membership_inference"]
+    complete = all("skipped" not in m for m in mia.values())
+    for how, m in mia.items():
+        if m.get("auroc") is not None:
+            grade("auroc", f"membership inference by {how}", m["auroc"], 0.5)
+        if m.get("per_event", {}).get("auroc") is not None:
+            grade("auroc", f"membership inference by {how} per token", m["per_event"]["auroc"], 0.5)
+    for name, a in privacy["attribute_inference"]["attributes"].items():
+        value = a["attacker"]["balanced_accuracy"]
+        grade("advantage", f"attribute inference of {name}", value, value - a["advantage"])
+    cp = privacy["exact_copies"]
+    grade("rare_copies", f"copies of training records held by fewer than {cp['rare_k']} patients",
+          cp["copies_of_rare_records"], 0)
+    worst = max(attacks, key=lambda a: (VERDICT_LEVELS.index(a["level"]), a["severity"]))
+    level, (some, leak) = worst["level"], VERDICT_THRESHOLDS[worst["kind"]]
+    text = {"no measurable leak": "No measurable leak: no attack did measurably better than its baseline",
+            "some leakage": "Some leakage: an attack does measurably better than its baseline",
+            "leaks": "Leaks: the synthetic data gives away information about its training patients"}[level]
+    if worst["kind"] == "auroc":
+        text += (f". Strongest attack: {worst['attack']}, which tells training patients from held-out ones with "
+                 f"AUROC {worst['value']:.3f} (chance 0.5; some leakage beyond 0.5 +/- {some - 0.5:.2f}, leaks "
+                 f"beyond +/- {leak - 0.5:.2f}).")
+    elif worst["kind"] == "advantage":
+        text += (f". Strongest attack: {worst['attack']}, balanced accuracy {worst['value']:.3f} from the synthetic "
+                 f"records against {worst['baseline']:.3f} without them (some leakage above +{some}, leaks above "
+                 f"+{leak}).")
+    else:
+        text += f". {worst['value']:.0f} {worst['attack']} (any is a leak)."
+    text += {"no measurable leak": " This is evidence from these attacks, not a guarantee.",
+             "some leakage": " Review before sharing; differential privacy (--dp-epsilon) bounds the risk.",
+             "leaks": " Do not share these records as they are: train with differential privacy (--dp-epsilon) "
+                      "or more regularisation, and keep copy rejection on."}[level]
+    if not complete:
+        text += " Incomplete: the membership attacks need held-out real patients (--holdout)."
+    if dp:
+        text += (f" The generator is differentially private (epsilon {dp['epsilon']:.2f}, delta {dp['delta']:.1e} "
+                 f"per patient, {dp['accountant']} accountant): a bound on every attack, these included.")
+    return {"level": level, "worst": worst, "attacks": attacks, "complete": complete, "dp": dp, "text": text}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 import pytest
 
@@ -54,9 +56,14 @@ def test_real_rows_unchanged_and_synthetic_flagged(train, model):
     out.validate()
 
 
-def test_no_synthetic_record_copies_a_training_record(train, model):
+def test_no_synthetic_record_copies_a_rare_training_record(train, model):
+    from collections import Counter
+
     res = rebalance(train, groups=["gender"], model=model, seed=3, progress=False)
-    assert not set(res.synthetic.records().keys()) & set(train.records().keys())
+    held = Counter(train.records().keys())
+    assert not [k for k in res.synthetic.records().keys() if 0 < held[k] < 5]
+    kept = sum(held[k] >= 5 for k in res.synthetic.records().keys())
+    assert int(res.plan["kept_copies"].sum()) == kept == res.dataset.meta["generation"]["kept_copies"]
 
 
 def test_copies_are_rejected_and_redrawn(train, model, monkeypatch):
@@ -139,6 +146,18 @@ def test_cli_writes_augmented_dataset_and_plan(sim_prepared, sim_model, tmp_path
     assert gen["groups"] == ["gender"] and gen["ratio"] == 0.2 and gen["seed"] == 0
     assert gen["model_path"] == str(sim_model) and "versions" in gen["sampler"]
     assert "label=1,gender=F" in io.out and "synthetic" in io.out
+    assert {"rejected", "kept_copies"} <= set(plan.columns) and gen["copy_k"] == 5 and not gen["allow_copies"]
+    assert (f"{gen['rejected_copies']} copies of training records held by fewer than 5 patients rejected and "
+            f"re-drawn, {gen['kept_copies']} copies of records that at least 5 share kept") in io.out
+
+
+def test_demo_prints_the_privacy_verdict(tmp_path, capsys):
+    code, io = _run(["--demo", "--demo-patients", "300", "--epochs", "2", "--out", str(tmp_path / "demo"),
+                     "--device", "cpu"], capsys)
+    assert code == 0, io.err
+    report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert f"privacy verdict: {report['privacy']['verdict']['text']}" in io.out
+    assert report["privacy"]["verdict"]["complete"]  # the demo holds patients out for the membership attacks
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -112,8 +112,13 @@ def test_cli_writes_both_files_and_refuses_to_overwrite(tmp_path, tiny, syn, cap
     assert rep["inputs"]["real"] == str(tmp_path / "real") and rep["parameters"]["cells"] == [["gender", "age_group"]]
     assert all(c["groups"] == ["gender", "age_group"] for c in rep["fidelity"]["cells"])
     assert "token:dx9:428" in rep["privacy"]["attribute_inference"]["attributes"]
-    assert (out / "report.md").read_text().startswith("# Synthetic data evaluation")
-    assert "exact copies 2" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Synthetic data evaluation")
+    # the report opens with the verdict, before the data and fidelity sections
+    assert md.index("## Privacy verdict") < md.index("- **real**") < md.index("## Fidelity")
+    assert f"**{rep['privacy']['verdict']['text']}**" in md and "Incomplete" in rep["privacy"]["verdict"]["text"]
+    printed = capsys.readouterr().out
+    assert "exact copies 2" in printed and f"privacy verdict: {rep['privacy']['verdict']['text']}" in printed
     argv = ["--real", str(tmp_path / "real"), "--synthetic", str(tmp_path / "syn"), "--out", str(out)]
     with pytest.raises(SystemExit) as exc:
         run(main, argv)
@@ -155,6 +160,19 @@ def test_cli_model_wiring(tmp_path, tiny, syn, holdout):
                                                dataset_log_likelihood(loaded, holdout, device="cpu"))
     assert got["auroc"] == pytest.approx(expected["auroc"]) and got["n_members"] == 4
     assert rep["parameters"]["likelihood"] and "torch" in rep["versions"]
+    attacks = {a["attack"] for a in rep["privacy"]["verdict"]["attacks"]}
+    assert {"membership inference by likelihood", "membership inference by likelihood per token"} <= attacks
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| membership inference by likelihood per token |" in md
+    assert "- **Membership inference by likelihood per token" in md
+    assert rep["privacy"]["verdict"]["dp"] is None
+    # a DP model's guarantee is part of the verdict
+    model.privacy = {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}
+    model.save_pretrained(tmp_path / "model")
+    rep = main(["--real", str(tmp_path / "real"), "--synthetic", str(tmp_path / "syn"), "--holdout",
+                str(tmp_path / "holdout"), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
+                "--device", "cpu", "--overwrite"])
+    assert "differentially private (epsilon 3.00" in rep["privacy"]["verdict"]["text"]
     # a trained model's folder names its early-stopping patients; they stop counting as members
     (tmp_path / "model" / "training.json").write_text(json.dumps({"validation_patient_ids": ["a"]}))
     rep = main(["--real", str(tmp_path / "real"), "--synthetic", str(tmp_path / "syn"), "--holdout",

@@ -25,11 +25,14 @@ def test_exact_copies(tiny):
     syn = tiny_like([[[0, 3]], [[0, 3]], [[2, 4], [1], [0]], [[1], [2, 4]], [[1, 4]], [[3, 4]]])
     out = exact_copies(syn.records(), tiny.records())
     # s0, s1 copy a; s4 copies c; s2 reorders b's visits and s3 is b's prefix: not copies
-    assert out == {"synthetic_copies": 3, "copies_of_unique_records": 3, "training_records_copied": 2,
-                   "training_duplicates": 0}
+    assert out == {"synthetic_copies": 3, "copies_of_unique_records": 3, "copies_of_rare_records": 3, "rare_k": 5,
+                   "training_records_copied": 2, "training_duplicates": 0}
     doubled = tiny_like([[[0, 3]], [[0, 3]], [[1]]], prefix="t", synthetic=False)
     assert exact_copies(syn.records(), doubled.records()) == {
-        "synthetic_copies": 2, "copies_of_unique_records": 0, "training_records_copied": 1, "training_duplicates": 1}
+        "synthetic_copies": 2, "copies_of_unique_records": 0, "copies_of_rare_records": 2, "rare_k": 5,
+        "training_records_copied": 1, "training_duplicates": 1}
+    # [0,3] is held by two training patients: rare below k = 3, shared from k = 2 on
+    assert exact_copies(syn.records(), doubled.records(), k=2)["copies_of_rare_records"] == 0
 
 
 def test_jaccard_and_hamming_by_hand():
@@ -186,3 +189,66 @@ def test_privacy_report_samples_queries_but_searches_everything(tiny):
     assert rep["attribute_inference"]["n_victims"] == 2
     assert privacy_report(tiny, syn, holdout=holdout, max_queries=2, seed=0)["nearest_neighbour"] == \
         rep["nearest_neighbour"]
+
+
+# ---------------------------------------------------------------------- majority guess and verdict
+def test_majority_guess_is_the_training_data_majority():
+    # training patients mostly F; the synthetic records mostly M
+    victims = tiny_like([[[0]], [[0, 3]], [[1]]], prefix="v", synthetic=False, gender=["F", "F", "M"])
+    attacker = tiny_like([[[0]], [[1]], [[1, 2]], [[1, 4]]], gender=["F", "M", "M", "M"])
+    out = attribute_inference(victims, attacker, attributes=["gender"], k=1)
+    g = out["attributes"]["gender"]
+    assert g["majority_class"] == "F" and g["majority"]["accuracy"] == pytest.approx(2 / 3)
+    train = tiny_like([[[1]]] * 5, prefix="t", synthetic=False, gender=["M"] * 5)
+    assert attribute_inference(victims, attacker, attributes=["gender"], k=1, prior=train)[
+        "attributes"]["gender"]["majority_class"] == "M"
+    # advantage: the attacker's balanced accuracy (1.0) over the better baseline (majority: 0.5)
+    assert g["attacker"]["balanced_accuracy"] == 1.0 and g["advantage"] == pytest.approx(0.5)
+
+
+def _privacy(auroc=0.5, per_token=0.5, distance=0.5, advantage=0.0, rare=0, skipped=False):
+    mia = {"distance": {"auroc": distance}, "likelihood": {"auroc": auroc, "per_event": {"auroc": per_token}}}
+    if skipped:
+        mia = {k: {"skipped": "needs held-out real patients"} for k in mia}
+    attr = {"label": {"attacker": {"balanced_accuracy": 0.6 + advantage}, "advantage": advantage}}
+    return {"membership_inference": mia, "attribute_inference": {"attributes": attr},
+            "exact_copies": {"copies_of_rare_records": rare, "rare_k": 5}}
+
+
+def test_verdict_grades_every_attack_and_names_the_worst():
+    from halo_balance.privacy import privacy_verdict
+
+    clean = privacy_verdict(_privacy(auroc=0.52, per_token=0.54, distance=0.49, advantage=0.01))
+    assert clean["level"] == "no measurable leak" and clean["complete"]
+    assert {a["attack"] for a in clean["attacks"]} == {
+        "membership inference by distance", "membership inference by likelihood",
+        "membership inference by likelihood per token", "attribute inference of label",
+        "copies of training records held by fewer than 5 patients"}
+    assert clean["text"].startswith("No measurable leak") and "not a guarantee" in clean["text"]
+    leaky = privacy_verdict(_privacy(auroc=0.59, per_token=0.94, distance=0.57))
+    assert leaky["level"] == "leaks" and leaky["worst"]["attack"] == "membership inference by likelihood per token"
+    assert "AUROC 0.940" in leaky["text"] and "--dp-epsilon" in leaky["text"]
+    some = privacy_verdict(_privacy(auroc=0.6, advantage=0.03))
+    assert some["level"] == "some leakage" and some["worst"]["attack"] == "membership inference by likelihood"
+    flipped = privacy_verdict(_privacy(distance=0.3))  # an attacker would flip a score below chance
+    assert flipped["level"] == "leaks" and flipped["worst"]["attack"] == "membership inference by distance"
+    attr = privacy_verdict(_privacy(advantage=0.08))
+    assert attr["level"] == "leaks" and "attribute inference of label" in attr["text"] and "+0.05" in attr["text"]
+    copies = privacy_verdict(_privacy(rare=2))
+    assert copies["level"] == "leaks" and copies["text"].startswith("Leaks") and "2 copies" in copies["text"]
+    partial = privacy_verdict(_privacy(skipped=True))
+    assert not partial["complete"] and "Incomplete" in partial["text"]
+    dp = privacy_verdict(_privacy(), dp={"epsilon": 7.99, "delta": 1e-5, "accountant": "rdp"})
+    assert "differentially private (epsilon 7.99, delta 1.0e-05" in dp["text"]
+
+
+def test_privacy_report_feeds_the_verdict(tiny):
+    from halo_balance.privacy import privacy_verdict
+
+    syn = tiny_like([[[0, 3]], [[1, 4]], [[2]]])
+    holdout = tiny_like([[[3]], [[2, 3]]], prefix="h", synthetic=False)
+    rep = privacy_report(tiny, syn, holdout=holdout,
+                         log_likelihood=lambda ds: np.where(ds.patients["patient_id"].str.starts_with("h"), -5.0, -1.0))
+    assert rep["exact_copies"]["copies_of_rare_records"] == 2  # [0,3] and [1,4] are held by one patient each
+    verdict = privacy_verdict(rep)
+    assert verdict["level"] == "leaks"
