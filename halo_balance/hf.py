@@ -135,13 +135,18 @@ def _classes() -> tuple[type, type]:
                         commit_message: str = "Upload halo_balance generator", evaluation: Any = None,
                         training: Any = None, **kwargs: Any) -> Any:
             """Create (or reuse) ``repo_id`` on the Hub and upload the folder :meth:`save_pretrained`
-            writes, model card included (needs a network and a token)."""
+            writes, model card included (needs a network and a token), without ``record_counts.parquet``:
+            the training records' digests would let anyone test a guessed record for membership
+            (``copies.py``); they stay with the data team."""
             from huggingface_hub import HfApi
+
+            from .copies import RECORD_COUNTS_FILE
 
             api = HfApi(token=token if isinstance(token, str) else None)
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             with tempfile.TemporaryDirectory() as tmp:
                 self.save_pretrained(tmp, evaluation=evaluation, training=training)
+                (Path(tmp) / RECORD_COUNTS_FILE).unlink(missing_ok=True)
                 return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
 
     for cls in (HaloHFConfig, HaloForRecords):
