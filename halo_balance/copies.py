@@ -153,6 +153,25 @@ class CopyFilter:
         return rare, copy & ~rare
 
 
+def add_copy_arguments(parser) -> None:
+    """``--allow-copies``, ``--copy-k`` and ``--max-rounds``, shared by ``generate`` and ``sample``."""
+    parser.add_argument("--allow-copies", action="store_true",
+                        help="keep synthetic records equal to a rare training record (re-drawn by default)")
+    parser.add_argument("--copy-k", type=int, default=COPY_K,
+                        help="copies of records held by fewer than this many training patients are re-drawn; "
+                             "copies of records that at least this many share are kept (default %(default)s)")
+    parser.add_argument("--max-rounds", type=int, default=10, help="re-draw rounds for rejected copies")
+
+
+def describe_copies(summary: dict[str, Any]) -> str:
+    """One line from :meth:`Draw.summary` (or a generation entry holding the same keys)."""
+    if summary["allow_copies"]:
+        return "copies allowed"
+    k = summary["copy_k"]
+    return (f"{summary['rejected_copies']} copies of training records held by fewer than {k} patients rejected and "
+            f"re-drawn, {summary['kept_copies']} copies of records that at least {k} share kept")
+
+
 @dataclass
 class Draw:
     """What :func:`draw_without_copies` returns.

@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from .balance import BalanceResult, rebalance
-from .copies import COPY_K
+from .copies import add_copy_arguments, describe_copies
 from .data import PreparedDataset
 from .io import atomic_dir, atomic_write_bytes, check_output_dir, write_json
 
@@ -68,12 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=1.0, help="fraction of each cell's gap to fill, in [0, 1]")
     p.add_argument("--min-cell-size", type=int, default=5, help="skip observed cells with fewer real patients")
     p.add_argument("--include-empty-cells", action="store_true", help="also generate for cells with no patient")
-    p.add_argument("--allow-copies", action="store_true",
-                   help="keep synthetic records identical to a rare training record (rejected by default)")
-    p.add_argument("--copy-k", type=int, default=COPY_K,
-                   help="copies of records held by fewer than this many training patients are re-drawn; copies of "
-                        "records at least this many share are kept (default %(default)s)")
-    p.add_argument("--max-rounds", type=int, default=10, help="re-draw rounds for rejected copies")
+    add_copy_arguments(p)
     p.add_argument("--sample-batch-size", type=int, default=256, help="records sampled together")
     p.add_argument("--demo", action="store_true",
                    help="run the built-in demo: simulate, prepare, train a tiny model, balance on race, evaluate")
@@ -113,12 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _print_summary(result: BalanceResult, groups: Sequence[str], out: Path, seconds: float) -> None:
     print(f"\n{summary_table(result.plan, groups)}\n")
     n_syn = result.synthetic.n_patients
-    gen = result.dataset.meta["generation"]
-    copies = ("copies allowed" if gen["allow_copies"] else
-              f"{gen['rejected_copies']} copies of training records held by fewer than {gen['copy_k']} patients "
-              f"rejected and re-drawn, {gen['kept_copies']} copies of records that at least {gen['copy_k']} share kept")
-    print(f"wrote {out}: {result.dataset.n_patients - n_syn} real + {n_syn} synthetic patients ({copies}) "
-          f"in {seconds:.0f} s")
+    print(f"wrote {out}: {result.dataset.n_patients - n_syn} real + {n_syn} synthetic patients "
+          f"({describe_copies(result.dataset.meta['generation'])}) in {seconds:.0f} s")
     print(f"plan: {out / 'plan.csv'}")
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import polars as pl
 
 from .config import parse_condition
-from .copies import COPY_K, RECORD_COUNTS_FILE, CopyFilter, draw_without_copies
+from .copies import RECORD_COUNTS_FILE, CopyFilter, add_copy_arguments, describe_copies, draw_without_copies
 from .data import PreparedDataset, empty_meta
 from .errors import HaloBalanceError
 from .io import check_output_dir
@@ -312,12 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--id-prefix", default="syn", help="patient ids are PREFIX-SEED-i")
-    parser.add_argument("--allow-copies", action="store_true",
-                        help="keep records equal to a rare training record (rejected and re-drawn by default)")
-    parser.add_argument("--copy-k", type=int, default=COPY_K,
-                        help="copies of records held by fewer than this many training patients are re-drawn; "
-                             "copies of records at least this many share are kept (default %(default)s)")
-    parser.add_argument("--max-rounds", type=int, default=10, help="re-draw rounds for rejected copies")
+    add_copy_arguments(parser)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.count < 1:
@@ -348,12 +343,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = draw.dataset
     data.meta["generation"]["copies"] = draw.summary(copy_filter)
     data.save(args.out, overwrite=args.overwrite)
-    copies = ("copies allowed" if copy_filter is None else
-              f"{int(draw.rejected.sum())} copies of training records held by fewer than {copy_filter.k} patients "
-              f"rejected and re-drawn, {int(draw.kept_copies.sum())} copies of records that at least {copy_filter.k} "
-              "share kept")
     print(f"{data.n_patients} records, {data.n_visits} visits ({data.n_visits / data.n_patients:.2f} per record) "
-          f"in {seconds:.1f} s ({data.n_patients / seconds:,.0f} records/s); {copies} -> {args.out}", file=sys.stderr)
+          f"in {seconds:.1f} s ({data.n_patients / seconds:,.0f} records/s); "
+          f"{describe_copies(data.meta['generation']['copies'])} -> {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
