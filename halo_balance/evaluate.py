@@ -298,18 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    check_output_dir(args.out, overwrite=args.overwrite)
+    check_output_dir(args.out, overwrite=args.overwrite, what="--out",
+                     inputs=[args.real, args.synthetic, args.holdout, args.model])
     real = PreparedDataset.load(args.real)
     synthetic = PreparedDataset.load(args.synthetic)
     holdout = PreparedDataset.load(args.holdout) if args.holdout else None
     model, not_members = None, []
     if args.model:
-        from .model import HaloModel
+        from .model import HaloModel, model_folder
         from .train import TRAINING_FILE
 
         model = HaloModel.from_pretrained(args.model)
-        if (args.model / TRAINING_FILE).is_file():
-            not_members = read_json(args.model / TRAINING_FILE).get("validation_patient_ids", [])
+        if (model_folder(args.model) / TRAINING_FILE).is_file():
+            not_members = read_json(model_folder(args.model) / TRAINING_FILE).get("validation_patient_ids", [])
     report = evaluate(real, synthetic, holdout=holdout, model=model, seed=args.seed, metric=args.metric, k=args.k,
                       min_cell_records=args.min_cell_records,
                       cells=[c.split(",") for c in args.cells] if args.cells else None,

@@ -149,3 +149,17 @@ def sim_model(sim_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     train_model(PreparedDataset.load(sim_prepared), out_dir=out,
                 options=TrainOptions(preset="tiny", epochs=3, seed=0, device="cpu"), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def sim_generated(sim_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``python -m halo_balance.generate`` output that trained its own ``tiny`` generator (2 epochs)."""
+    from halo_balance import generate
+    from halo_balance.cli import run
+
+    out = tmp_path_factory.mktemp("sim_generated") / "out"
+    with pytest.raises(SystemExit) as info:
+        run(generate.main, ["--data", str(sim_prepared), "--groups", "gender", "--out", str(out), "--preset", "tiny",
+                            "--epochs", "2", "--ratio", "0.2", "--device", "cpu", "--quiet"])
+    assert info.value.code == 0
+    return out
