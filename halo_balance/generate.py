@@ -282,7 +282,7 @@ def run_demo(args: argparse.Namespace) -> None:
         atomic_write_bytes(tmp / "report" / "report.md", render_markdown(report).encode())
     _print_summary(result, DEMO_GROUPS, out / "augmented", time.perf_counter() - t0, model=out / "model")
     uni = report["fidelity"]["statistics"]["unigram_per_visit"]
-    print(f"unigram R^2 {uni['r2']:.3f} (real-vs-real ceiling {uni['ceiling_r2']:.3f}); exact copies "
+    print(f"unigram R^2 {uni['r2']:.3f} (real reference {uni['reference_r2']:.3f}); exact copies "
           f"{report['privacy']['exact_copies']['synthetic_copies']}")
     print(f"\nraw tables:      {out / 'raw'}\nprepared data:   {out / 'prepared'}\nmodel:           "
           f"{out / 'model'}\naugmented data:  {out / 'augmented'}\nreport:          {out / 'report' / 'report.md'}")

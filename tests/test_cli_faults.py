@@ -206,3 +206,78 @@ def test_interrupt_message_says_what_was_kept(capsys):
     assert run_cli(plain, [], capsys)[2] == "interrupted; no partial output was kept\n"
     code, _, err = run_cli(keeping, [], capsys)
     assert code == 130 and err == "interrupted; the checkpoint is kept\n"
+
+
+def _generate_argv(sim_prepared: Path, out: Path, epochs: int) -> list:
+    return ["--data", sim_prepared, "--groups", "gender", "--out", out, "--preset", "tiny", "--epochs", str(epochs),
+            "--patience", "5", "--ratio", "0.2", "--device", "cpu", "--quiet"]
+
+
+def test_generate_interrupted_during_training_resumes_from_its_checkpoint(sim_prepared, tmp_path, capsys,
+                                                                         monkeypatch):
+    from halo_balance.io import read_json
+
+    out = tmp_path / "out"
+    argv = _generate_argv(sim_prepared, out, epochs=3)
+    original, trained = train._Trainer._train_epoch, []
+
+    def epoch_then_ctrl_c(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        trained.append(epoch)
+        return original(self, epoch)
+
+    monkeypatch.setattr(train._Trainer, "_train_epoch", epoch_then_ctrl_c)
+    code, _, err = run_cli(generate.main, argv, capsys)
+    assert code == 130
+    assert err.strip() == (f"interrupted; the checkpoint of epoch 1 is kept in {out / 'model' / 'checkpoint'}: "
+                           "re-run the same command with --resume to continue from it")
+    assert not (out / "meta.json").exists() and (out / "model" / "checkpoint" / "state.json").is_file()
+    kept = snapshot(out)
+    code, _, err = run_cli(generate.main, argv, capsys)  # not silently started over
+    assert_one_clear_error(code, err, "already exists")
+    assert snapshot(out) == kept
+
+    monkeypatch.setattr(train._Trainer, "_train_epoch", lambda self, epoch: trained.append(epoch) or original(self, epoch))
+    trained.clear()
+    code, stdout, err = run_cli(generate.main, [*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert trained == [2, 3]  # epoch 1 came from the checkpoint
+    summary = read_json(out / "model" / "training.json")
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3] and summary["validation_patient_ids"]
+    assert f"model: {out / 'model'}" in stdout
+    assert PreparedDataset.load(out).meta["generation"]["model_path"] == "model"
+    assert not (out / "model" / "checkpoint").exists()  # the run is complete
+    code, _, err = run_cli(generate.main, [*argv, "--resume"], capsys)
+    assert_one_clear_error(code, err, "nothing to resume", "finished run")
+
+
+def test_generate_interrupted_while_balancing_keeps_the_trained_model(sim_prepared, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    argv = _generate_argv(sim_prepared, out, epochs=1)
+    original = generate.rebalance
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "rebalance", ctrl_c)
+    code, _, err = run_cli(generate.main, argv, capsys)
+    assert code == 130 and f"the trained generator is kept in {out / 'model'}" in err and "--resume" in err
+    monkeypatch.setattr(generate, "rebalance", original)
+    monkeypatch.setattr(train._Trainer, "__init__", lambda *a, **k: pytest.fail("trained again"))
+    code, _, err = run_cli(generate.main, [*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert PreparedDataset.load(out).patients["synthetic"].any()
+
+
+def test_evaluate_model_of_a_generate_output_leaves_its_early_stopping_patients_out(sim_prepared, sim_generated,
+                                                                                   tmp_path, capsys):
+    from halo_balance import evaluate
+    from halo_balance.io import read_json
+
+    val = read_json(sim_generated / "model" / "training.json")["validation_patient_ids"]
+    assert val
+    code, _, err = run_cli(evaluate.main, ["--real", sim_prepared, "--synthetic", sim_generated, "--model",
+                                           sim_generated, "--out", tmp_path / "ev", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert read_json(tmp_path / "ev" / "report.json")["data"]["not_members"] == len(val)
