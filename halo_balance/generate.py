@@ -169,7 +169,7 @@ class _Job:
                 raise HaloBalanceError(f"nothing to resume: --out {out} is a finished run; pass --overwrite to "
                                        "redo it, or choose another --out")
             if not (out / "model" / "training.json").is_file():
-                check_model_dir(out / "model", resume=True, overwrite=False, inputs=[args.data], what="--out model")
+                check_model_dir(out / "model", resume=True, overwrite=False, inputs=[args.data])
             check_output_dir(out, overwrite=True, inputs=[args.data], what="--out")
         else:
             check_output_dir(out, overwrite=args.overwrite, inputs=[args.data], what="--out")

@@ -281,3 +281,15 @@ def test_evaluate_model_of_a_generate_output_leaves_its_early_stopping_patients_
                                            sim_generated, "--out", tmp_path / "ev", "--device", "cpu"], capsys)
     assert code == 0, err
     assert read_json(tmp_path / "ev" / "report.json")["data"]["not_members"] == len(val)
+
+
+def test_console_command_lists_every_subcommand(capsys):
+    from halo_balance import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    err = capsys.readouterr().err
+    assert info.value.code == 0
+    for command, module in cli.COMMANDS.items():
+        assert f"{command}" in err and f"python -m {module}" in err
+    assert "split" in cli.COMMANDS
