@@ -95,15 +95,26 @@ def test_unwritable_output_fails_before_any_work(command, where, sim_prepared, s
 
 
 # ---------------------------------------------------------------------- --overwrite safety
-@pytest.mark.parametrize("command", ["generate", "generate --model", "train", "split", "evaluate"])
+@pytest.mark.parametrize("command", ["generate", "generate --model", "train", "split", "evaluate", "sample"])
 def test_output_equal_to_or_inside_the_input_is_refused(command, sim_prepared, sim_model, tmp_path, capsys,
                                                         no_training):
     main, argv = _commands(sim_prepared, sim_model)[command]
-    before = snapshot(sim_prepared)
-    for out, says in ((sim_prepared, "is also an input"), (sim_prepared / "inner", "lies inside the input")):
+    source = sim_model if command == "sample" else sim_prepared
+    before = snapshot(source)
+    for out, says in ((source, "is also an input"), (source / "inner", "lies inside the input")):
         code, _, err = run_cli(main, [*argv, out, "--overwrite"], capsys)
         assert_one_clear_error(code, err, says)
-        assert snapshot(sim_prepared) == before
+        assert snapshot(source) == before
+
+
+def test_preparation_output_inside_the_raw_tables_is_refused(tmp_path, capsys):
+    from data_prep import mimic_iv, simulate
+
+    assert run_cli(simulate.main, ["--patients", "30", "--out", tmp_path / "raw", "--quiet"], capsys)[0] == 0
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(mimic_iv.main, ["--root", tmp_path / "raw", "--out", tmp_path / "raw" / "prepared"], capsys)
+    assert_one_clear_error(code, err, "lies inside the input")
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("command", ["generate", "generate --model", "train", "sample", "evaluate", "split"])
