@@ -56,7 +56,7 @@ def no_training(monkeypatch):
 # ---------------------------------------------------------------------- output paths, before any work
 def _commands(sim_prepared: Path, sim_model: Path) -> dict[str, tuple[Callable, list]]:
     from data_prep import eicu, mimic_iv, simulate
-    from halo_balance import evaluate
+    from halo_balance import evaluate, export, hf
 
     return {
         "generate": (generate.main, ["--data", sim_prepared, "--groups", "gender", "--preset", "tiny", "--out"]),
@@ -67,14 +67,16 @@ def _commands(sim_prepared: Path, sim_model: Path) -> dict[str, tuple[Callable, 
         "sample": (sample.main, ["--model", sim_model, "--count", "5", "--out"]),
         "evaluate": (evaluate.main, ["--real", sim_prepared, "--synthetic", sim_prepared, "--out"]),
         "split": (split.main, ["--data", sim_prepared, "--out"]),
+        "export": (export.main, ["--data", sim_prepared, "--format", "mimic-iv", "--out"]),
+        "hf": (hf.main, ["--model", sim_model, "--out"]),
         "simulate": (simulate.main, ["--patients", "50", "--out"]),
         "prepare mimic-iv": (mimic_iv.main, ["--root", MIMIC_DEMO, "--out"]),
         "prepare eicu": (eicu.main, ["--root", EICU_DEMO, "--lab-source", "apache", "--out"]),
     }
 
 
-COMMANDS = ["generate", "generate --model", "demo", "train", "sample", "evaluate", "split", "simulate",
-            "prepare mimic-iv", "prepare eicu"]
+COMMANDS = ["generate", "generate --model", "demo", "train", "sample", "evaluate", "split", "export", "hf",
+            "simulate", "prepare mimic-iv", "prepare eicu"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -117,7 +119,8 @@ def test_preparation_output_inside_the_raw_tables_is_refused(tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("command", ["generate", "generate --model", "train", "sample", "evaluate", "split"])
+@pytest.mark.parametrize("command", ["generate", "generate --model", "train", "sample", "evaluate", "split",
+                                     "export", "hf"])
 def test_overwrite_never_deletes_a_file_or_a_folder_it_did_not_write(command, sim_prepared, sim_model, tmp_path,
                                                                      capsys, no_training):
     main, argv = _commands(sim_prepared, sim_model)[command]

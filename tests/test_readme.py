@@ -161,3 +161,10 @@ def _same(default, text: str) -> bool:
         except ValueError:
             return False
     return str(default) == text
+
+
+def test_console_command_table_lists_every_subcommand():
+    from halo_balance.cli import COMMANDS
+
+    rows = dict(re.findall(r"^\| `halo-balance ([\w-]+)` \| `python -m ([\w.]+)` \|$", README, flags=re.M))
+    assert rows == COMMANDS
