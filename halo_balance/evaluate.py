@@ -38,7 +38,7 @@ from .fidelity import STATISTICS, fidelity_report
 from .io import atomic_dir, atomic_write_bytes, check_output_dir, read_json, write_json
 from .privacy import MAX_QUERIES, Metric, privacy_report
 
-REPORT_FORMAT = "halo_balance.evaluate/1"
+REPORT_FORMAT = "halo_balance.evaluate/2"  # 2: "ceiling" figures renamed "reference", size-matched
 
 
 def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: PreparedDataset | None = None,

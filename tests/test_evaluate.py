@@ -37,7 +37,7 @@ def _without_timing(report: dict) -> dict:
 def test_report_without_holdout(tiny, syn):
     rep = evaluate(tiny, syn, seed=3)
     json.dumps(rep)  # plain JSON types only
-    assert rep["format"] == "halo_balance.evaluate/1" and rep["parameters"]["seed"] == 3
+    assert rep["format"] == "halo_balance.evaluate/2" and rep["parameters"]["seed"] == 3
     assert rep["data"]["halves"]["a"] + rep["data"]["halves"]["b"] == 4
     assert any("No held-out data" in n for n in rep["notes"])
     assert set(rep["fidelity"]["statistics"]) == set(STATISTICS)
