@@ -5,11 +5,15 @@ k-fold run wrote (``summary.parquet``, ``units.parquet``, ``run.json``); ``bench
 :func:`write_report` at the end of every run. ``python -m benchmarks.report --compare DIR ...``
 prints one table across several runs (:func:`compare_runs`).
 
-Tables (mean +/- standard error over folds): overall F1 per method x model with the model average
-and its change against ``original`` (the paper's Table 2); FairPlay's disparate impact and the Theil
+Tables (mean +/- standard error over folds): a headline per method (F1 and its change against
+``original``, AUROC, Theil index and weighted disparate impact over the intersection of the groups,
+averaged over models; :func:`headline`, which ``benchmarks.kfold`` prints at the end of a run);
+overall F1 per method x model with the model average and its change against ``original`` (the
+paper's Table 2); FairPlay's disparate impact and the Theil
 index per method, averaged over models, for every attribute and for the intersection of several
 (Table 3), with the other fairness measures beside them; F1, underdiagnosis rate and FPR per group;
-AUROC; the size of every method's training data and the time it took. Plots: per-group F1 bars per
+AUROC; the size of every method's training data and the time it took. Group headers give the
+group's test patients over all folds and those who died (as the audit's do). Plots: per-group F1 bars per
 method (the paper's Fig. 3), per-group FPR and underdiagnosis bars, and a radar plot of per-group F1
 for an intersection of attributes (Fig. 4). Like the paper's figures, the plots leave out groups
 holding less than 1% of the test visits; the tables keep every group.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +34,7 @@ from halo_balance.errors import HaloBalanceError
 from halo_balance.io import atomic_write_bytes, read_json
 
 from .methods import SEPARATE_MIN_PER_CLASS
-from .metrics import FAIRNESS_METRICS, GROUP_SEPARATOR, groupings
+from .metrics import FAIRNESS_METRICS, GROUP_SEPARATOR, group_header, group_patient_counts, groupings
 
 MODEL_MEAN = "mean"
 PLOT_MIN_SHARE = 0.01
@@ -108,15 +112,43 @@ def fairness_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str
     return markdown_table(["method", *(FAIRNESS_LABELS[k] for k in FAIRNESS_METRICS), "vs original"], rows)
 
 
-def group_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str, metric: str) -> str:
-    """Methods x groups of one metric, averaged over models; the header gives test visits per fold."""
+def group_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str, metric: str,
+                counts: Mapping[str, tuple[int, int]] | None = None) -> str:
+    """Methods x groups of one metric, averaged over models; the header gives each group's test patients
+    and deaths over all folds (``counts``, :func:`benchmarks.metrics.group_patient_counts`)."""
     groups = _groups_of(summary, attribute)
-    sizes = [_cell(summary, method=methods[0], model=MODEL_MEAN, attribute=attribute, group=g, metric="n")[0]
-             for g in groups]
-    header = [f"{g} (n={s:.0f})" if s is not None else g for g, s in zip(groups, sizes, strict=True)]
+    counts = counts or {}
+    header = [group_header(g, *counts[g]) if g in counts else g for g in groups]
     rows = [[m, *(fmt(*_cell(summary, method=m, model=MODEL_MEAN, attribute=attribute, group=g, metric=metric))
                   for g in groups)] for m in methods]
     return markdown_table(["method", *header], rows)
+
+
+def headline_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str) -> str:
+    """Per method, averaged over models: F1 (and its change against ``original``), AUROC, and the Theil
+    index and weighted disparate impact over the groups of ``attribute``."""
+    return markdown_table(["method", "F1 (vs original)", "AUROC", f"Theil ({attribute})", f"DI ({attribute})"],
+                          [[m, *_headline_cells(summary, m, attribute)] for m in methods])
+
+
+def _headline_cells(summary: pl.DataFrame, method: str, attribute: str) -> list[str]:
+    def mean(metric: str, attr: str | None) -> tuple[float | None, float | None]:
+        return _cell(summary, method=method, model=MODEL_MEAN, attribute=attr, group=None, metric=metric)
+
+    f1, se = mean("f1", None)
+    base = _cell(summary, method="original", model=MODEL_MEAN, attribute=None, group=None, metric="f1")[0]
+    change = f" ({100 * (f1 - base) / base:+.0f}%)" if f1 is not None and base else ""
+    return [fmt(f1, se) + change, fmt(mean("auroc", None)[0]), fmt(mean("theil", attribute)[0]),
+            fmt(mean("di_weighted", attribute)[0])]
+
+
+def headline(out: str | Path) -> str:
+    """The headline table of a finished k-fold folder (the first table of its report): fairness over the
+    intersection of the run's attributes (the attribute itself when there is one)."""
+    run = read_json(Path(out) / "run.json")
+    summary = pl.read_parquet(Path(out) / "summary.parquet")
+    methods = [m for m in run["methods"] if m in set(summary["method"])]
+    return headline_table(summary, methods, groupings(run["groups"])[-1][0])
 
 
 def training_table(units: pl.DataFrame, methods: Sequence[str]) -> str:
@@ -225,13 +257,13 @@ def _partial_methods_note(summary: pl.DataFrame, methods: Sequence[str], models:
 def write_report(out: str | Path) -> Path:
     """Write ``out/report.md`` and ``out/plots/*.png`` from a finished k-fold folder."""
     out = Path(out)
-    for name in ("run.json", "summary.parquet", "units.parquet"):
-        if not (out / name).is_file():
-            raise HaloBalanceError(f"{out / name} is missing; run `python -m benchmarks.kfold ... --out {out}` first")
+    check_run(out)
     run = read_json(out / "run.json")
     summary, units = pl.read_parquet(out / "summary.parquet"), pl.read_parquet(out / "units.parquet")
     methods = [m for m in run["methods"] if m in set(summary["method"])]
     models = [m for m in run["models"] if m in set(summary["model"])]
+    counts = group_patient_counts(pl.scan_parquet(out / "predictions.parquet"), run["groups"])
+    finest = groupings(run["groups"])[-1][0]
     last = run["invocations"][-1]
     lines = [
         "# k-fold benchmark report", "",
@@ -247,8 +279,11 @@ def write_report(out: str | Path) -> Path:
         f"{last.get('wall_seconds', 'n/a')} s, {last.get('units_computed', 'n/a')} units computed",
         f"- versions: {', '.join(f'{k} {v}' for k, v in run['versions'].items())}", "",
         "Values are mean ± standard error over folds; `mean of models` averages the downstream models "
-        "within each fold first. Metrics are computed on test visits." + _partial_methods_note(summary, methods, models),
+        "within each fold first. Metrics are computed on test visits; the group headers count test patients "
+        "(each is tested in one fold) and those who died." + _partial_methods_note(summary, methods, models),
         "",
+        "## Headline", "", f"Averaged over models; Theil index and weighted disparate impact over {finest}.", "",
+        headline_table(summary, methods, finest), "",
         "## Overall F1", "", overall_table(summary, methods, models, "f1"), "",
         "## Overall AUROC", "", overall_table(summary, methods, models, "auroc"), "",
     ]
@@ -259,10 +294,10 @@ def write_report(out: str | Path) -> Path:
                   "training group size, or averaged), nearer 1 is fairer; Theil index over group F1s, lower is "
                   "fairer; the gaps are largest minus smallest group value.", "",
                   fairness_table(summary, methods, attribute), "",
-                  f"### F1 by {attribute}", "", group_table(summary, methods, attribute, "f1"), "",
+                  f"### F1 by {attribute}", "", group_table(summary, methods, attribute, "f1", counts[attribute]), "",
                   f"### Underdiagnosis rate (1 - TPR) by {attribute}", "",
-                  group_table(summary, methods, attribute, "underdiagnosis"), "",
-                  f"### FPR by {attribute}", "", group_table(summary, methods, attribute, "fpr"), ""]
+                  group_table(summary, methods, attribute, "underdiagnosis", counts[attribute]), "",
+                  f"### FPR by {attribute}", "", group_table(summary, methods, attribute, "fpr", counts[attribute]), ""]
         bars = plot_group_bars(summary, methods, attribute, ["f1"], plots / f"group_f1_{_slug(attribute)}.png")
         gaps = plot_group_bars(summary, methods, attribute, ["fpr", "underdiagnosis"],
                                plots / f"group_fpr_udr_{_slug(attribute)}.png")
@@ -293,6 +328,17 @@ def write_report(out: str | Path) -> Path:
     return path
 
 
+RUN_FILES = ("run.json", "summary.parquet", "units.parquet", "predictions.parquet")
+
+
+def check_run(out: str | Path) -> None:
+    """Fail unless ``out`` holds the tables of a finished k-fold run."""
+    missing = [name for name in RUN_FILES if not (Path(out) / name).is_file()]
+    if missing:
+        raise HaloBalanceError(f"{out} is not a finished k-fold run (missing {', '.join(missing)}); pass the --out "
+                               "folder of a `python -m benchmarks.kfold` run that has finished, or rerun it")
+
+
 def compare_runs(outs: Sequence[str | Path]) -> str:
     """One markdown table across finished runs (e.g. the experiments of a dataset): per method, each
     run's mean-of-models F1 (and its change against ``original``), AUROC, Theil index and weighted
@@ -306,20 +352,8 @@ def compare_runs(outs: Sequence[str | Path]) -> str:
         header += [f"{attribute}: F1", "AUROC", "Theil", "DI"]
         columns.append((run["methods"], summary, attribute))
     methods = list(dict.fromkeys(m for ms, _, _ in columns for m in ms))
-    rows = []
-    for m in methods:
-        row = [m]
-        for _, summary, attribute in columns:
-            mean = {(metric, attr): _cell(summary, method=m, model=MODEL_MEAN, attribute=attr, group=None,
-                                          metric=metric) for metric, attr in (("f1", None), ("auroc", None),
-                                                                              ("theil", attribute),
-                                                                              ("di_weighted", attribute))}
-            f1, se = mean[("f1", None)]
-            base = _cell(summary, method="original", model=MODEL_MEAN, attribute=None, group=None, metric="f1")[0]
-            change = f" ({100 * (f1 - base) / base:+.0f}%)" if f1 is not None and base else ""
-            row += [fmt(f1, se) + change, fmt(mean[("auroc", None)][0]), fmt(mean[("theil", attribute)][0]),
-                    fmt(mean[("di_weighted", attribute)][0])]
-        rows.append(row)
+    rows = [[m, *(cell for _, summary, attribute in columns for cell in _headline_cells(summary, m, attribute))]
+            for m in methods]
     return markdown_table(header, rows)
 
 
@@ -330,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--compare", action="store_true",
                    help="print one table across the runs (F1, AUROC, Theil, DI per method) instead")
     args = p.parse_args(argv)
+    for out in args.out:  # every folder before any output
+        check_run(out)
     if args.compare:
         print(compare_runs(args.out))
         return

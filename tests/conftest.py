@@ -22,6 +22,21 @@ def require(path: Path) -> Path:
     return path
 
 
+def fails_cleanly(main, argv: list[str], capsys, *needles: str) -> str:
+    """Run a command line's ``main`` as the console does: it must exit 2 with one line on stderr that
+    holds every needle (the problem and the fix), never a traceback. Returns that line."""
+    from halo_balance.cli import run
+
+    with pytest.raises(SystemExit) as exc:
+        run(main, argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
 @pytest.fixture
 def mimic_demo() -> Path:
     return require(MIMIC_DEMO)
