@@ -412,11 +412,11 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def _show(self, doing: str) -> None:
+    def _show(self, doing: str, *, refresh: bool = True) -> None:
         counts = f"units {self.units}/{self.n_units}"
         if self.n_generators:
             counts += f", generators {self.generators}/{self.n_generators}"
-        self.bar.set_postfix_str(f"{counts}{'; ' + doing if doing else ''}")
+        self.bar.set_postfix_str(f"{counts}{'; ' + doing if doing else ''}", refresh=refresh)
 
     def doing(self, what: str) -> None:
         if self.bar is not None:
@@ -424,16 +424,16 @@ class _Progress:
 
     def units_done(self, n: int, what: str = "") -> None:
         self.units += n
-        if self.bar is not None:
+        if self.bar is not None:  # the counts first, so that the bar never shows stale ones
+            self._show(what, refresh=False)
             self.bar.update(n)
-            self._show(what)
 
     def fold_prepared(self, fold: int) -> None:
         weight = self.steps.get(fold, 0)
         self.generators += weight == GENERATOR_WEIGHT
         if self.bar is not None:
+            self._show("", refresh=False)
             self.bar.update(weight)
-            self._show("")
 
     def write(self, text: str) -> None:
         if self.enabled:
