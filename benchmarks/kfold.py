@@ -22,6 +22,15 @@ metrics (``benchmarks.metrics``) come from those predictions; groups under ``--f
 of a fold's training patients (default 1%, the paper's cut) keep their per-group metrics but are
 left out of the fairness measures. Seeds: the method and the models of fold k use ``seed + k``.
 
+Every option is checked before anything is written (``_check_config``): unknown methods, models,
+attributes and ``--train-options`` names or choices (with the closest suggested), ``--folds`` above
+the number of patients with the rarer outcome, an ``--out`` that cannot be created or overlaps
+``--data``. One progress bar covers the run: every unit and every FairPlay fold
+(``GENERATOR_WEIGHT`` units when its generator must be trained, ``BALANCE_WEIGHT`` when a cached
+one balances it), with an ETA. Ctrl-C says how many finished units and FairPlay generators were
+kept for a rerun. The run ends by printing the report's headline table
+(``benchmarks.report.headline``).
+
 The output folder::
 
     run.json              settings, data fingerprint, versions, wall times of each invocation
@@ -36,18 +45,11 @@ The output folder::
     units.parquet         per unit: training rows, positives, synthetic and copied rows, fallbacks, seconds
     report.md, plots/     the paper's tables and the plots (``benchmarks.report``)
 
-Every option is checked before anything is written (``_check_config``): unknown methods, models,
-attributes and ``--train-options`` names or choices (with the closest suggested), ``--folds`` above
-the number of patients with the rarer outcome, an ``--out`` that cannot be created or overlaps
-``--data``. Each unit is written atomically as it finishes, and a rerun into the same folder skips
-every unit whose settings are unchanged, so an interrupted run resumes; Ctrl-C says how many units
-and FairPlay generators were kept. A rerun with different data, groups, folds, stratification or
-seed is refused (choose another ``--out`` or pass ``--overwrite``); changing a method's settings
-(``--ratio``, ``--min-cell-size``, FairPlay's) recomputes only the units that depend on them.
-
-One progress bar covers the run: every unit and every FairPlay fold (``GENERATOR_WEIGHT`` units
-when its generator must be trained, ``BALANCE_WEIGHT`` when a cached one balances it), with an ETA.
-The run ends by printing the report's headline table (``benchmarks.report.headline``).
+Each unit is written atomically as it finishes, and a rerun into the same folder skips every unit
+whose settings are unchanged, so an interrupted run resumes. A rerun with different data, groups,
+folds, stratification or seed is refused (choose another ``--out`` or pass ``--overwrite``);
+changing a method's settings (``--ratio``, ``--min-cell-size``, FairPlay's) recomputes only the
+units that depend on them.
 """
 
 from __future__ import annotations
