@@ -5,15 +5,11 @@ k-fold run wrote (``summary.parquet``, ``units.parquet``, ``run.json``); ``bench
 :func:`write_report` at the end of every run. ``python -m benchmarks.report --compare DIR ...``
 prints one table across several runs (:func:`compare_runs`).
 
-Tables (mean +/- standard error over folds): a headline per method (F1 and its change against
-``original``, AUROC, Theil index and weighted disparate impact over the intersection of the groups,
-averaged over models; :func:`headline`, which ``benchmarks.kfold`` prints at the end of a run);
-overall F1 per method x model with the model average and its change against ``original`` (the
-paper's Table 2); FairPlay's disparate impact and the Theil
+Tables (mean +/- standard error over folds): overall F1 per method x model with the model average
+and its change against ``original`` (the paper's Table 2); FairPlay's disparate impact and the Theil
 index per method, averaged over models, for every attribute and for the intersection of several
 (Table 3), with the other fairness measures beside them; F1, underdiagnosis rate and FPR per group;
-AUROC; the size of every method's training data and the time it took. Group headers give the
-group's test patients over all folds and those who died (as the audit's do). Plots: per-group F1 bars per
+AUROC; the size of every method's training data and the time it took. Plots: per-group F1 bars per
 method (the paper's Fig. 3), per-group FPR and underdiagnosis bars, and a radar plot of per-group F1
 for an intersection of attributes (Fig. 4). Like the paper's figures, the plots leave out groups
 holding less than 1% of the test visits; the tables keep every group.
