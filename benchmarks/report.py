@@ -120,33 +120,6 @@ def group_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str, m
     return markdown_table(["method", *header], rows)
 
 
-def headline_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str) -> str:
-    """Per method, averaged over models: F1 (and its change against ``original``), AUROC, and the Theil
-    index and weighted disparate impact over the groups of ``attribute``."""
-    return markdown_table(["method", "F1 (vs original)", "AUROC", f"Theil ({attribute})", f"DI ({attribute})"],
-                          [[m, *_headline_cells(summary, m, attribute)] for m in methods])
-
-
-def _headline_cells(summary: pl.DataFrame, method: str, attribute: str) -> list[str]:
-    def mean(metric: str, attr: str | None) -> tuple[float | None, float | None]:
-        return _cell(summary, method=method, model=MODEL_MEAN, attribute=attr, group=None, metric=metric)
-
-    f1, se = mean("f1", None)
-    base = _cell(summary, method="original", model=MODEL_MEAN, attribute=None, group=None, metric="f1")[0]
-    change = f" ({100 * (f1 - base) / base:+.0f}%)" if f1 is not None and base else ""
-    return [fmt(f1, se) + change, fmt(mean("auroc", None)[0]), fmt(mean("theil", attribute)[0]),
-            fmt(mean("di_weighted", attribute)[0])]
-
-
-def headline(out: str | Path) -> str:
-    """The headline table of a finished k-fold folder (the first table of its report): fairness over the
-    intersection of the run's attributes (the attribute itself when there is one)."""
-    run = read_json(Path(out) / "run.json")
-    summary = pl.read_parquet(Path(out) / "summary.parquet")
-    methods = [m for m in run["methods"] if m in set(summary["method"])]
-    return headline_table(summary, methods, groupings(run["groups"])[-1][0])
-
-
 def training_table(units: pl.DataFrame, methods: Sequence[str]) -> str:
     """Training rows per method (mean over folds) and seconds (summed over folds and models)."""
     per = (units.group_by("method", "fold")
@@ -279,7 +252,7 @@ def write_report(out: str | Path) -> Path:
         "(each is tested in one fold) and those who died." + _partial_methods_note(summary, methods, models),
         "",
         "## Headline", "", f"Averaged over models; Theil index and weighted disparate impact over {finest}.", "",
-        headline_table(summary, methods, finest), "",
+        headline(out), "",
         "## Overall F1", "", overall_table(summary, methods, models, "f1"), "",
         "## Overall AUROC", "", overall_table(summary, methods, models, "auroc"), "",
     ]
@@ -324,6 +297,13 @@ def write_report(out: str | Path) -> Path:
     return path
 
 
+def headline(out: str | Path) -> str:
+    """The headline table of a finished k-fold folder, the first table of its report: per method, F1
+    (and its change against ``original``), AUROC, Theil index and weighted disparate impact, averaged
+    over models (:func:`compare_runs` of this one run)."""
+    return compare_runs([out])
+
+
 RUN_FILES = ("run.json", "summary.parquet", "units.parquet", "predictions.parquet")
 
 
@@ -348,8 +328,20 @@ def compare_runs(outs: Sequence[str | Path]) -> str:
         header += [f"{attribute}: F1", "AUROC", "Theil", "DI"]
         columns.append((run["methods"], summary, attribute))
     methods = list(dict.fromkeys(m for ms, _, _ in columns for m in ms))
-    rows = [[m, *(cell for _, summary, attribute in columns for cell in _headline_cells(summary, m, attribute))]
-            for m in methods]
+    rows = []
+    for m in methods:
+        row = [m]
+        for _, summary, attribute in columns:
+            mean = {(metric, attr): _cell(summary, method=m, model=MODEL_MEAN, attribute=attr, group=None,
+                                          metric=metric) for metric, attr in (("f1", None), ("auroc", None),
+                                                                              ("theil", attribute),
+                                                                              ("di_weighted", attribute))}
+            f1, se = mean[("f1", None)]
+            base = _cell(summary, method="original", model=MODEL_MEAN, attribute=None, group=None, metric="f1")[0]
+            change = f" ({100 * (f1 - base) / base:+.0f}%)" if f1 is not None and base else ""
+            row += [fmt(f1, se) + change, fmt(mean[("auroc", None)][0]), fmt(mean[("theil", attribute)][0]),
+                    fmt(mean[("di_weighted", attribute)][0])]
+        rows.append(row)
     return markdown_table(header, rows)
 
 
