@@ -453,6 +453,14 @@ def test_every_option_is_checked_before_anything_is_written(tmp_path, cohort_dir
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(HaloBalanceError, match="not empty"):
         kfold.main([*base, "--out", str(tmp_path / "busy")])
+    # the report checks every folder before it rewrites any
+    from benchmarks import report
+
+    written = _tree(out)
+    for extra in ([], ["--compare"]):
+        fails_cleanly(report.main, [*extra, str(out), str(tmp_path / "busy")], capsys,
+                            f"{tmp_path / 'busy'} is not a finished k-fold run (missing run.json")
+        assert _tree(out) == written
 
 
 def test_ctrl_c_keeps_finished_units_says_so_and_a_rerun_resumes(monkeypatch, tmp_path, cohort_dir, capsys):
