@@ -58,11 +58,10 @@ import numpy as np
 import polars as pl
 
 from halo_balance.errors import DatasetError, HaloBalanceError, OutputExistsError, did_you_mean, unknown_choice
-from halo_balance.io import atomic_write_bytes, read_json
+from halo_balance.io import atomic_write_bytes, check_writable, read_json
 
 from .calibration import DEFAULT_THRESHOLDS, calibration_curve_by_group
 from .metrics import group_header
-from .outputs import check_writable
 from .stats import ALL, MODEL_MEAN, RANGE, REQUIRED_COLUMNS, AuditTables, Design, audit_statistics, \
     bootstrap_threshold_sweep
 
@@ -615,7 +614,7 @@ def _check_options(*, out: Path, table_path: Path, overwrite: bool, level: float
                                    f"e.g. {path / 'audit.html'}")
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{path} already exists; choose another --out or pass --overwrite")
-    check_writable(out, "--out")
+    check_writable(out, f"--out {out}")
     if not 0 < level < 1:
         raise HaloBalanceError(f"--level must lie in (0, 1), got {level}")
     if n_resamples < 1 or n_permutations < 1:

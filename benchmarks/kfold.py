@@ -75,13 +75,12 @@ import polars as pl
 
 from halo_balance.data import META_FILE, PATIENTS_FILE, VISITS_FILE, VOCAB_FILE, PreparedDataset, VisitMatrix
 from halo_balance.errors import DatasetError, HaloBalanceError, unknown_choice
-from halo_balance.io import atomic_write_bytes, read_json, write_json
+from halo_balance.io import atomic_write_bytes, check_output_dir, read_json, write_json
 
 from . import downstream, fairness_methods
 from .methods import METHODS, FairPlaySettings, SeparateModels, SingleModel, build_training_set, \
     check_train_options, fairplay_dataset, generator_key, settings_hash, training_rows
 from .metrics import groupings, group_labels, summarise, unit_metrics
-from .outputs import check_writable
 
 RUN_FILE = "run.json"
 TIMING_FILE = "timing.json"
@@ -198,7 +197,9 @@ def _run(cfg: _Config, *, argv: Sequence[str] | None) -> Path:
                             for k in sorted({u[0] for u in fair})}
                 _execute(cfg, _tasks(cfg, fair, splits, fairplay_data=prepared), bar)
         _assemble(cfg, ds, splits, out)
-    except KeyboardInterrupt as exc:  # cli.run prints what was kept instead of its generic message
+    except KeyboardInterrupt as exc:
+        # cli.run prints exc.kept; it replaces a generator training's own note (its checkpoint),
+        # since rerunning this command resumes that training too
         left = sum(not _unit_done(out, *u, cfg.unit_settings(*u[1:])) for u in pending)
         run["invocations"][-1].update(interrupted=_now(), units_computed=len(pending) - left)
         write_json(out / RUN_FILE, run)
@@ -280,17 +281,11 @@ def _check_config(cfg: _Config) -> tuple[PreparedDataset, list[tuple[np.ndarray,
 
 
 def _check_paths(cfg: _Config) -> None:
-    """The output folders must be creatable and must not overlap the input data."""
-    data = Path(cfg.data)
-    for option, name in (("--out", cfg.out), ("--generator-cache", cfg.generator_cache)):
-        if name is None:
-            continue
-        path = Path(name)
-        if path == data or data in path.parents or path in data.parents:
-            raise HaloBalanceError(f"{option} {path} overlaps the input data {data}; choose a folder outside it")
-        if path.exists() and not path.is_dir():
-            raise HaloBalanceError(f"{option} {path} is a file, not a folder; choose a folder path")
-        check_writable(path, option)
+    """The output folders must be creatable, outside the data, and empty or ours (a run to resume,
+    a generator cache); nothing is replaced here (``--overwrite`` acts in :func:`_open_run`)."""
+    for option, path in (("--out", cfg.out), ("--generator-cache", cfg.generator_cache)):
+        if path is not None:
+            check_output_dir(path, overwrite=True, inputs=[cfg.data], what=option)
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:

@@ -94,11 +94,14 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool,
                 f"{where} exists and was not written by halo_balance (it holds none of the files of a "
                 "prepared dataset, model, report or simulated cohort), so --overwrite does not delete it; "
                 "choose another path, or remove it yourself")
-    _check_writable(path, where)
+    check_writable(path, where)
     return path
 
 
-def _check_writable(path: Path, where: str) -> None:
+def check_writable(path: str | os.PathLike, where: str) -> None:
+    """Fail unless the file or folder ``path`` can be created (or replaced) in its nearest existing
+    folder, probed with a temporary folder; ``where`` starts the message (e.g. ``"--out x.html"``)."""
+    path = Path(path)
     parent = path.parent if path.exists() else path
     while not parent.exists():
         if parent.is_symlink():  # a dangling link

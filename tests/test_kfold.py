@@ -428,11 +428,11 @@ def test_every_option_is_checked_before_anything_is_written(tmp_path, cohort_dir
         (["--out", str(out), "--device", "gpu"], ["--device: unknown 'gpu'"]),
         (["--out", str(out), "--fairness-min-share", "1.5"], ["--fairness-min-share must lie in [0, 1)"]),
         (["--out", str(out), "--batch-size", "0"], ["--batch-size must be at least 1"]),
-        (["--out", str(cohort_dir), "--overwrite"], ["overlaps the input data"]),
-        (["--out", str(cohort_dir / "kfold")], ["overlaps the input data"]),
-        (["--out", str(tmp_path / "a_file")], ["is a file, not a folder"]),
+        (["--out", str(cohort_dir), "--overwrite"], ["is also an input"]),
+        (["--out", str(cohort_dir / "kfold")], ["lies inside the input"]),
+        (["--out", str(tmp_path / "a_file")], ["exists and is a file"]),
         (["--out", str(tmp_path / "a_file" / "run")], ["cannot be created", "is a file, not a folder"]),
-        *([(["--out", "/proc/kfold_run"], ["cannot be created", "not a writable folder"])]
+        *([(["--out", "/proc/kfold_run"], ["cannot be created", "is not writable"])]
           if Path("/proc/self").is_dir() else []),
         (["--out", str(out), "--generator-cache", str(tmp_path / "a_file")], ["--generator-cache", "is a file"]),
     ]
@@ -451,7 +451,7 @@ def test_every_option_is_checked_before_anything_is_written(tmp_path, cohort_dir
     assert (out / "report.md").is_file() and _tree(cohort_dir) == inputs
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(HaloBalanceError, match="not empty"):
+    with pytest.raises(HaloBalanceError, match="was not written by halo_balance"):
         kfold.main([*base, "--out", str(tmp_path / "busy")])
     # the report checks every folder before it rewrites any
     from benchmarks import report
