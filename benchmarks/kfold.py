@@ -75,7 +75,7 @@ import polars as pl
 
 from halo_balance.data import META_FILE, PATIENTS_FILE, VISITS_FILE, VOCAB_FILE, PreparedDataset, VisitMatrix
 from halo_balance.errors import DatasetError, HaloBalanceError, unknown_choice
-from halo_balance.io import atomic_write_bytes, check_output_dir, read_json, write_json
+from halo_balance.io import atomic_write_bytes, check_output_dir, check_writable, read_json, write_json
 
 from . import downstream, fairness_methods
 from .methods import METHODS, FairPlaySettings, SeparateModels, SingleModel, build_training_set, \
@@ -281,11 +281,19 @@ def _check_config(cfg: _Config) -> tuple[PreparedDataset, list[tuple[np.ndarray,
 
 
 def _check_paths(cfg: _Config) -> None:
-    """The output folders must be creatable, outside the data, and empty or ours (a run to resume,
-    a generator cache); nothing is replaced here (``--overwrite`` acts in :func:`_open_run`)."""
-    for option, path in (("--out", cfg.out), ("--generator-cache", cfg.generator_cache)):
-        if path is not None:
-            check_output_dir(path, overwrite=True, inputs=[cfg.data], what=option)
+    """``--out`` must be creatable, outside the data, and empty or an earlier run (``--overwrite`` acts
+    in :func:`_open_run`); ``--generator-cache`` a writable folder outside the data, reused as it is."""
+    check_output_dir(cfg.out, overwrite=True, inputs=[cfg.data], what="--out")
+    cache = cfg.generator_cache
+    if cache is None:
+        return
+    if not Path(cache).is_dir():
+        check_output_dir(cache, overwrite=False, inputs=[cfg.data], what="--generator-cache")
+    elif Path(cfg.data) in (Path(cache), *Path(cache).parents):
+        raise HaloBalanceError(f"--generator-cache {cache} lies inside the input {cfg.data}; choose a folder "
+                               "outside the input")
+    else:
+        check_writable(cache, f"--generator-cache {cache}")
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:

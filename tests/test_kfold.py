@@ -435,6 +435,7 @@ def test_every_option_is_checked_before_anything_is_written(tmp_path, cohort_dir
         *([(["--out", "/proc/kfold_run"], ["cannot be created", "is not writable"])]
           if Path("/proc/self").is_dir() else []),
         (["--out", str(out), "--generator-cache", str(tmp_path / "a_file")], ["--generator-cache", "is a file"]),
+        (["--out", str(out), "--generator-cache", str(cohort_dir)], ["--generator-cache", "inside the input"]),
     ]
     for extra, needles in faults:
         _fails_cleanly([*base, *extra], capsys, *needles)
