@@ -22,18 +22,32 @@ def require(path: Path) -> Path:
     return path
 
 
-def fails_cleanly(main, argv: list[str], capsys, *needles: str) -> str:
-    """Run a command line's ``main`` as the console does: it must exit 2 with one line on stderr that
-    holds every needle (the problem and the fix), never a traceback. Returns that line."""
+def run_cli(main, argv: list, capsys) -> tuple[int, str, str]:
+    """Run a command line's ``main`` as the console does; return its exit code, stdout and stderr."""
     from halo_balance.cli import run
 
-    with pytest.raises(SystemExit) as exc:
-        run(main, argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as info:
+        run(main, [str(a) for a in argv])
+    io = capsys.readouterr()
+    return info.value.code, io.out, io.err
+
+
+def assert_one_clear_error(code: int, err: str, *needles: str) -> None:
+    """Exit 2, no traceback, one ``error:`` line (warnings aside) holding every needle."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     for needle in needles:
-        assert needle in err, err
+        assert needle in lines[0], (needle, lines[0])
+
+
+def fails_cleanly(main, argv: list[str], capsys, *needles: str) -> str:
+    """Run ``main`` as the console does: it must exit 2 with one line on stderr, and nothing else, that
+    holds every needle (the problem and the fix), never a traceback. Returns that line."""
+    code, _, err = run_cli(main, argv, capsys)
+    assert_one_clear_error(code, err, *needles)
+    assert len(err.strip().splitlines()) == 1, err
     return err
 
 

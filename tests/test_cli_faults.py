@@ -16,7 +16,7 @@ import pytest
 from halo_balance import generate, sample, split, train
 from halo_balance.cli import run
 from halo_balance.data import PreparedDataset
-from tests.conftest import EICU_DEMO, MIMIC_DEMO, require
+from tests.conftest import EICU_DEMO, MIMIC_DEMO, assert_one_clear_error, require, run_cli
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -26,22 +26,6 @@ def snapshot(*roots: Path) -> dict[str, str]:
         for p in sorted([root, *root.rglob("*")]) if root.exists() else []:
             out[str(p)] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-def run_cli(main: Callable, argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        run(main, [str(a) for a in argv])
-    io = capsys.readouterr()
-    return info.value.code, io.out, io.err
-
-
-def assert_one_clear_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture
