@@ -1,13 +1,23 @@
-"""The fairness audit of a k-fold run: one self-contained HTML report with uncertainty.
+"""The fairness audit of a k-fold run, or of any model's predictions: one self-contained HTML report
+with uncertainty.
 
 ::
 
-    python -m benchmarks.audit --run DIR --out REPORT.html [--resamples 1000] [--permutations 1000]
-        [--seed 0] [--level 0.95] [--reference original] [--focus-model MODEL]
-        [--aggregate fold_mean|pooled] [--thresholds 0.05,0.1,...] [--bins 10] [--no-auroc]
-        [--min-deaths 10] [--fairness-min-share S] [--groups ATTR ...] [--overwrite]
+    python -m benchmarks.audit (--run DIR | --predictions FILE --groups ATTR ...) --out REPORT.html
+        [--resamples 1000] [--permutations 1000] [--seed 0] [--level 0.95] [--reference METHOD]
+        [--focus-model MODEL] [--aggregate fold_mean|pooled] [--thresholds 0.05,0.1,...] [--bins 10]
+        [--no-auroc] [--min-deaths 10] [--fairness-min-share S] [--groups ATTR ...] [--threshold 0.5]
+        [--overwrite]
 
 ``DIR`` is the ``--out`` folder of ``benchmarks.kfold`` (``predictions.parquet`` and ``run.json``).
+``FILE`` holds predictions made anywhere else (:func:`load_predictions`), a parquet or CSV file with
+one row per scored patient or visit: ``patient_id``, the ``--groups`` columns, ``y_true`` (0/1) and
+``score`` (the predicted probability of the positive class), and optionally ``prediction`` (0/1;
+default ``score > --threshold``, 0.5), ``fold`` (default: one fold), ``method`` (default
+``original``), ``model`` (default ``model``) and ``visit_index`` (default: the rows of a patient in
+file order). With one fold, the audited patients' group sizes stand in for the training sizes of
+the disparate impact, and no group is left out of the fairness measures unless
+``--fairness-min-share`` says so.
 The report holds, for every group attribute (and the intersection of several):
 
 * per-group F1, precision, TPR, FPR, underdiagnosis rate, AUROC and calibration error with
@@ -23,8 +33,10 @@ The report holds, for every group attribute (and the intersection of several):
 Groups with fewer than ``--min-deaths`` deaths among the test patients are flagged (†) in the tables
 and left out of the charts: a handful of patients decide their intervals and p-values.
 
-Plots are PNG (matplotlib, Agg backend) embedded as base64, so the file opens anywhere. Beside the
-report, ``REPORT`` with the suffix ``.parquet`` holds every statistic as one tidy table.
+Plots are PNG (matplotlib, Agg backend) embedded as base64, so the file opens anywhere; a table of
+contents leads to every section and tables longer than ``LONG_TABLE_ROWS`` rows fold away. Beside the
+report, ``REPORT`` with the suffix ``.parquet`` holds every statistic as one tidy table. Every option
+and the output path are checked before any work; nothing is written on an error.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import argparse
 import base64
 import html
 import io
+import json
 import math
 import os
 import sys
@@ -44,11 +57,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from halo_balance.errors import DatasetError, HaloBalanceError, OutputExistsError
-from halo_balance.io import atomic_write_bytes, read_json
+from halo_balance.errors import DatasetError, HaloBalanceError, OutputExistsError, did_you_mean, unknown_choice
+from halo_balance.io import atomic_write_bytes, check_writable, read_json
 
 from .calibration import DEFAULT_THRESHOLDS, calibration_curve_by_group
-from .stats import ALL, MODEL_MEAN, RANGE, AuditTables, Design, audit_statistics, bootstrap_threshold_sweep
+from .metrics import group_header
+from .stats import ALL, MODEL_MEAN, RANGE, REQUIRED_COLUMNS, AuditTables, Design, audit_statistics, \
+    bootstrap_threshold_sweep
 
 METRIC_LABELS = {"f1": "F1", "precision": "precision", "tpr": "TPR", "fpr": "FPR", "underdiagnosis": "UDR",
                  "selection_rate": "selection rate", "calibration_error": "ECE", "auroc": "AUROC",
@@ -56,6 +71,9 @@ METRIC_LABELS = {"f1": "F1", "precision": "precision", "tpr": "TPR", "fpr": "FPR
                  "f1_variance": "F1 variance", "equalized_odds": "eq. odds", "equal_opportunity": "eq. opp.",
                  "fpr_difference": "FPR range", "demographic_parity": "dem. parity", "calibration_gap": "ECE range"}
 SIGNIFICANCE = 0.05
+LONG_TABLE_ROWS = 15  # longer tables are collapsed (<details>) under a one-line summary
+# columns a predictions file may leave out, and what stands in for them (see load_predictions)
+DEFAULT_METHOD, DEFAULT_MODEL = "original", "model"
 
 
 # ---------------------------------------------------------------------- inputs
@@ -70,6 +88,58 @@ def load_run(run_dir: str | os.PathLike, *, groups: Sequence[str] | None = None)
     if groups is None and "groups" not in meta:
         raise HaloBalanceError(f"{run_dir / 'run.json'} is missing, so the group attributes are unknown; pass --groups")
     return pl.read_parquet(path), meta
+
+
+def load_predictions(path: str | os.PathLike, *, groups: Sequence[str], threshold: float = 0.5) -> pl.DataFrame:
+    """A predictions file made outside ``benchmarks.kfold``, completed to the harness's columns.
+
+    Parameters
+    ----------
+    path : a ``.parquet`` or ``.csv`` file, one row per scored patient (or visit) and, when it
+        holds several, per method and model.
+    groups : the group attribute columns to audit.
+    threshold : the decision threshold when the file has no ``prediction`` column
+        (``prediction = score > threshold``, as in the harness).
+
+    Required columns: ``patient_id``, ``groups``, ``y_true`` (0/1), ``score`` (probability of the
+    positive class). Optional: ``prediction`` (0/1), ``fold`` (default 0: one fold), ``method``
+    (default ``original``), ``model`` (default ``model``), ``visit_index`` (default: a patient's rows
+    numbered in file order).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HaloBalanceError(f"{path} not found; pass a predictions file (.parquet or .csv)")
+    strings = {c: pl.String for c in ("patient_id", "method", "model", *groups)}
+    try:
+        if path.suffix.lower() == ".parquet":
+            frame = pl.read_parquet(path)
+        elif path.suffix.lower() == ".csv":
+            frame = pl.read_csv(path, schema_overrides=strings, infer_schema_length=None)
+        else:
+            raise HaloBalanceError(f"{path}: unknown file type {path.suffix!r}; write the predictions as .parquet "
+                                   "or .csv")
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DatasetError(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})", file=str(path),
+                           fix="write the predictions with polars or pandas (to_parquet / to_csv)") from None
+    missing = [c for c in ("patient_id", *groups, "y_true", "score") if c not in frame.columns]
+    if missing:
+        raise DatasetError("missing column(s) " + ", ".join(f"{c!r}{did_you_mean(c, frame.columns)}" for c in missing)
+                           + f"; it has {', '.join(frame.columns)}", file=str(path),
+                           fix="name the columns patient_id, y_true, score and the --groups attributes")
+    defaults = {"fold": pl.lit(0, pl.Int32), "method": pl.lit(DEFAULT_METHOD), "model": pl.lit(DEFAULT_MODEL),
+                "prediction": (pl.col("score") > threshold).cast(pl.Int8)}
+    frame = frame.with_columns(v.alias(c) for c, v in defaults.items() if c not in frame.columns)
+    frame = frame.with_columns(pl.col("patient_id", "method", "model", *groups).cast(pl.String),
+                               *(pl.col(c).cast(pl.Int8) for c in ("y_true", "prediction")
+                                 if frame.schema[c] == pl.Boolean))
+    if "visit_index" not in frame.columns:
+        frame = frame.with_columns(visit_index=pl.int_range(pl.len()).over("method", "model", "patient_id"))
+    dup = frame.filter(pl.struct("method", "model", "patient_id", "visit_index").is_duplicated())
+    if dup.height:
+        raise DatasetError("a (method, model, patient_id, visit_index) occurs more than once", file=str(path),
+                           value=dup.row(0, named=True)["patient_id"],
+                           fix="give each row of a patient its own visit_index, or keep one row per patient")
+    return frame.select(*REQUIRED_COLUMNS, *groups)
 
 
 # ---------------------------------------------------------------------- formatting
@@ -102,10 +172,34 @@ def fmt_p(p: float | None) -> str:
     return "&lt;0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, cls: str = "") -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, cls: str = "", fold: bool = True) -> str:
+    """An HTML table; with ``fold``, one longer than ``LONG_TABLE_ROWS`` rows is collapsed under a summary."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    table = f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    if fold and len(rows) > LONG_TABLE_ROWS:
+        return f"<details><summary>Table of {len(rows)} rows (click to show)</summary>{table}</details>"
+    return table
+
+
+def _contents(parts: list[str]) -> str:
+    """A nested table of contents of the ``<h2>`` / ``<h3>`` headings in ``parts``, which get ids."""
+    items, n = [], 0
+    for i, part in enumerate(parts):
+        for level in (2, 3):
+            if part.startswith(f"<h{level}>"):
+                n += 1
+                title = part[4:part.index(f"</h{level}>")]
+                parts[i] = f'<h{level} id="s{n}">' + part[4:]
+                items.append((level, n, title))
+    out, prev = ["<nav class='toc'><b>Contents</b><ul>"], 2
+    for i, (level, k, title) in enumerate(items):
+        if i:
+            out.append("<ul>" if level > prev else "</li></ul></li>" if level < prev else "</li>")
+        out.append(f'<li><a href="#s{k}">{title}</a>')
+        prev = level
+    out.append(("</li></ul></li>" if prev == 3 else "</li>") + "</ul></nav>")
+    return "".join(out)
 
 
 def _e(text: object) -> str:
@@ -274,8 +368,7 @@ def _group_table(tab: AuditTables, attribute: str, metric: str, methods: Sequenc
                                          & (pl.col("metric") == metric)), ["method", "group"])
     sizes = {r["group"]: (r["n_patients"], r["n_deaths"]) for r in g.values()}
     rows = [[_e(m), *(_ci(g.get((m, grp))) for grp in groups)] for m in methods]
-    header = [f"{grp}{' †' if grp in small else ''} (n={sizes.get(grp, ('?', '?'))[0]}, "
-              f"deaths={sizes.get(grp, ('?', '?'))[1]})" for grp in groups]
+    header = [group_header(f"{grp}{' †' if grp in small else ''}", *sizes.get(grp, ("?", "?"))) for grp in groups]
     return _table(["method", *header], rows)
 
 
@@ -326,23 +419,26 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1250px;
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 7px;
 text-align:left;vertical-align:top}th{background:#f2f2f2}h2{border-bottom:2px solid #444;margin-top:2em}
 img{max-width:100%}details{margin:.5em 0 1em}summary{cursor:pointer;font-weight:600}.note{color:#555;font-size:.9em}
-code{background:#f5f5f5;padding:0 3px}"""
+code{background:#f5f5f5;padding:0 3px}pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f7f7f7;padding:.6em}
+nav.toc{background:#f7f7f7;padding:.4em 1em;font-size:.9em}nav.toc ul{margin:.2em 0}"""
 
 
 def render(tab: AuditTables, *, design: Design, predictions: pl.DataFrame, sweep: pl.DataFrame, meta: dict,
-           focus_model: str, reference: str, run_dir: str, seconds: float, min_deaths: int = 10) -> str:
-    """The report's HTML."""
+           focus_model: str, reference: str, source: str, seconds: float, min_deaths: int = 10) -> str:
+    """The report's HTML. ``source`` is the audited k-fold folder or predictions file (``meta`` is empty
+    for a file)."""
     methods = design.methods()
     models = list(dict.fromkeys(k for _, k in design.series))
     per_method_models = {m: [k for mm, k in design.series if mm == m] for m in methods}
     partial = {m: ks for m, ks in per_method_models.items() if len(ks) < len(models)}
     p = tab.params
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Fairness audit: {_e(run_dir)}</title>"
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>Fairness audit</h1><p>Run <code>{_e(run_dir)}</code>; "
-             f"data <code>{_e(meta.get('data', '?'))}</code>; "
-             f"written {datetime.now(timezone.utc).isoformat(timespec='seconds')} in {seconds:.0f} s.</p>",
-             "<ul>",
+    origin = (f"Run <code>{_e(source)}</code>; data <code>{_e(meta.get('data', '?'))}</code>" if meta
+              else f"Predictions <code>{_e(source)}</code>")
+    head = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Fairness audit: {_e(source)}</title>"
+            f"<style>{CSS}</style></head><body>",
+            f"<h1>Fairness audit</h1><p>{origin}; "
+            f"written {datetime.now(timezone.utc).isoformat(timespec='seconds')} in {seconds:.0f} s.</p>"]
+    parts = ["<ul>",
              f"<li>{design.n_patients} test patients, {len(design.y_true)} test visits "
              f"({int(design.y_true.sum())} positive), {design.n_folds} folds; methods: {_e(', '.join(methods))}; "
              f"models: {_e(', '.join(models))}.</li>",
@@ -354,7 +450,9 @@ def render(tab: AuditTables, *, design: Design, predictions: pl.DataFrame, sweep
              f"and metric; seed {p['seed']}. Statistics are computed per fold and averaged over folds "
              f"({_e(p['aggregate'])}); <i>mean</i> = the model average, taken within each fold.</li>",
              f"<li>Fairness measures leave out groups under {100 * p['fairness_min_share']:g}% of a fold's "
-             f"training patients (the run's setting). Bold: q &lt; {SIGNIFICANCE}.</li></ul>"]
+             f"training patients ({'the run' if meta else 'with one fold: the audited patients'}'s setting). "
+             f"Group sizes: test patients (each tested in one fold) and those who died. "
+             f"Bold: q &lt; {SIGNIFICANCE}.</li></ul>"]
     if partial:
         parts.append("<p class='note'>Methods run with some models only (their <i>mean</i> averages those; a "
                      "comparison's <i>mean</i> averages the models both methods have): "
@@ -365,19 +463,24 @@ def render(tab: AuditTables, *, design: Design, predictions: pl.DataFrame, sweep
               "over group F1s (lower is fairer). For spreads (Theil, max - min, equalized odds) resampled values "
               "lie above the estimate on average, so the percentile interval can sit above the estimate; use the "
               "p-value for those.</p>",
-              f"<h2>Changes against {_e(reference)} (mean over models)</h2>",
-              "<p class='note'>Paired permutation test: each resample swaps the two methods' predictions for a "
-              "random half of the patients. Interval: paired bootstrap of the difference.</p>",
-              _table(["method", "attribute", "metric", "difference [CI]", "p", "q"], _comparison_rows(tab, MODEL_MEAN))]
-    sig = tab.comparisons.filter((pl.col("model") == MODEL_MEAN) & (pl.col("q_value") < SIGNIFICANCE))
-    parts.append("<p><b>Significant (q &lt; 0.05):</b> " + (_e("; ".join(
-        f"{r['method']} {METRIC_LABELS[r['metric']]}" + ("" if r["attribute"] == ALL else f" ({r['attribute']})")
-        + f" {r['estimate']:+.3f}" for r in sig.iter_rows(named=True))) or "none") + ".</p>")
-    parts.append("<details><summary>Per model</summary>" + _table(
-        ["method", "model", "attribute", "metric", "difference [CI]", "p", "q"],
-        [[_e(r["method"]), _e(r["model"]), _e(r["attribute"]), METRIC_LABELS[r["metric"]],
-          _ci(r), fmt_p(r["p_value"]), fmt_p(r["q_value"])]
-         for r in tab.comparisons.filter(pl.col("model") != MODEL_MEAN).iter_rows(named=True)]) + "</details>")
+              f"<h2>Changes against {_e(reference)} (mean over models)</h2>"]
+    if tab.comparisons.height == 0:
+        parts.append(f"<p class='note'>Only one method ({_e(reference)}): nothing to compare.</p>")
+    else:
+        parts += ["<p class='note'>Paired permutation test: each resample swaps the two methods' predictions for "
+                  "a random half of the patients. Interval: paired bootstrap of the difference.</p>",
+                  _table(["method", "attribute", "metric", "difference [CI]", "p", "q"],
+                         _comparison_rows(tab, MODEL_MEAN))]
+        sig = tab.comparisons.filter((pl.col("model") == MODEL_MEAN) & (pl.col("q_value") < SIGNIFICANCE))
+        parts.append("<p><b>Significant (q &lt; 0.05):</b> " + (_e("; ".join(
+            f"{r['method']} {METRIC_LABELS[r['metric']]}" + ("" if r["attribute"] == ALL else f" ({r['attribute']})")
+            + f" {r['estimate']:+.3f}" for r in sig.iter_rows(named=True))) or "none") + ".</p>")
+        parts.append("<details><summary>Per model</summary>" + _table(
+            ["method", "model", "attribute", "metric", "difference [CI]", "p", "q"],
+            [[_e(r["method"]), _e(r["model"]), _e(r["attribute"]), METRIC_LABELS[r["metric"]],
+              _ci(r), fmt_p(r["p_value"]), fmt_p(r["q_value"])]
+             for r in tab.comparisons.filter(pl.col("model") != MODEL_MEAN).iter_rows(named=True)], fold=False)
+            + "</details>")
     parts += ["<h2>Overall performance (mean over models)</h2>"]
     overall = _lookup(tab.group_metrics.filter((pl.col("attribute") == ALL) & (pl.col("model") == MODEL_MEAN)),
                       ["method", "metric"])
@@ -410,8 +513,8 @@ def render(tab: AuditTables, *, design: Design, predictions: pl.DataFrame, sweep
             ["method", "model", "metric", "gap", "estimate [CI]", "p", "q"],
             [[_e(r["method"]), _e(r["model"]), METRIC_LABELS[r["metric"]],
               _e("max - min" if r["group"] == RANGE else f"{r['group']} - {r['reference']}"),
-              _ci(r), fmt_p(r["p_value"]), fmt_p(r["q_value"])] for r in per_model.iter_rows(named=True)])
-            + "</details>")
+              _ci(r), fmt_p(r["p_value"]), fmt_p(r["q_value"])] for r in per_model.iter_rows(named=True)],
+            fold=False) + "</details>")
         focus = frame.with_columns(_group=pl.concat_str([pl.col(a) for a in attr.split(" & ")], separator=" & "))
         focus = focus.filter(pl.col("_group").is_in(groups))
         ece = {(r["method"], r["group"]): r["estimate"] for r in tab.group_metrics.filter(
@@ -430,42 +533,58 @@ def render(tab: AuditTables, *, design: Design, predictions: pl.DataFrame, sweep
                   "Post-processing methods keep their base model's scores, so their curves here and in the "
                   "calibration plots are that model's; their group-specific decisions are in the tables above.</p>",
                   _persistence_table(shown, attr, fm), rates, gap]
-    parts.append("<h2>Settings</h2><pre>" + _e(repr(p)) + "</pre></body></html>")
-    return "\n".join(parts)
+    parts.append("<h2>Settings</h2><pre>" + _e(json.dumps(p, indent=1, default=str)) + "</pre></body></html>")
+    return "\n".join([*head, _contents(parts), *parts])
 
 
 # ---------------------------------------------------------------------- entry points
-def run_audit(run_dir: str | os.PathLike, out: str | os.PathLike, *, groups: Sequence[str] | None = None,
-              n_resamples: int = 1000, n_permutations: int = 1000, seed: int = 0, level: float = 0.95,
-              reference: str = "original", focus_model: str | None = None, aggregate: str = "fold_mean",
-              thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n_bins: int = 10, auroc: bool = True,
-              min_deaths: int = 10, fairness_min_share: float | None = None, overwrite: bool = False,
-              progress: bool = True) -> tuple[Path, Path]:
-    """Audit a k-fold run; write the HTML report ``out`` and its table (``out`` with ``.parquet``)."""
+def run_audit(source: str | os.PathLike, out: str | os.PathLike, *, groups: Sequence[str] | None = None,
+              threshold: float = 0.5, n_resamples: int = 1000, n_permutations: int = 1000, seed: int = 0,
+              level: float = 0.95, reference: str | None = None, focus_model: str | None = None,
+              aggregate: str = "fold_mean", thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n_bins: int = 10,
+              auroc: bool = True, min_deaths: int = 10, fairness_min_share: float | None = None,
+              overwrite: bool = False, progress: bool = True) -> tuple[Path, Path]:
+    """Audit a k-fold run (``source`` a folder) or a predictions file (``source`` a ``.parquet`` or
+    ``.csv`` file, :func:`load_predictions`, which needs ``groups`` and uses ``threshold``); write the HTML
+    report ``out`` and its table (``out`` with ``.parquet``). Every option is checked before any work.
+
+    ``reference`` defaults to ``original`` when the predictions have it, else their first method;
+    ``focus_model`` to ``logreg``, else the first model.
+    """
     out = Path(out)
     table_path = out.with_suffix(".parquet")
-    for path in (out, table_path):
-        if path.exists() and not overwrite:
-            raise OutputExistsError(f"{path} already exists; choose another --out or pass --overwrite")
-    if not 0 < level < 1:
-        raise HaloBalanceError(f"--level must lie in (0, 1), got {level}")
-    if n_resamples < 1 or n_permutations < 1:
-        raise HaloBalanceError("--resamples and --permutations must be at least 1")
+    _check_options(out=out, table_path=table_path, overwrite=overwrite, level=level, n_resamples=n_resamples,
+                   n_permutations=n_permutations, threshold=threshold, thresholds=thresholds, n_bins=n_bins,
+                   min_deaths=min_deaths, aggregate=aggregate, fairness_min_share=fairness_min_share)
+    inputs = [Path(source) / "predictions.parquet" if Path(source).is_dir() else Path(source)]
+    clash = [p for p in (out, table_path) if p.resolve() in {i.resolve() for i in inputs}]
+    if clash:
+        raise HaloBalanceError(f"--out {out} would overwrite the audited predictions {clash[0]} (the table is written "
+                               "beside the report, with the suffix .parquet); choose another --out")
     t0 = time.perf_counter()
-    predictions, meta = load_run(run_dir, groups=groups)
+    if Path(source).is_dir():
+        predictions, meta = load_run(source, groups=groups)
+        file = str(Path(source) / "predictions.parquet")
+    elif groups is None:
+        raise HaloBalanceError(f"--groups is needed to audit a predictions file ({source}): name its group columns")
+    else:
+        predictions, meta, file = load_predictions(source, groups=groups, threshold=threshold), {}, str(source)
     groups = list(groups or meta["groups"])
-    source = str(Path(run_dir) / "predictions.parquet")
+    unknown = [g for g in groups if g not in predictions.columns]
+    if unknown:
+        raise unknown_choice(f"--groups (the group columns of {file})", unknown, meta.get("groups") or [
+            c for c in predictions.columns if c not in REQUIRED_COLUMNS])
     share = meta.get("fairness_min_share", 0.0) if fairness_min_share is None else fairness_min_share
     design = Design.from_predictions(predictions, groups=groups, n_bins=n_bins, fairness_min_share=share,
-                                     methods=meta.get("methods"), source=source)
-    if reference not in design.methods():
-        raise DatasetError(f"reference method {reference!r} is not in the run", file=source, column="method",
-                           fix=f"pass --reference with one of {design.methods()}")
+                                     methods=meta.get("methods"), source=file)
+    methods = design.methods()
+    reference = reference or ("original" if "original" in methods else methods[0])
+    if reference not in methods:
+        raise unknown_choice(f"--reference (the methods of {file})", [reference], methods)
     models = list(dict.fromkeys(k for _, k in design.series))
     focus_model = focus_model or ("logreg" if "logreg" in models else models[0])
     if focus_model not in models:
-        raise DatasetError(f"model {focus_model!r} is not in the run", file=source, column="model",
-                           fix=f"pass --focus-model with one of {models}")
+        raise unknown_choice(f"--focus-model (the models of {file})", [focus_model], models)
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     say(f"audit: {design.n_patients} patients, {len(design.series)} (method, model) series; "
         f"{n_resamples} bootstrap resamples, {n_permutations} permutations")
@@ -476,7 +595,7 @@ def run_audit(run_dir: str | os.PathLike, out: str | os.PathLike, *, groups: Seq
                                       thresholds=thresholds, n_resamples=n_resamples, level=level, seed=seed,
                                       aggregate=aggregate)
     text = render(tab, design=design, predictions=predictions, sweep=sweep, meta=meta, focus_model=focus_model,
-                  reference=reference, run_dir=str(run_dir), seconds=time.perf_counter() - t0, min_deaths=min_deaths)
+                  reference=reference, source=str(source), seconds=time.perf_counter() - t0, min_deaths=min_deaths)
     long = pl.concat([tab.long(), sweep.with_columns(table=pl.lit("threshold_sweep"))], how="diagonal_relaxed")
     buf = io.BytesIO()
     long.write_parquet(buf)
@@ -486,21 +605,65 @@ def run_audit(run_dir: str | os.PathLike, out: str | os.PathLike, *, groups: Seq
     return out, table_path
 
 
+def _check_options(*, out: Path, table_path: Path, overwrite: bool, level: float, n_resamples: int,
+                   n_permutations: int, threshold: float, thresholds: Sequence[float], n_bins: int, min_deaths: int,
+                   aggregate: str, fairness_min_share: float | None) -> None:
+    for path in (out, table_path):
+        if path.is_dir():
+            raise HaloBalanceError(f"--out {out}: {path} is a folder; name the HTML file to write, "
+                                   f"e.g. {path / 'audit.html'}")
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{path} already exists; choose another --out or pass --overwrite")
+    check_writable(out, f"--out {out}")
+    if not 0 < level < 1:
+        raise HaloBalanceError(f"--level must lie in (0, 1), got {level}")
+    if n_resamples < 1 or n_permutations < 1:
+        raise HaloBalanceError("--resamples and --permutations must be at least 1")
+    if not 0 <= threshold <= 1:
+        raise HaloBalanceError(f"--threshold must lie in [0, 1], got {threshold}")
+    if not thresholds or not all(0 <= t <= 1 for t in thresholds):
+        raise HaloBalanceError(f"--thresholds must be values in [0, 1], got {list(thresholds)}")
+    if n_bins < 1:
+        raise HaloBalanceError(f"--bins must be at least 1, got {n_bins}")
+    if min_deaths < 0:
+        raise HaloBalanceError(f"--min-deaths must be at least 0, got {min_deaths}")
+    if aggregate not in ("fold_mean", "pooled"):
+        raise unknown_choice("--aggregate", [aggregate], ("fold_mean", "pooled"))
+    if fairness_min_share is not None and not 0 <= fairness_min_share < 1:
+        raise HaloBalanceError(f"--fairness-min-share must lie in [0, 1), got {fairness_min_share}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.2,0.5,0.8, "
+                                         f"got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.audit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the --out folder of a benchmarks.kfold run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="the --out folder of a benchmarks.kfold run")
+    source.add_argument("--predictions", metavar="FILE",
+                        help="a .parquet or .csv file of predictions made elsewhere: patient_id, the --groups "
+                             "columns, y_true, score; optional prediction, fold, method, model, visit_index")
     p.add_argument("--out", required=True, help="the HTML report to write (its table goes beside it, .parquet)")
-    p.add_argument("--groups", nargs="+", default=None, metavar="ATTR", help="default: the run's --groups")
+    p.add_argument("--groups", nargs="+", default=None, metavar="ATTR",
+                   help="group columns to audit (default: the run's --groups; required with --predictions)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="--predictions without a prediction column: prediction = score > this (default 0.5)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--permutations", type=int, default=1000, help="permutation-test resamples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
-    p.add_argument("--reference", default="original", help="the method every other method is compared with")
+    p.add_argument("--reference", default=None,
+                   help="the method every other method is compared with (default original, else the first)")
     p.add_argument("--focus-model", default=None, help="model of the calibration curves and threshold sweep "
-                   "(default logreg)")
+                   "(default logreg, else the first)")
     p.add_argument("--aggregate", choices=("fold_mean", "pooled"), default="fold_mean")
-    p.add_argument("--thresholds", type=lambda s: tuple(float(x) for x in s.split(",")), default=DEFAULT_THRESHOLDS,
+    p.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS,
                    help="comma-separated thresholds of the sweep")
     p.add_argument("--bins", type=int, default=10, help="calibration bins")
     p.add_argument("--no-auroc", action="store_true", help="skip the AUROC bootstrap (the slowest part)")
@@ -516,7 +679,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    report, table = run_audit(a.run, a.out, groups=a.groups, n_resamples=a.resamples, n_permutations=a.permutations,
+    if a.run is not None and not Path(a.run).is_dir():
+        raise HaloBalanceError(f"--run {a.run} " + ("is a file; pass a predictions file as --predictions"
+                                                    if Path(a.run).exists() else
+                                                    "not found; pass the --out folder of a benchmarks.kfold run"))
+    if a.predictions is not None and Path(a.predictions).is_dir():
+        raise HaloBalanceError(f"--predictions {a.predictions} is a folder; pass a k-fold output folder as --run, "
+                               "and a predictions file (.parquet or .csv) as --predictions")
+    report, table = run_audit(a.run if a.run is not None else a.predictions, a.out, groups=a.groups,
+                              threshold=a.threshold, n_resamples=a.resamples, n_permutations=a.permutations,
                               seed=a.seed, level=a.level, reference=a.reference, focus_model=a.focus_model,
                               aggregate=a.aggregate, thresholds=a.thresholds, n_bins=a.bins, auroc=not a.no_auroc,
                               min_deaths=a.min_deaths, fairness_min_share=a.fairness_min_share,

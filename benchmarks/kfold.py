@@ -22,6 +22,15 @@ metrics (``benchmarks.metrics``) come from those predictions; groups under ``--f
 of a fold's training patients (default 1%, the paper's cut) keep their per-group metrics but are
 left out of the fairness measures. Seeds: the method and the models of fold k use ``seed + k``.
 
+Every option is checked before anything is written (``_check_config``): unknown methods, models,
+attributes and ``--train-options`` names or choices (with the closest suggested), ``--folds`` above
+the number of patients with the rarer outcome, an ``--out`` that cannot be created or overlaps
+``--data``. One progress bar covers the run: every unit and every FairPlay fold
+(``GENERATOR_WEIGHT`` units when its generator must be trained, ``BALANCE_WEIGHT`` when a cached
+one balances it), with an ETA. Ctrl-C says how many finished units and FairPlay generators were
+kept for a rerun. The run ends by printing the report's headline table
+(``benchmarks.report.headline``).
+
 The output folder::
 
     run.json              settings, data fingerprint, versions, wall times of each invocation
@@ -65,12 +74,12 @@ import numpy as np
 import polars as pl
 
 from halo_balance.data import META_FILE, PATIENTS_FILE, VISITS_FILE, VOCAB_FILE, PreparedDataset, VisitMatrix
-from halo_balance.errors import DatasetError, HaloBalanceError
-from halo_balance.io import atomic_write_bytes, read_json, write_json
+from halo_balance.errors import DatasetError, HaloBalanceError, unknown_choice
+from halo_balance.io import atomic_write_bytes, check_output_dir, check_writable, read_json, write_json
 
 from . import downstream, fairness_methods
-from .methods import METHODS, FairPlaySettings, SeparateModels, SingleModel, build_training_set, fairplay_dataset, \
-    settings_hash, training_rows
+from .methods import METHODS, FairPlaySettings, SeparateModels, SingleModel, build_training_set, \
+    check_train_options, fairplay_dataset, generator_key, settings_hash, training_rows
 from .metrics import groupings, group_labels, summarise, unit_metrics
 
 RUN_FILE = "run.json"
@@ -169,31 +178,33 @@ def run_kfold(*, data: str | os.PathLike, groups: Sequence[str], out: str | os.P
 
 def _run(cfg: _Config, *, argv: Sequence[str] | None) -> Path:
     started = time.perf_counter()
-    _check_config(cfg)
-    ds = PreparedDataset.load(cfg.data)
-    for attr in (*cfg.groups, *(cfg.stratify or ())):
-        if attr not in ds.group_attributes:
-            raise DatasetError(f"group attribute {attr!r} is not in this dataset (it has "
-                               f"{', '.join(ds.group_attributes)})", file=str(Path(cfg.data) / META_FILE),
-                               value=attr, fix="pass attributes listed in meta.json 'groups'")
+    ds, splits = _check_config(cfg)  # every option is checked before anything is written
     out = Path(cfg.out)
     run = _open_run(cfg, out, data_fingerprint(cfg.data), argv)
-    splits = ds.kfold(cfg.folds, groups=list(cfg.stratify or cfg.groups), seed=cfg.seed)
-    _write_parquet(out / "folds.parquet", pl.concat([
-        pl.DataFrame({"patient_id": test, "fold": np.full(len(test), k, dtype=np.int32)})
-        for k, (_, test) in enumerate(splits)]))
-
     pending = [(k, m, model) for k in range(cfg.folds) for m in cfg.methods for model in cfg.models
                if supports(m, model) and not _unit_done(out, k, m, model, cfg.unit_settings(m, model))]
-    baseline = [u for u in pending if not uses_fairplay_data(u[1])]
-    _execute(cfg, _tasks(cfg, baseline, splits), len(baseline), "units")
-    fair = [u for u in pending if uses_fairplay_data(u[1])]
-    if fair:
-        prepared = {k: _prepare_fairplay(cfg, ds, k, splits[k][0], run["data_fingerprint"])
-                    for k in sorted({u[0] for u in fair})}
-        _execute(cfg, _tasks(cfg, fair, splits, fairplay_data=prepared), len(fair), "fairplay units")
-
-    _assemble(cfg, ds, splits, out)
+    try:
+        _write_parquet(out / "folds.parquet", pl.concat([
+            pl.DataFrame({"patient_id": test, "fold": np.full(len(test), k, dtype=np.int32)})
+            for k, (_, test) in enumerate(splits)]))
+        baseline = [u for u in pending if not uses_fairplay_data(u[1])]
+        fair = [u for u in pending if uses_fairplay_data(u[1])]
+        steps = _fairplay_steps(cfg, ds, splits, sorted({u[0] for u in fair}), run["data_fingerprint"])
+        with _Progress(cfg.progress, n_units=len(pending), steps=steps) as bar:
+            _execute(cfg, _tasks(cfg, baseline, splits), bar)
+            if fair:
+                prepared = {k: _prepare_fairplay(cfg, ds, k, splits[k][0], run["data_fingerprint"], bar)
+                            for k in sorted({u[0] for u in fair})}
+                _execute(cfg, _tasks(cfg, fair, splits, fairplay_data=prepared), bar)
+        _assemble(cfg, ds, splits, out)
+    except KeyboardInterrupt as exc:
+        # cli.run prints exc.kept; it replaces a generator training's own note (its checkpoint),
+        # since rerunning this command resumes that training too
+        left = sum(not _unit_done(out, *u, cfg.unit_settings(*u[1:])) for u in pending)
+        run["invocations"][-1].update(interrupted=_now(), units_computed=len(pending) - left)
+        write_json(out / RUN_FILE, run)
+        exc.kept = _kept(cfg, out)
+        raise
     run["invocations"][-1].update(finished=_now(), wall_seconds=round(time.perf_counter() - started, 1),
                                   units_computed=len(pending))
     write_json(out / RUN_FILE, run)
@@ -202,13 +213,34 @@ def _run(cfg: _Config, *, argv: Sequence[str] | None) -> Path:
     return out
 
 
-def _check_config(cfg: _Config) -> None:
+def _kept(cfg: _Config, out: Path) -> str:
+    """What an interrupted run leaves for a rerun to reuse."""
+    units = [(k, m, model) for k in range(cfg.folds) for m in cfg.methods for model in cfg.models
+             if supports(m, model)]
+    done = sum(_unit_done(out, *u, cfg.unit_settings(*u[1:])) for u in units)
+    text = f"kept {done} of {len(units)} finished (fold, method, model) units in {out / 'units'}"
+    if any(uses_fairplay_data(m) for m in cfg.methods):
+        gen = _generator_dir(cfg)
+        found = [p for p in gen.iterdir() if not p.name.startswith(".")] if gen.is_dir() else []
+        trained = sum(not p.name.endswith(".training") for p in found)
+        text += f" and {trained} FairPlay generator(s) in {gen}"
+        if len(found) > trained:
+            text += f" (plus {len(found) - trained} interrupted training(s), resumed from their checkpoint)"
+    return text + "; run the same command again to resume from them (--overwrite starts over)"
+
+
+def _check_config(cfg: _Config) -> tuple[PreparedDataset, list[tuple[np.ndarray, np.ndarray]]]:
+    """Check every option against the data; returns the dataset and its folds. Writes nothing."""
+    if not cfg.methods:
+        raise HaloBalanceError(f"--methods is empty; choose from {', '.join(ALL_METHODS)}")
     unknown = [m for m in cfg.methods if m not in ALL_METHODS]
-    if unknown or not cfg.methods:
-        raise HaloBalanceError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if unknown:
+        raise unknown_choice("--methods", unknown, ALL_METHODS)
+    if not cfg.models:
+        raise HaloBalanceError(f"--models is empty; choose from {', '.join(downstream.MODELS)}")
     unknown = [m for m in cfg.models if m not in downstream.MODELS]
-    if unknown or not cfg.models:
-        raise HaloBalanceError(f"unknown model(s) {unknown}; choose from {', '.join(downstream.MODELS)}")
+    if unknown:
+        raise unknown_choice("--models", unknown, downstream.MODELS)
     if len(set(cfg.groups)) != len(cfg.groups) or not cfg.groups:
         raise HaloBalanceError(f"--groups needs one or more distinct attributes, got {list(cfg.groups)}")
     if cfg.folds < 2:
@@ -219,6 +251,49 @@ def _check_config(cfg: _Config) -> None:
         raise HaloBalanceError(f"--ratio must lie in [0, 1], got {cfg.ratio}")
     if cfg.min_cell_size < 1:
         raise HaloBalanceError(f"--min-cell-size must be at least 1, got {cfg.min_cell_size}")
+    if not 0.0 <= cfg.fairness_min_share < 1.0:
+        raise HaloBalanceError(f"--fairness-min-share must lie in [0, 1), got {cfg.fairness_min_share}")
+    if cfg.fairplay.batch_size < 1:
+        raise HaloBalanceError(f"--batch-size must be at least 1, got {cfg.fairplay.batch_size}")
+    if cfg.fairplay.device not in ("auto", "cpu", "cuda"):
+        raise unknown_choice("--device", [cfg.fairplay.device], ("auto", "cpu", "cuda"))
+    check_train_options(cfg.fairplay.train_options)
+    _check_paths(cfg)
+
+    ds = PreparedDataset.load(cfg.data)
+    for option, attrs in (("--groups", cfg.groups), ("--stratify", cfg.stratify or ())):
+        unknown = [a for a in attrs if a not in ds.group_attributes]
+        if unknown:
+            raise unknown_choice(f"{option} (the group attributes of {Path(cfg.data) / META_FILE})", unknown,
+                                 ds.group_attributes)
+    outcomes = ds.patients["label"].value_counts()
+    rarest = int(outcomes["count"].min()) if outcomes.height == 2 else 0
+    if rarest < 2:
+        raise DatasetError(f"{rarest} of the {ds.n_patients} patients have the rarer outcome; the benchmark needs "
+                           "at least 2 of each outcome (a test fold without deaths has no F1)",
+                           file=str(Path(cfg.data) / PATIENTS_FILE), column="label")
+    if cfg.folds > rarest:
+        raise HaloBalanceError(
+            f"--folds {cfg.folds} is too many for {cfg.data}: every test fold needs patients of both outcomes, and "
+            f"only {rarest} of its {ds.n_patients} patients have the rarer one; pass --folds {min(5, rarest)}"
+            + (f" (at most {rarest})" if rarest > 5 else ""))
+    return ds, ds.kfold(cfg.folds, groups=list(cfg.stratify or cfg.groups), seed=cfg.seed)
+
+
+def _check_paths(cfg: _Config) -> None:
+    """``--out`` must be creatable, outside the data, and empty or an earlier run (``--overwrite`` acts
+    in :func:`_open_run`); ``--generator-cache`` a writable folder outside the data, reused as it is."""
+    check_output_dir(cfg.out, overwrite=True, inputs=[cfg.data], what="--out")
+    cache = cfg.generator_cache
+    if cache is None:
+        return
+    if not Path(cache).is_dir():
+        check_output_dir(cache, overwrite=False, inputs=[cfg.data], what="--generator-cache")
+    elif Path(cfg.data) in (Path(cache), *Path(cache).parents):
+        raise HaloBalanceError(f"--generator-cache {cache} lies inside the input {cfg.data}; choose a folder "
+                               "outside the input")
+    else:
+        check_writable(cache, f"--generator-cache {cache}")
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:
@@ -312,18 +387,75 @@ def _tasks(cfg: _Config, units: list[tuple[int, str, str]], splits: list[tuple[n
             for (k, method), models in by_pair.items()]
 
 
-def _execute(cfg: _Config, tasks: list[_Task], n_units: int, what: str) -> None:
-    """Run tasks in parallel (joblib), advancing one progress bar per finished unit batch."""
+# Progress weights: a (fold, method, model) unit counts 1; a FairPlay fold step counts as many units as
+# it roughly costs: training its generator and balancing, or balancing alone with a cached generator
+# (CPU-time ratios measured on the eICU demo and the simulated cohort, benchmarks/RESULTS.md: a
+# generator cost 3-40 downstream units, balancing 2-6).
+GENERATOR_WEIGHT = 15
+BALANCE_WEIGHT = 3
+
+
+class _Progress:
+    """One bar for the whole run: every unit and every FairPlay generator, with an ETA."""
+
+    def __init__(self, enabled: bool, *, n_units: int, steps: dict[int, int]) -> None:
+        self.enabled, self.n_units, self.steps = enabled, n_units, steps
+        self.units = self.generators = 0
+        self.n_generators = sum(w == GENERATOR_WEIGHT for w in steps.values())
+        self.bar = None
+        if enabled and n_units:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=n_units + sum(steps.values()), desc="k-fold", file=sys.stderr, smoothing=0,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+            self._show("")
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _show(self, doing: str, *, refresh: bool = True) -> None:
+        counts = f"units {self.units}/{self.n_units}"
+        if self.n_generators:
+            counts += f", generators {self.generators}/{self.n_generators}"
+        self.bar.set_postfix_str(f"{counts}{'; ' + doing if doing else ''}", refresh=refresh)
+
+    def doing(self, what: str) -> None:
+        if self.bar is not None:
+            self._show(what)
+
+    def units_done(self, n: int, what: str = "") -> None:
+        self.units += n
+        if self.bar is not None:  # the counts first, so that the bar never shows stale ones
+            self._show(what, refresh=False)
+            self.bar.update(n)
+
+    def fold_prepared(self, fold: int) -> None:
+        weight = self.steps.get(fold, 0)
+        self.generators += weight == GENERATOR_WEIGHT
+        if self.bar is not None:
+            self._show("", refresh=False)
+            self.bar.update(weight)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+
+
+def _execute(cfg: _Config, tasks: list[_Task], bar: _Progress) -> None:
+    """Run tasks in parallel (joblib), advancing the bar per finished unit batch."""
     if not tasks:
         return
     from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
 
-    with tqdm(total=n_units, desc=what, disable=not cfg.progress, file=sys.stderr) as bar:
-        for infos in Parallel(n_jobs=min(cfg.jobs, len(tasks)), return_as="generator_unordered")(
-                delayed(_run_task)(t) for t in tasks):
-            bar.update(len(infos))
-            bar.set_postfix_str(f"{infos[0]['method']} fold {infos[0]['fold']}")
+    for infos in Parallel(n_jobs=min(cfg.jobs, len(tasks)), return_as="generator_unordered")(
+            delayed(_run_task)(t) for t in tasks):
+        bar.units_done(len(infos), f"{infos[0]['method']} fold {infos[0]['fold']}")
 
 
 _DATA_CACHE: dict[str, tuple[PreparedDataset, VisitMatrix]] = {}
@@ -407,23 +539,50 @@ def _write_parquet(path: Path, frame: pl.DataFrame) -> None:
 
 
 # ---------------------------------------------------------------------- FairPlay preparation
+def _generator_dir(cfg: _Config) -> Path:
+    return Path(cfg.generator_cache or Path(cfg.out) / "generators")
+
+
+def _fairplay_path(cfg: _Config, fold: int) -> Path:
+    return Path(cfg.out) / "fairplay" / f"fold{fold}-{cfg.unit_settings('fairplay-data', '')}"
+
+
+def _fairplay_done(path: Path) -> bool:
+    return (path / VISITS_FILE).is_file() and (path / TIMING_FILE).is_file()
+
+
+def _fairplay_steps(cfg: _Config, ds: PreparedDataset, splits: list[tuple[np.ndarray, np.ndarray]],
+                    folds: Sequence[int], fingerprint: str) -> dict[int, int]:
+    """``{fold: progress weight}`` of the FairPlay folds still to balance (see ``GENERATOR_WEIGHT``)."""
+    steps = {}
+    for k in folds:
+        if _fairplay_done(_fairplay_path(cfg, k)):
+            continue
+        key = generator_key(ds.select(splits[k][0]), fold=k, data_fingerprint=fingerprint,
+                            train_options=cfg.fairplay.train_options, seed=cfg.seed + k)
+        steps[k] = BALANCE_WEIGHT if (_generator_dir(cfg) / key).is_dir() else GENERATOR_WEIGHT
+    return steps
+
+
 def _prepare_fairplay(cfg: _Config, ds: PreparedDataset, fold: int, train_ids: np.ndarray,
-                      fingerprint: str) -> Path:
+                      fingerprint: str, bar: _Progress) -> Path:
     """Balance fold ``fold``'s training patients with FairPlay once; later runs reuse the saved result."""
-    path = Path(cfg.out) / "fairplay" / f"fold{fold}-{cfg.unit_settings('fairplay-data', '')}"
-    if (path / VISITS_FILE).is_file() and (path / TIMING_FILE).is_file():
+    path = _fairplay_path(cfg, fold)
+    if _fairplay_done(path):
         return path
     train = ds.select(train_ids)
-    if cfg.progress:
-        print(f"FairPlay fold {fold}: generator and balancing on {train.n_patients} training patients",
-              file=sys.stderr)
+    training = bar.steps.get(fold) == GENERATOR_WEIGHT
+    bar.doing(f"FairPlay fold {fold}: {'generator and ' if training else ''}balancing")
+    bar.write(f"FairPlay fold {fold}: {'training a generator and ' if training else ''}balancing "
+              f"{train.n_patients} training patients")
     balanced, plan, timings = fairplay_dataset(
         train, groups=cfg.groups, fold=fold, seed=cfg.seed + fold, settings=cfg.fairplay,
-        generator_dir=Path(cfg.generator_cache or Path(cfg.out) / "generators"), data_fingerprint=fingerprint,
+        generator_dir=_generator_dir(cfg), data_fingerprint=fingerprint,
         ratio=cfg.ratio, min_cell_size=cfg.min_cell_size, progress=cfg.progress)
     balanced.save(path, overwrite=True)
     _write_parquet(path / "plan.parquet", plan)
     write_json(path / TIMING_FILE, timings)  # written last: marks the folder complete
+    bar.fold_prepared(fold)
     return path
 
 
@@ -470,6 +629,17 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}; "
+                                         """write e.g. '{"preset": "small", "epochs": 20}'""") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of option: value pairs, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kfold", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -489,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attributes that stratify the folds with the outcome (default: --groups)")
     p.add_argument("--ratio", type=float, default=1.0, help="fraction of each cell's gap to fill (all methods)")
     p.add_argument("--min-cell-size", type=int, default=5, help="cells smaller than this are left as they are")
-    p.add_argument("--train-options", type=json.loads, default={}, metavar="JSON",
+    p.add_argument("--train-options", type=_json_object, default={}, metavar="JSON",
                    help="FairPlay generator training options (halo_balance.train.TrainOptions fields)")
     p.add_argument("--batch-size", type=int, default=256, help="FairPlay sampling batch size")
     p.add_argument("--allow-copies", action="store_true", help="FairPlay keeps synthetic copies of training records")
@@ -513,7 +683,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     min_cell_size=args.min_cell_size, fairplay=fairplay, generator_cache=args.generator_cache,
                     fairness_min_share=args.fairness_min_share, overwrite=args.overwrite,
                     progress=not args.no_progress, argv=argv)
-    print(f"report: {out / 'report.md'}")
+    from .report import headline
+    print(headline(out))
+    print(f"\nreport: {out / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import hashlib
 import json
 import shutil
 import time
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from halo_balance.data import PreparedDataset
-from halo_balance.errors import HaloBalanceError
+from halo_balance.errors import HaloBalanceError, unknown_choice
 from halo_balance.io import atomic_dir
 
 from . import downstream
@@ -374,6 +375,42 @@ def _train_options(options: Mapping[str, Any], *, seed: int, device: str, resume
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     run = {"seed": seed, "device": device, "resume": resume, "overwrite": not resume}
     return TrainOptions(**{**{k: v for k, v in run.items() if k in names}, **options})
+
+
+def check_train_options(options: Mapping[str, Any]) -> None:
+    """Fail early on generator training options that ``halo_balance.train.TrainOptions`` would reject:
+    an unknown name or choice (with the closest one suggested), a value of the wrong type or out of range."""
+    if not options:
+        return
+    from halo_balance.train import TrainOptions
+
+    hints = typing.get_type_hints(TrainOptions)
+    unknown = [k for k in options if k not in hints]
+    if unknown:
+        raise unknown_choice("--train-options", unknown, hints)
+    for name, value in options.items():
+        _check_option(name, value, hints[name])
+    try:
+        TrainOptions(**options).validate()
+    except HaloBalanceError as exc:
+        raise HaloBalanceError(f"--train-options: {exc}") from None
+
+
+def _check_option(name: str, value: Any, hint: Any) -> None:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        if value not in args:
+            raise unknown_choice(f"--train-options {name}", [value], args)
+        return
+    if type(None) in args:  # an optional value
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+    accepted = (int, float) if hint is float else (hint,)
+    if isinstance(value, bool) != (hint is bool) or not isinstance(value, accepted):
+        raise HaloBalanceError(f"--train-options: {name} must be a JSON "
+                               f"{ {bool: 'true or false', int: 'integer', float: 'number', str: 'string'}[hint]}"
+                               f"{' or null' if type(None) in args else ''}, got {value!r}")
 
 
 def load_or_train_generator(train: PreparedDataset, *, path: Path, train_options: Mapping[str, Any], seed: int,

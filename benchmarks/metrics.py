@@ -285,6 +285,27 @@ def group_labels(frame: pl.DataFrame, attributes: Sequence[str]) -> pl.Series:
                         .alias("group"))["group"]
 
 
+def group_patient_counts(predictions: pl.DataFrame | pl.LazyFrame, attributes: Sequence[str],
+                         ) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{grouping: {group: (patients, deaths)}}`` of a predictions table: its distinct patients (each
+    k-fold patient is tested in one fold) and those with a positive visit, counted in one series."""
+    lazy = predictions.lazy()
+    first = lazy.select("method", "model").first().collect()
+    patients = (lazy.filter((pl.col("method") == first["method"][0]) & (pl.col("model") == first["model"][0]))
+                .group_by("patient_id").agg(*(pl.col(a).first() for a in attributes), died=pl.col("y_true").max())
+                .collect())
+    out = {}
+    for name, attrs in groupings(attributes):
+        counts = patients.group_by(group_labels(patients, attrs)).agg(n=pl.len(), deaths=pl.col("died").sum())
+        out[name] = {r["group"]: (r["n"], int(r["deaths"])) for r in counts.iter_rows(named=True)}
+    return out
+
+
+def group_header(group: str, patients: object, deaths: object) -> str:
+    """A table header naming a group and what it holds; the k-fold report and the audit share it."""
+    return f"{group} (patients={patients}, deaths={deaths})"
+
+
 def unit_metrics(predictions: pl.DataFrame, *, attributes: Sequence[str],
                  train_sizes: Mapping[str, Mapping[str, float]], min_share: float = 0.0) -> pl.DataFrame:
     """The tidy long table of one (fold, method, model) unit.

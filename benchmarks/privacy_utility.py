@@ -96,8 +96,8 @@ def table_row(report: dict[str, Any], *, setting: str, options: dict[str, Any], 
     worst = max(attributes, key=lambda a: attributes[a]["advantage"])
     row.update(attribute_advantage=attributes[worst]["advantage"], attribute_worst=worst,
                token_r2=stats["unigram_per_visit"]["r2"], pair_r2=stats["pair_per_visit"]["r2"],
-               token_r2_ceiling=stats["unigram_per_visit"]["ceiling_r2"],
-               pair_r2_ceiling=stats["pair_per_visit"]["ceiling_r2"],
+               token_r2_reference=stats["unigram_per_visit"]["reference_r2"],
+               pair_r2_reference=stats["pair_per_visit"]["reference_r2"],
                verdict=priv["verdict"]["level"], rejected_copies=copies["rejected_copies"],
                kept_copies=copies["kept_copies"])
     return row

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from halo_balance.errors import HaloBalanceError
 from halo_balance.io import atomic_write_bytes, read_json
 
 from .methods import SEPARATE_MIN_PER_CLASS
-from .metrics import FAIRNESS_METRICS, GROUP_SEPARATOR, groupings
+from .metrics import FAIRNESS_METRICS, GROUP_SEPARATOR, group_header, group_patient_counts, groupings
 
 MODEL_MEAN = "mean"
 PLOT_MIN_SHARE = 0.01
@@ -108,12 +108,13 @@ def fairness_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str
     return markdown_table(["method", *(FAIRNESS_LABELS[k] for k in FAIRNESS_METRICS), "vs original"], rows)
 
 
-def group_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str, metric: str) -> str:
-    """Methods x groups of one metric, averaged over models; the header gives test visits per fold."""
+def group_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str, metric: str,
+                counts: Mapping[str, tuple[int, int]] | None = None) -> str:
+    """Methods x groups of one metric, averaged over models; the header gives each group's test patients
+    and deaths over all folds (``counts``, :func:`benchmarks.metrics.group_patient_counts`)."""
     groups = _groups_of(summary, attribute)
-    sizes = [_cell(summary, method=methods[0], model=MODEL_MEAN, attribute=attribute, group=g, metric="n")[0]
-             for g in groups]
-    header = [f"{g} (n={s:.0f})" if s is not None else g for g, s in zip(groups, sizes, strict=True)]
+    counts = counts or {}
+    header = [group_header(g, *counts[g]) if g in counts else g for g in groups]
     rows = [[m, *(fmt(*_cell(summary, method=m, model=MODEL_MEAN, attribute=attribute, group=g, metric=metric))
                   for g in groups)] for m in methods]
     return markdown_table(["method", *header], rows)
@@ -225,13 +226,13 @@ def _partial_methods_note(summary: pl.DataFrame, methods: Sequence[str], models:
 def write_report(out: str | Path) -> Path:
     """Write ``out/report.md`` and ``out/plots/*.png`` from a finished k-fold folder."""
     out = Path(out)
-    for name in ("run.json", "summary.parquet", "units.parquet"):
-        if not (out / name).is_file():
-            raise HaloBalanceError(f"{out / name} is missing; run `python -m benchmarks.kfold ... --out {out}` first")
+    check_run(out)
     run = read_json(out / "run.json")
     summary, units = pl.read_parquet(out / "summary.parquet"), pl.read_parquet(out / "units.parquet")
     methods = [m for m in run["methods"] if m in set(summary["method"])]
     models = [m for m in run["models"] if m in set(summary["model"])]
+    counts = group_patient_counts(pl.scan_parquet(out / "predictions.parquet"), run["groups"])
+    finest = groupings(run["groups"])[-1][0]
     last = run["invocations"][-1]
     lines = [
         "# k-fold benchmark report", "",
@@ -247,8 +248,11 @@ def write_report(out: str | Path) -> Path:
         f"{last.get('wall_seconds', 'n/a')} s, {last.get('units_computed', 'n/a')} units computed",
         f"- versions: {', '.join(f'{k} {v}' for k, v in run['versions'].items())}", "",
         "Values are mean ± standard error over folds; `mean of models` averages the downstream models "
-        "within each fold first. Metrics are computed on test visits." + _partial_methods_note(summary, methods, models),
+        "within each fold first. Metrics are computed on test visits; the group headers count test patients "
+        "(each is tested in one fold) and those who died." + _partial_methods_note(summary, methods, models),
         "",
+        "## Headline", "", f"Averaged over models; Theil index and weighted disparate impact over {finest}.", "",
+        headline(out), "",
         "## Overall F1", "", overall_table(summary, methods, models, "f1"), "",
         "## Overall AUROC", "", overall_table(summary, methods, models, "auroc"), "",
     ]
@@ -259,10 +263,10 @@ def write_report(out: str | Path) -> Path:
                   "training group size, or averaged), nearer 1 is fairer; Theil index over group F1s, lower is "
                   "fairer; the gaps are largest minus smallest group value.", "",
                   fairness_table(summary, methods, attribute), "",
-                  f"### F1 by {attribute}", "", group_table(summary, methods, attribute, "f1"), "",
+                  f"### F1 by {attribute}", "", group_table(summary, methods, attribute, "f1", counts[attribute]), "",
                   f"### Underdiagnosis rate (1 - TPR) by {attribute}", "",
-                  group_table(summary, methods, attribute, "underdiagnosis"), "",
-                  f"### FPR by {attribute}", "", group_table(summary, methods, attribute, "fpr"), ""]
+                  group_table(summary, methods, attribute, "underdiagnosis", counts[attribute]), "",
+                  f"### FPR by {attribute}", "", group_table(summary, methods, attribute, "fpr", counts[attribute]), ""]
         bars = plot_group_bars(summary, methods, attribute, ["f1"], plots / f"group_f1_{_slug(attribute)}.png")
         gaps = plot_group_bars(summary, methods, attribute, ["fpr", "underdiagnosis"],
                                plots / f"group_fpr_udr_{_slug(attribute)}.png")
@@ -291,6 +295,24 @@ def write_report(out: str | Path) -> Path:
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+def headline(out: str | Path) -> str:
+    """The headline table of a finished k-fold folder, the first table of its report: per method, F1
+    (and its change against ``original``), AUROC, Theil index and weighted disparate impact, averaged
+    over models (:func:`compare_runs` of this one run)."""
+    return compare_runs([out])
+
+
+RUN_FILES = ("run.json", "summary.parquet", "units.parquet", "predictions.parquet")
+
+
+def check_run(out: str | Path) -> None:
+    """Fail unless ``out`` holds the tables of a finished k-fold run."""
+    missing = [name for name in RUN_FILES if not (Path(out) / name).is_file()]
+    if missing:
+        raise HaloBalanceError(f"{out} is not a finished k-fold run (missing {', '.join(missing)}); pass the --out "
+                               "folder of a `python -m benchmarks.kfold` run that has finished, or rerun it")
 
 
 def compare_runs(outs: Sequence[str | Path]) -> str:
@@ -330,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--compare", action="store_true",
                    help="print one table across the runs (F1, AUROC, Theil, DI per method) instead")
     args = p.parse_args(argv)
+    for out in args.out:  # every folder before any output
+        check_run(out)
     if args.compare:
         print(compare_runs(args.out))
         return

@@ -32,7 +32,8 @@ Conventions follow :mod:`benchmarks.metrics` so that point estimates equal the h
 undefined values are NaN (F1 and precision without a positive label or prediction, TPR without
 positives, FPR without negatives); every statistic is computed within a fold; the model average is
 taken within each fold, then the mean over folds. Disparate impact uses each fold's training
-majority (training size = all patients minus the fold's test patients) and training-size weights.
+majority (training size = all patients minus the fold's test patients; with a single fold, the
+audited patients themselves) and training-size weights.
 Group gaps are ``metric(group) - metric(reference)``, the reference being each attribute's largest
 group, and ``max - min``. With ``fairness_min_share`` (the run's setting), groups under that share of
 a fold's training patients are left out of the fairness measures, as in the harness.
@@ -162,7 +163,8 @@ class Design:
             ``fold, method, model, patient_id, visit_index, <groups>, y_true, score, prediction``;
             one row per (method, model, test visit). Every series must cover the same test visits
             with the same labels (the design is paired) and every patient of the data must be a
-            test patient of exactly one fold (so that training sizes follow from the folds).
+            test patient of exactly one fold (so that training sizes follow from the folds; with a
+            single fold the audited patients' own group sizes are used).
         groups : the run's group attributes (columns of ``predictions``); with several, their
             intersection is audited too, as in the harness.
         n_bins : calibration bins.
@@ -217,7 +219,9 @@ class Design:
         sizes = {a: np.zeros((F, len(categories[a])), np.int64) for a in categories}
         for a in categories:
             np.add.at(sizes[a], (fold_code, labels[a]), 1)
-        train_sizes = {a: s.sum(0, keepdims=True) - s for a, s in sizes.items()}
+        # a fold's training patients are the other folds'; with one fold (predictions audited without
+        # folds) there are none, and the audited patients' group sizes stand in
+        train_sizes = {a: s.sum(0, keepdims=True) - s if len(folds) > 1 else s.copy() for a, s in sizes.items()}
         # the harness's majority: the largest group, ties to the last name (max over (size, name))
         largest = lambda s: s.shape[-1] - 1 - np.argmax(s[..., ::-1], axis=-1)  # noqa: E731
         reference = {a: int(largest(s.sum(0))) for a, s in sizes.items()}
@@ -845,6 +849,8 @@ def audit_statistics(design: Design, *, reference: str = "original", n_resamples
     labels, paired = paired_permutation(design, reference=reference, n_permutations=n_permutations, seed=seed,
                                         aggregate=aggregate)
     for (attr, metric), (obs, p) in paired.items():
+        if not len(obs):  # one method only: nothing to compare
+            continue
         lo, hi = boot.interval(("compare", attr, metric))
         rows_c += [(m, reference, k, attr, metric, obs[s], lo[s], hi[s], p[s]) for s, (m, k) in enumerate(labels)]
     base = ["method", "model", "attribute"]

@@ -131,7 +131,7 @@ def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
     if lab_source not in ("lab", "apache"):
         raise DatasetError("must be 'lab' or 'apache'", column="lab_source", value=lab_source)
     check_parameters(n_lab_items=n_lab_items, n_bins=n_bins, max_visits=max_visits)
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from])
     lab_table_name = "lab" if lab_source == "lab" else "apacheApsVar"
     reference = (Reference.load(bins_from, source=SOURCE, lab_source=f"eicu:{lab_table_name}")
                  if bins_from else None)

@@ -141,7 +141,7 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
         raise DatasetError("must be 'admission' or 'gap'", column="visit_rule", value=visit_rule)
     if gap_hours <= 0:
         raise DatasetError("must be positive", column="gap_hours", value=gap_hours)
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from, labels])
     reference = Reference.load(bins_from, source=None, lab_source=None) if bins_from else None
     root = Path(root)
     files = sorted((root / "data").glob("**/*.parquet")) if (root / "data").is_dir() else []

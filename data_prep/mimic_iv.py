@@ -120,7 +120,7 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
     The prepared dataset, already saved to ``out``.
     """
     check_parameters(n_lab_items=n_lab_items, n_bins=n_bins, max_visits=max_visits)
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from])
     reference = Reference.load(bins_from, source=SOURCE, lab_source=LAB_SOURCE) if bins_from else None
     roots = table_roots(Path(root), "hosp")
     with_labs = bool(reference.lab_items) if reference else n_lab_items > 0

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from .config import ConditionLayout
 from .copies import COPY_K, CopyFilter, RecordCounts, draw_without_copies
 from .data import PreparedDataset
 from .errors import HaloBalanceError
-from .plan import plan_cells
+from .plan import AmplificationWarning, amplification_warnings, cell_name, plan_cells
 
 
 @dataclass
@@ -64,7 +65,7 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
               min_cell_size: int = 5, include_empty_cells: bool = False, allow_copies: bool = False,
               copy_k: int = COPY_K, max_rounds: int = 10, seed: int = 0, batch_size: int = 256, device: str = "auto",
               train_options: Any = None, model_dir: str | os.PathLike | None = None,
-              progress: bool = True) -> BalanceResult:
+              progress: bool = True, targets: Mapping[tuple, int] | None = None) -> BalanceResult:
     """Balance ``train`` on outcome x ``groups`` with a conditional HALO generator.
 
     Parameters
@@ -75,8 +76,10 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
         Attributes that define the cells with the outcome; empty balances the outcome only.
     model : HaloModel, path or None
         A trained generator (or its folder); ``None`` trains one on ``train`` with ``train_options``.
-    ratio, min_cell_size, include_empty_cells
-        See :func:`halo_balance.plan.plan_cells`.
+    ratio, min_cell_size, include_empty_cells, targets
+        See :func:`halo_balance.plan.plan_cells`. A cell amplified more than
+        :data:`~halo_balance.plan.AMPLIFICATION_WARNING` times raises an
+        :class:`~halo_balance.plan.AmplificationWarning`.
     allow_copies : bool
         Keep every synthetic record, copies of rare training records included.
     copy_k : int
@@ -92,7 +95,8 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
     train_options : halo_balance.train.TrainOptions, optional
         Used when ``model`` is None; default: the ``tiny`` preset with this ``seed``.
     model_dir : path, optional
-        Where a newly trained model is saved (default: a temporary folder, deleted afterwards).
+        Where a newly trained model is saved (default: a temporary folder, deleted afterwards;
+        ``python -m halo_balance.generate`` trains in ``OUT/model``).
     progress : bool
     """
     from .model import HaloModel
@@ -106,7 +110,9 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
     if real.n_patients == 0:
         raise HaloBalanceError("the training data holds no real patients; nothing to balance")
     plan = plan_cells(real, groups=groups, ratio=ratio, min_cell_size=min_cell_size,
-                      include_empty_cells=include_empty_cells)
+                      include_empty_cells=include_empty_cells, targets=targets)
+    for line in amplification_warnings(plan, groups):
+        warnings.warn(line, AmplificationWarning, stacklevel=2)
     if model is None:
         model = _train(real, train_options, seed=seed, device=device, model_dir=model_dir, progress=progress)
     elif isinstance(model, (str, os.PathLike)):
@@ -127,7 +133,7 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
             "generator memorises these cells. Train with more regularisation (or with --dp-epsilon), raise "
             "max_rounds, or pass allow_copies/--allow-copies")
 
-    synthetic = _renumber(draw.dataset, real)
+    synthetic = _renumber(draw.dataset, train)
     generated = np.bincount(cell_of, minlength=plan.height)
     plan = plan.with_columns(generated=pl.Series(generated, dtype=pl.Int64),
                              rejected=pl.Series(np.bincount(cell_of, weights=draw.rejected, minlength=plan.height)
@@ -183,10 +189,10 @@ def _conditions(real: PreparedDataset, plan: pl.DataFrame, groups: list[str], *,
     return pl.concat(frames), np.concatenate(cells)
 
 
-def _renumber(synthetic: PreparedDataset, real: PreparedDataset) -> PreparedDataset:
-    """Give the synthetic patients the ids ``syn-000001``...; never one of the real ids."""
+def _renumber(synthetic: PreparedDataset, train: PreparedDataset) -> PreparedDataset:
+    """Give the synthetic patients the ids ``syn-000001``...; never one of ``train``'s ids."""
     prefix = "syn"
-    real_ids = real.patients["patient_id"]
+    real_ids = train.patients["patient_id"]
     while real_ids.str.starts_with(f"{prefix}-").any():
         prefix += "x"
     width = max(6, len(str(synthetic.n_patients)))
@@ -198,4 +204,4 @@ def _renumber(synthetic: PreparedDataset, real: PreparedDataset) -> PreparedData
 
 
 def _cell_names(cells: pl.DataFrame, groups: list[str]) -> str:
-    return "; ".join(",".join(f"{c}={r[c]}" for c in ["label", *groups]) for r in cells.iter_rows(named=True))
+    return "; ".join(cell_name(r, groups) for r in cells.iter_rows(named=True))

@@ -2,14 +2,17 @@
 
 Each stage is a module with its own ``main(argv)`` (``python -m halo_balance.train`` ...). The console
 script dispatches ``halo-balance <command> ...`` to the same functions. :func:`run` turns this
-package's input errors into one clear line on stderr and exit status 2, never a traceback.
+package's input errors into one clear line on stderr and exit status 2, never a traceback, and
+Ctrl-C into exit status 130 with a line that says what was kept: commands that keep resumable
+state (training checkpoints, finished units) say so with :func:`interrupt_note`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .errors import HaloBalanceError
 
@@ -18,6 +21,7 @@ COMMANDS = {
     "prepare-mimic-iv": "data_prep.mimic_iv",
     "prepare-eicu": "data_prep.eicu",
     "prepare-meds": "data_prep.meds",
+    "split": "halo_balance.split",
     "train": "halo_balance.train",
     "sample": "halo_balance.sample",
     "evaluate": "halo_balance.evaluate",
@@ -36,10 +40,26 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except HaloBalanceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; no partial output was kept", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted; {getattr(exc, 'kept', None) or 'no partial output was kept'}", file=sys.stderr)
         sys.exit(130)
     sys.exit(0)
+
+
+@contextlib.contextmanager
+def interrupt_note(note: str | Callable[[], str | None]) -> Iterator[None]:
+    """On Ctrl-C inside the block, :func:`run` reports ``note`` (what was kept and how to go on).
+
+    ``note`` may be a function, called at the interruption (what was kept may depend on how far
+    the work got); ``None`` or ``""`` keeps the default "no partial output was kept". The innermost
+    block that has something to say wins.
+    """
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if not getattr(exc, "kept", None):
+            exc.kept = note() if callable(note) else note
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from .errors import HaloBalanceError
+from .errors import HaloBalanceError, did_you_mean
 
 PresetName = Literal["tiny", "small", "base"]
 #: ``model_type`` of ``config.json``: the name under which ``halo_balance.hf`` registers the model
@@ -212,12 +212,14 @@ class ConditionLayout:
         columns = ["label", *self.groups]
         unknown = sorted(set(fixed) - set(columns))
         if unknown:
-            raise HaloBalanceError(f"unknown condition attribute(s) {unknown}; the model knows {columns}")
+            bad = ", ".join(f"{u!r}{did_you_mean(u, columns)}" for u in unknown)
+            raise HaloBalanceError(f"unknown condition attribute {bad}; the model knows {columns}")
         if "label" in fixed:
             fixed["label"] = _as_label(fixed["label"])
         for attr, value in fixed.items():
             if attr != "label" and value not in self.groups[attr]:
-                raise HaloBalanceError(f"condition {attr}={value!r}: not one of the categories {self.groups[attr]}")
+                raise HaloBalanceError(f"condition {attr}={value!r}{did_you_mean(value, self.groups[attr])}: not one "
+                                       f"of the categories {self.groups[attr]}")
         schema = {"label": pl.Int8, **{a: pl.String for a in self.groups}}
         if len(fixed) == len(columns):
             return pl.DataFrame({c: [fixed[c]] * n for c in columns}, schema=schema)
@@ -232,7 +234,13 @@ class ConditionLayout:
 
 
 def parse_condition(text: str) -> dict[str, Any]:
-    """``"label=1,gender=F"`` -> ``{"label": 1, "gender": "F"}`` (used by the command lines)."""
+    """``"label=1,gender=F"`` -> ``{"label": 1, "gender": "F"}`` (used by the command lines).
+
+    An empty text is an error, not "no condition": leaving the condition out means that.
+    """
+    if not text.strip():
+        raise HaloBalanceError(f"condition {text!r} is empty; give attribute=value pairs such as \"label=1\", "
+                               "or leave the condition out to draw every attribute from the training frequencies")
     out: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")

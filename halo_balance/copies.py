@@ -160,7 +160,8 @@ def add_copy_arguments(parser) -> None:
     parser.add_argument("--copy-k", type=int, default=COPY_K,
                         help="copies of records held by fewer than this many training patients are re-drawn; "
                              "copies of records that at least this many share are kept (default %(default)s)")
-    parser.add_argument("--max-rounds", type=int, default=10, help="re-draw rounds for rejected copies")
+    parser.add_argument("--max-rounds", type=int, default=10,
+                        help="re-draw rounds for rejected copies (default %(default)s)")
 
 
 def describe_copies(summary: dict[str, Any]) -> str:

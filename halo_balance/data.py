@@ -29,7 +29,7 @@ import polars as pl
 import pyarrow as pa
 import scipy.sparse as sp
 
-from .errors import DatasetError
+from .errors import DatasetError, did_you_mean
 from .io import atomic_dir, read_json, write_json
 
 FORMAT_VERSION = 1
@@ -453,8 +453,8 @@ class PreparedDataset:
     def _check_attributes(self, groups: Sequence[str]) -> None:
         unknown = [g for g in groups if g not in self.meta["groups"]]
         if unknown:
-            raise DatasetError(f"unknown group attribute(s) {unknown}; this dataset has "
-                               f"{self.group_attributes}", file=META_FILE, value=unknown[0])
+            bad = ", ".join(f"{g!r}{did_you_mean(g, self.group_attributes)}" for g in unknown)
+            raise DatasetError(f"unknown group attribute {bad}; this dataset has {self.group_attributes}")
 
     def kfold(self, n_splits: int = 5, *, groups: Sequence[str] | None = None,
               seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

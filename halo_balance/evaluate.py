@@ -4,12 +4,17 @@
 [--model MODEL_DIR] --out REPORT`` writes ``REPORT/report.json`` and ``REPORT/report.md``.
 
 The report opens with a plain-language privacy verdict built from every attack, the worst one named
-next to its baseline (:func:`halo_balance.privacy.privacy_verdict`). ``--real`` is the data the
-generator was trained on. ``--holdout`` holds real patients it never saw:
-they give the real-vs-real ceiling of every fidelity figure (training vs held-out) and the
-non-members of the membership attacks. Without it, ``--real`` is split into two stratified halves
-for the ceiling, the membership attacks are skipped, and the report says so. With ``--model`` the
-likelihood membership attack runs too.
+next to its baseline (:func:`halo_balance.privacy.privacy_verdict`).
+
+``--real`` is the data the generator was trained on. ``--holdout`` holds real patients it never saw
+(``python -m halo_balance.split`` makes both): they give the real reference of every fidelity
+figure and the non-members of the membership attacks. The reference is the same figure computed
+for a fresh real sample instead of the synthetic one: held-out patients, drawn (seeded) to the
+synthetic data's size when there are enough of them, since every figure depends on sample size;
+with fewer, all of them, and the report says that a larger synthetic sample may beat the
+reference by size alone. Without ``--holdout``, ``--real`` is split into two stratified halves
+(one plays the training data, a sample of the other the fresh sample), the membership attacks are
+skipped, and the report says so. With ``--model`` the likelihood membership attack runs too.
 
 Rows flagged ``synthetic`` in ``--real`` / ``--holdout`` and real rows in ``--synthetic`` (an
 augmented output holds both) are set aside and counted in the report.
@@ -36,7 +41,7 @@ from .fidelity import STATISTICS, fidelity_report
 from .io import atomic_dir, atomic_write_bytes, check_output_dir, read_json, write_json
 from .privacy import MAX_QUERIES, Metric, privacy_report, privacy_verdict
 
-REPORT_FORMAT = "halo_balance.evaluate/1"
+REPORT_FORMAT = "halo_balance.evaluate/2"  # 2: "ceiling" figures renamed "reference", size-matched
 
 
 def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: PreparedDataset | None = None,
@@ -55,7 +60,7 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
         Generated patients (an augmented dataset works too: only its synthetic rows are used).
     holdout : PreparedDataset, optional
         Real patients the generator never saw; without them ``real`` is split in halves for the
-        ceiling (``seed``, stratified by outcome x groups) and the membership attacks are skipped.
+        reference (``seed``, stratified by outcome x groups) and the membership attacks are skipped.
     model : HaloModel, optional
         The generator, for the likelihood membership attack (``halo_balance.train.dataset_log_likelihood``).
     log_likelihood : callable, optional
@@ -105,18 +110,22 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
             raise DatasetError(f"{len(overlap)} patient ids are both in the training data and the held-out data",
                                column="patient_id", value=sorted(overlap)[0],
                                fix="pass held-out patients the generator never saw")
-        reference = (real, holdout)
+        fresh = _sample_of(holdout, synthetic.n_patients, seed=seed)
+        reference = (real, fresh)
         victims_and_reference = None
-        notes.append("Ceilings compare the training data with the held-out data (--holdout); "
-                     "they depend on the held-out sample's size.")
+        notes.append(f"Real references compare the training data with {fresh.n_patients} held-out patients "
+                     "(--holdout) in place of the synthetic ones" + _size_note(fresh, synthetic))
     else:
         half_a, half_b = real.train_test_split(0.5, seed=seed)
-        reference = (real.select(half_a), real.select(half_b))
-        victims_and_reference = reference
-        data["halves"] = {"a": reference[0].n_patients, "b": reference[1].n_patients, "seed": seed}
-        notes.append("No held-out data was given: ceilings compare two stratified halves of the training "
-                     "data; the membership attacks are skipped; attribute inference attacks half a and "
-                     "uses half b as the reference attacker's data.")
+        victims_and_reference = (real.select(half_a), real.select(half_b))
+        fresh = _sample_of(victims_and_reference[1], synthetic.n_patients, seed=seed)
+        reference = (victims_and_reference[0], fresh)
+        data["halves"] = {"a": reference[0].n_patients, "b": victims_and_reference[1].n_patients, "seed": seed}
+        notes.append(f"No held-out data was given: real references compare half a of the training data with "
+                     f"{fresh.n_patients} patients of half b" + _size_note(fresh, synthetic) + " The membership "
+                     "attacks are skipped; attribute inference attacks half a and uses half b as the reference "
+                     "attacker's data.")
+    data["reference"] = {"patients": fresh.n_patients, "synthetic_patients": synthetic.n_patients}
     members = None
     is_left_out = pl.col("patient_id").is_in(pl.Series(list(not_members), dtype=pl.String).implode())
     left_out = real.patients.filter(is_left_out)["patient_id"]
@@ -150,6 +159,21 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
         notes.append(f"Privacy distances used a random sample of {n} of the {total} {side} records as queries.")
     report["elapsed_seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+def _sample_of(ds: PreparedDataset, n: int, *, seed: int) -> PreparedDataset:
+    """``n`` patients of ``ds`` drawn with ``seed`` (all of them when it has no more)."""
+    if ds.n_patients <= n:
+        return ds
+    ids = ds.patients["patient_id"].to_numpy()
+    return ds.select(np.random.default_rng(seed).choice(ids, size=n, replace=False))
+
+
+def _size_note(fresh: PreparedDataset, synthetic: PreparedDataset) -> str:
+    if fresh.n_patients < synthetic.n_patients:
+        return (f": fewer than the {synthetic.n_patients} synthetic patients, so a synthetic figure may beat "
+                "its reference by sample size alone.")
+    return ", as many as the synthetic patients."
 
 
 def _rows_of(ds: PreparedDataset, *, synthetic: bool, role: str, data: dict[str, Any]) -> PreparedDataset:
@@ -211,18 +235,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- **{role}**: {d['patients']} patients, {d['visits']} visits{extra}")
     lines += [f"- note: {n}" for n in report["notes"]] + ["", "## Fidelity", "",
               "R^2 is `r2_score(real, synthetic)` over the union of keys (a key missing on one side "
-              "counts as 0), as HALO reports it. The ceiling is the same figure between two real samples.",
-              "", "| statistic | R^2 synthetic vs real | ceiling (real vs real) | keys (real / synthetic) |",
+              "counts as 0), as HALO reports it. The real reference is the same figure for a fresh real sample "
+              f"({data['reference']['patients']} patients the generator never saw) in place of the synthetic "
+              "one: what real data of that size achieves; it is no ceiling.",
+              "", "| statistic | R^2 synthetic vs real | real reference | keys (real / synthetic) |",
               "| --- | ---: | ---: | ---: |"]
     for name in STATISTICS:
         s = fid["statistics"][name]
-        lines.append(f"| {name} | {_f(s['r2'])} | {_f(s['ceiling_r2'])} | {s['keys_real']} / {s['keys_synthetic']} |")
-    lines += ["", "| distribution | real mean (sd) | synthetic mean (sd) | Wasserstein | ceiling Wasserstein |",
+        lines.append(f"| {name} | {_f(s['r2'])} | {_f(s['reference_r2'])} | {s['keys_real']} / {s['keys_synthetic']} |")
+    lines += ["", "| distribution | real mean (sd) | synthetic mean (sd) | Wasserstein | real reference Wasserstein |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for name in ("record_length", "visit_size"):
         d = fid[name]
         lines.append(f"| {name.replace('_', ' ')} | {_ms(d['real'])} | {_ms(d['synthetic'])} | "
-                     f"{_f(d['wasserstein'])} | {_f(d['ceiling_wasserstein'])} |")
+                     f"{_f(d['wasserstein'])} | {_f(d['reference_wasserstein'])} |")
     lines += ["", f"Outcome rate: real {_f(fid['label_rate']['real'])}, synthetic "
               f"{_f(fid['label_rate']['synthetic'])}.", "",
               "| group | real share | synthetic share |", "| --- | ---: | ---: |"]
@@ -230,12 +256,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {attr}={c} | {_f(v['real'])} | {_f(v['synthetic'])} |" for c, v in cats.items()]
     lines += ["", "Per cell (outcome x group). Shares differ by design when the synthetic data tops up small "
               "cells; R^2 needs enough records on both sides (`-` otherwise).", "",
-              "| cell | n real | n synthetic | unigram/visit R^2 (ceiling) | unigram/record R^2 (ceiling) | "
+              "| cell | n real | n synthetic | unigram/visit R^2 (reference) | unigram/record R^2 (reference) | "
               "visits per record real / synthetic |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for c in fid["cells"]:
         lines.append(f"| {c['cell']} | {c['n_real']} | {c['n_synthetic']} | {_f(c['unigram_per_visit'])} "
-                     f"({_f(c['unigram_per_visit_ceiling'])}) | {_f(c['unigram_per_record'])} "
-                     f"({_f(c['unigram_per_record_ceiling'])}) | {_f(c['mean_record_length_real'])} / "
+                     f"({_f(c['unigram_per_visit_reference'])}) | {_f(c['unigram_per_record'])} "
+                     f"({_f(c['unigram_per_record_reference'])}) | {_f(c['mean_record_length_real'])} / "
                      f"{_f(c['mean_record_length_synthetic'])} |")
     cp, nn, mia, ai = (priv["exact_copies"], priv["nearest_neighbour"], priv["membership_inference"],
                        priv["attribute_inference"])
@@ -314,18 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    check_output_dir(args.out, overwrite=args.overwrite)
+    check_output_dir(args.out, overwrite=args.overwrite, what="--out",
+                     inputs=[args.real, args.synthetic, args.holdout, args.model])
     real = PreparedDataset.load(args.real)
     synthetic = PreparedDataset.load(args.synthetic)
     holdout = PreparedDataset.load(args.holdout) if args.holdout else None
     model, not_members = None, []
     if args.model:
-        from .model import HaloModel
+        from .model import HaloModel, model_folder
         from .train import TRAINING_FILE
 
         model = HaloModel.from_pretrained(args.model)
-        if (args.model / TRAINING_FILE).is_file():
-            not_members = read_json(args.model / TRAINING_FILE).get("validation_patient_ids", [])
+        if (model_folder(args.model) / TRAINING_FILE).is_file():
+            not_members = read_json(model_folder(args.model) / TRAINING_FILE).get("validation_patient_ids", [])
     report = evaluate(real, synthetic, holdout=holdout, model=model, seed=args.seed, metric=args.metric, k=args.k,
                       min_cell_records=args.min_cell_records,
                       cells=[c.split(",") for c in args.cells] if args.cells else None,
@@ -340,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     uni = report["fidelity"]["statistics"]["unigram_per_visit"]
     mia = report["privacy"]["membership_inference"]["distance"]
     print(f"privacy verdict: {report['privacy']['verdict']['text']}")
-    print(f"unigram R^2 {_f(uni['r2'])} (ceiling {_f(uni['ceiling_r2'])}); exact copies "
+    print(f"unigram R^2 {_f(uni['r2'])} (real reference {_f(uni['reference_r2'])}); exact copies "
           f"{report['privacy']['exact_copies']['synthetic_copies']}; distance MIA AUROC {_f(mia.get('auroc'))}")
     print(f"report written to {args.out}/report.md and report.json")
     return report

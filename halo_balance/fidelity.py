@@ -258,7 +258,7 @@ def fidelity_report(real: PreparedDataset, synthetic: PreparedDataset, *,
                     reference: tuple[PreparedDataset, PreparedDataset],
                     cells: Sequence[Sequence[str]] | None = None,
                     min_cell_records: int = 20) -> dict[str, Any]:
-    """Synthetic-vs-real fidelity, each figure beside its real-vs-real ceiling.
+    """Synthetic-vs-real fidelity, each figure beside its real reference.
 
     Parameters
     ----------
@@ -267,7 +267,9 @@ def fidelity_report(real: PreparedDataset, synthetic: PreparedDataset, *,
     synthetic : PreparedDataset
     reference : (PreparedDataset, PreparedDataset)
         Two disjoint real samples (training vs held-out patients, or two halves of ``real``); the
-        same comparison between them is the ceiling: what a fresh real sample achieves.
+        same comparison between them is the reference: what a fresh real sample achieves (of the
+        synthetic data's size, when the caller draws ``reference[1]`` so; see ``evaluate``). It is
+        no ceiling: a synthetic sample may beat it, e.g. by being larger.
     cells : sequence of sequences of str, optional
         Group attributes crossed with the outcome to form cells; default: each attribute alone.
     min_cell_records : int
@@ -276,9 +278,9 @@ def fidelity_report(real: PreparedDataset, synthetic: PreparedDataset, *,
     stats = {"real": code_statistics(real), "synthetic": code_statistics(synthetic)}
     ref_a = stats["real"] if reference[0] is real else code_statistics(reference[0])
     ref_b = code_statistics(reference[1])
-    versus, ceiling = compare_statistics(stats["real"], stats["synthetic"]), compare_statistics(ref_a, ref_b)
+    versus, ref = compare_statistics(stats["real"], stats["synthetic"]), compare_statistics(ref_a, ref_b)
     report: dict[str, Any] = {
-        "statistics": {name: {"r2": versus[name]["r2"], "ceiling_r2": ceiling[name]["r2"],
+        "statistics": {name: {"r2": versus[name]["r2"], "reference_r2": ref[name]["r2"],
                               "keys": versus[name]["keys"], "keys_real": versus[name]["keys_real"],
                               "keys_synthetic": versus[name]["keys_other"]} for name in STATISTICS},
     }
@@ -286,7 +288,7 @@ def fidelity_report(real: PreparedDataset, synthetic: PreparedDataset, *,
         report[name] = {"real": distribution_summary(getattr(stats["real"], attr)),
                         "synthetic": distribution_summary(getattr(stats["synthetic"], attr)),
                         "wasserstein": versus[f"{name}_wasserstein"],
-                        "ceiling_wasserstein": ceiling[f"{name}_wasserstein"]}
+                        "reference_wasserstein": ref[f"{name}_wasserstein"]}
     report["label_rate"] = {"real": _rate(real.patients["label"]), "synthetic": _rate(synthetic.patients["label"])}
     report["group_rates"] = {g: _category_shares(real, synthetic, g) for g in real.group_attributes}
     cells = [[g] for g in real.group_attributes] if cells is None else [list(c) for c in cells]
@@ -299,7 +301,7 @@ def fidelity_report(real: PreparedDataset, synthetic: PreparedDataset, *,
 def cell_fidelity(real: PreparedDataset, synthetic: PreparedDataset, *,
                   reference: tuple[PreparedDataset, PreparedDataset], groups: Sequence[str],
                   min_records: int = 20) -> list[dict[str, Any]]:
-    """Per (outcome x ``groups``) cell: sizes and shares, unigram R^2 and its ceiling, mean lengths."""
+    """Per (outcome x ``groups``) cell: sizes and shares, unigram R^2 and its real reference, mean lengths."""
     parts = {"real": real, "synthetic": synthetic, "ref_a": reference[0], "ref_b": reference[1]}
     strata = {k: d.strata(groups) for k, d in parts.items()}
     names = sorted(set(strata["real"].to_list()) | set(strata["synthetic"].to_list()))
@@ -310,7 +312,7 @@ def cell_fidelity(real: PreparedDataset, synthetic: PreparedDataset, *,
         stats = {k: code_statistics(d, pairs=False) if n[k] else None for k, d in subset.items()}
         row: dict[str, Any] = {"cell": cell, "groups": list(groups),
                                "n_real": n["real"], "n_synthetic": n["synthetic"],
-                               "n_ceiling": [n["ref_a"], n["ref_b"]],
+                               "n_reference": [n["ref_a"], n["ref_b"]],
                                "share_real": n["real"] / real.n_patients,
                                "share_synthetic": n["synthetic"] / synthetic.n_patients}
         for side in ("real", "synthetic"):
@@ -320,7 +322,7 @@ def cell_fidelity(real: PreparedDataset, synthetic: PreparedDataset, *,
         for name in UNIGRAM_STATISTICS:
             row[name] = (union_r2(stats["real"].probabilities[name], stats["synthetic"].probabilities[name])
                          if min(n["real"], n["synthetic"]) >= min_records else None)
-            row[f"{name}_ceiling"] = (union_r2(stats["ref_a"].probabilities[name], stats["ref_b"].probabilities[name])
+            row[f"{name}_reference"] = (union_r2(stats["ref_a"].probabilities[name], stats["ref_b"].probabilities[name])
                                       if min(n["ref_a"], n["ref_b"]) >= min_records else None)
         rows.append(row)
     return rows

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from typing import Any
 from .cli import run
 from .config import MODEL_TYPE, ConditionLayout, HaloConfig
 from .errors import HaloBalanceError
-from .io import atomic_write_bytes, read_json
+from .io import atomic_write_bytes, check_output_dir, read_json
 
 CARD_FILE, TRAINING_FILE = "README.md", "training.json"
 MAX_CARD_CELLS = 40
@@ -249,8 +250,8 @@ def model_card(model: Any, *, training: str | os.PathLike | dict | None = None,
     lines += ["", "## Evaluation", ""]
     if report:
         h = _headline(report)
-        lines += [f"- fidelity: unigram R^2 per visit {_fmt(h['unigram_r2'])} (ceiling, real vs held-out "
-                  f"{_fmt(h['unigram_r2_ceiling'])})",
+        lines += [f"- fidelity: unigram R^2 per visit {_fmt(h['unigram_r2'])} (real reference: a held-out real "
+                  f"sample in place of the synthetic one, {_fmt(h['unigram_r2_reference'])})",
                   f"- privacy: synthetic records identical to a training record {h['exact_copies']}; "
                   f"membership inference AUROC (distance) {_fmt(h['membership_auroc_distance'])}"
                   + (f", (likelihood) {_fmt(h['membership_auroc_likelihood'])}"
@@ -281,7 +282,7 @@ def _headline(report: dict) -> dict[str, Any]:
     fid, priv = report.get("fidelity", {}), report.get("privacy", {})
     uni = fid.get("statistics", {}).get("unigram_per_visit", {})
     mia = priv.get("membership_inference", {})
-    return {"unigram_r2": uni.get("r2"), "unigram_r2_ceiling": uni.get("ceiling_r2"),
+    return {"unigram_r2": uni.get("r2"), "unigram_r2_reference": uni.get("reference_r2"),
             "exact_copies": priv.get("exact_copies", {}).get("synthetic_copies"),
             "membership_auroc_distance": (mia.get("distance") or {}).get("auroc"),
             "membership_auroc_likelihood": (mia.get("likelihood") or {}).get("auroc")}
@@ -313,12 +314,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="folder to write the Hugging Face model (with README.md) to")
     p.add_argument("--evaluation", default=None, metavar="REPORT", help="report.json of halo_balance.evaluate")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repository")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (only one this package wrote)")
     a = p.parse_args(argv)
+    check_output_dir(a.out, overwrite=a.overwrite, inputs=[a.model, a.evaluation], what="--out")
     register()
     _, model_cls = _classes()
     model = model_cls.from_pretrained(a.model)
     training = Path(a.model) / TRAINING_FILE
     training = training if training.is_file() else None
+    if Path(a.out).exists():  # checked: a folder this package wrote, and --overwrite was given
+        shutil.rmtree(a.out)
     out = model.save_pretrained(a.out, evaluation=a.evaluation, training=training)
     print(f"wrote {out} (model card: {out / CARD_FILE})")
     if a.push_to_hub:

@@ -468,17 +468,8 @@ class HaloModel(nn.Module):
         """Raise :class:`IncompatibleModelError` saying what differs between the model and ``dataset``."""
         problems = []
         if self.vocab is not None:
-            mine, theirs = self.vocab["token"].to_list(), dataset.vocab["token"].to_list()
-            if mine != theirs:
-                only_m, only_d = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
-                first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-                msg = f"vocabularies differ (model {len(mine)} tokens, dataset {len(theirs)})"
-                if only_m:
-                    msg += f"; {len(only_m)} only in the model, e.g. {only_m[:3]}"
-                if only_d:
-                    msg += f"; {len(only_d)} only in the dataset, e.g. {only_d[:3]}"
-                if not only_m and not only_d:
-                    msg += f"; same tokens in another order, first at id {first}"
+            msg = vocabulary_difference(self.vocab["token"].to_list(), dataset.vocab["token"].to_list())
+            if msg:
                 problems.append(msg)
         mg, dg = self.layout.groups, dataset.group_categories
         if list(mg) != list(dg):
@@ -520,14 +511,14 @@ class HaloModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> HaloModel:
-        """Load a model written by :meth:`save_pretrained` (no pickle), in eval mode."""
+        """Load a model written by :meth:`save_pretrained` (no pickle), in eval mode.
+
+        ``directory`` may also be an output folder of ``python -m halo_balance.generate`` (its
+        ``model/`` is loaded); see :func:`model_folder`.
+        """
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE, CONDITIONS_FILE):
-            if not (directory / name).is_file():
-                raise HaloBalanceError(f"{directory / name} not found: {directory} is not a saved model "
-                                       "(train one with python -m halo_balance.train)")
+        directory = model_folder(directory)
         config = HaloConfig.from_dict(read_json(directory / CONFIG_FILE))
         layout = ConditionLayout.from_dict(read_json(directory / CONDITIONS_FILE))
         vocab = pl.read_parquet(directory / VOCAB_FILE) if (directory / VOCAB_FILE).is_file() else None
@@ -541,3 +532,52 @@ class HaloModel(nn.Module):
             raise HaloBalanceError(f"{directory / WEIGHTS_FILE} does not match config.json "
                                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(map_location).eval()
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """The saved-model folder that ``path`` names: the folder itself, or a ``generate`` output's ``model/``.
+
+    Anything else is a :class:`HaloBalanceError` that says what ``path`` is (missing, a prepared
+    dataset, a training that has not finished, a ``generate`` output balanced with another model)
+    and which folder to pass instead.
+    """
+    path = Path(path)
+    required = (CONFIG_FILE, WEIGHTS_FILE, CONDITIONS_FILE)
+    if all((path / name).is_file() for name in required):
+        return path
+    if all((path / "model" / name).is_file() for name in required):
+        return path / "model"
+    fix = ("pass a folder written by python -m halo_balance.train (its --out), or a python -m "
+           "halo_balance.generate output (which holds the trained generator in model/)")
+    if not path.exists():
+        raise HaloBalanceError(f"model folder {path} not found; {fix}")
+    if not path.is_dir():
+        raise HaloBalanceError(f"model folder {path} is a file, not a folder; {fix}")
+    for folder in (path, path / "model"):
+        if (folder / "checkpoint" / "state.json").is_file():
+            raise HaloBalanceError(f"{folder} holds a training that has not finished (only its checkpoint); "
+                                   "finish it by re-running the same command with --resume")
+    meta = path / "meta.json"
+    if meta.is_file():
+        generation = read_json(meta).get("generation") or {}
+        if generation.get("model_path"):
+            raise HaloBalanceError(f"{path} is a python -m halo_balance.generate output balanced with the model "
+                                   f"{generation['model_path']}; pass that folder")
+        raise HaloBalanceError(f"{path} is a prepared dataset, not a model; {fix}")
+    raise HaloBalanceError(f"{path} is not a saved model (it lacks {', '.join(required)}); {fix}")
+
+
+def vocabulary_difference(mine: list[str], theirs: list[str], *, names: tuple[str, str] = ("model", "dataset")) -> str | None:
+    """How two token lists differ (sizes, tokens only on one side, or the first reordered id); None if equal."""
+    if mine == theirs:
+        return None
+    only_m, only_d = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    msg = f"vocabularies differ ({names[0]} {len(mine)} tokens, {names[1]} {len(theirs)})"
+    if only_m:
+        msg += f"; {len(only_m)} only in the {names[0]}, e.g. {only_m[:3]}"
+    if only_d:
+        msg += f"; {len(only_d)} only in the {names[1]}, e.g. {only_d[:3]}"
+    if not only_m and not only_d:
+        msg += f"; same tokens in another order, first at id {first}"
+    return msg

@@ -302,23 +302,31 @@ def reference_sample_records(model, conditions: pl.DataFrame, *, batch_size: int
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m halo_balance.sample",
                                      description="Sample synthetic records from a trained model.")
-    parser.add_argument("--model", required=True, help="model folder written by halo_balance.train")
+    parser.add_argument("--model", required=True,
+                        help="model folder written by halo_balance.train (or a halo_balance.generate output)")
     parser.add_argument("--out", required=True, help="prepared dataset folder to write")
     parser.add_argument("--count", type=int, required=True, help="records per --condition")
     parser.add_argument("--condition", action="append", default=[], metavar="ATTR=VALUE,...",
                         help='e.g. "label=1,gender=F" (repeatable); attributes left out are drawn from the '
                              "training frequencies of the matching cells; none given: all drawn")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--id-prefix", default="syn", help="patient ids are PREFIX-SEED-i")
+    parser.add_argument("--batch-size", type=int, default=256, help="records sampled together (default %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
+    parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    parser.add_argument("--id-prefix", default="syn", help="patient ids are PREFIX-SEED-i (default %(default)s)")
     add_copy_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder (only one this package wrote)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     if args.count < 1:
         raise HaloBalanceError(f"--count must be >= 1 (got {args.count})")
+    if args.batch_size < 1:
+        raise HaloBalanceError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.max_rounds < 1:
+        raise HaloBalanceError(f"--max-rounds must be >= 1 (got {args.max_rounds})")
     copy_filter = None if args.allow_copies else CopyFilter(k=args.copy_k)
-    check_output_dir(args.out, overwrite=args.overwrite)
+    specs = [parse_condition(c) for c in args.condition] or [{}]
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model], what="--out")
     from .model import HaloModel
 
     model = HaloModel.from_pretrained(args.model)
@@ -327,13 +335,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise HaloBalanceError(f"{args.model} has no {RECORD_COUNTS_FILE} (a model trained by an older version) "
                                    "to check copies of training records against; retrain it, or pass --allow-copies")
         copy_filter.references = [model.record_counts]
-    specs = [parse_condition(c) for c in args.condition] or [{}]
     conditions = pl.concat([model.layout.complete(spec, args.count, seed=args.seed + j)
                             for j, spec in enumerate(specs)])
     t0 = time.perf_counter()
     draw = draw_without_copies(model, conditions, copy_filter=copy_filter, max_rounds=args.max_rounds,
                                seed=args.seed, batch_size=args.batch_size, device=args.device,
-                               id_prefix=args.id_prefix, progress=True)
+                               id_prefix=args.id_prefix, progress=not args.quiet)
     if len(draw.unfilled):
         raise HaloBalanceError(f"{len(draw.unfilled)} records could not be drawn without copying a training record "
                                f"held by fewer than {args.copy_k} patients after {args.max_rounds} rounds; the model "

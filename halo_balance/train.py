@@ -5,7 +5,10 @@
 - Patient-level validation split (stratified by outcome x groups), early stopping on the validation
   loss (nats per visit, see ``model.py``), the best epoch's weights saved as the model.
 - A checkpoint every epoch in ``MODEL_DIR/checkpoint`` (replaced atomically: weights, optimizer,
-  best weights and the loop state, no pickle); ``--resume`` continues after its last epoch.
+  best weights and the loop state, no pickle); ``--resume`` continues after its last epoch, and an
+  interrupted run says that the checkpoint was kept.
+- Training data that holds synthetic rows (an output of ``halo_balance.generate``) is refused unless
+  ``--allow-synthetic``: a generator trained on them learns partly from another generator's samples.
 - Batches are bucketed by record length (each batch is padded to its own longest record only),
   visits enter as embedding-bags over sparse token ids; bf16 autocast on CUDA.
 - Records longer than the context keep their last ``n_ctx - 1`` visits (the outcome sits on the
@@ -39,8 +42,8 @@ from .config import PRESETS, ConditionLayout, HaloConfig, PresetName
 from .copies import RecordCounts
 from .data import PreparedDataset
 from .dp import AccountantName, PrivacyPlan, PrivateSteps, private_statistics
-from .errors import HaloBalanceError, OutputExistsError
-from .io import atomic_dir, read_json, write_json
+from .errors import HaloBalanceError, OutputExistsError, unknown_choice
+from .io import atomic_dir, check_output_dir, read_json, write_json
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 CHECKPOINT_DIR, STATE_FILE, BEST_FILE, OPTIMIZER_FILE, TRAINING_FILE = (
@@ -74,7 +77,9 @@ class TrainOptions:
     resume : bool
         Continue from ``out_dir/checkpoint`` (written by an earlier, stopped run).
     overwrite : bool
-        Delete an existing ``out_dir`` before training.
+        Delete an existing ``out_dir`` before training (only a folder this package wrote).
+    allow_synthetic : bool
+        Train on rows flagged ``synthetic`` too (refused by default).
     n_ctx : int or None
         Context length in visits (conditioning visit included); ``None``: the preset's.
     dropout : float or None
@@ -106,6 +111,7 @@ class TrainOptions:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
+    allow_synthetic: bool = False
     n_ctx: int | None = None
     dropout: float | None = None
     grad_clip: float = 1.0
@@ -117,10 +123,9 @@ class TrainOptions:
 
     def validate(self) -> TrainOptions:
         problems = []
-        if self.preset not in PRESETS:
-            problems.append(f"preset must be one of {sorted(PRESETS)} (got {self.preset!r})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"device must be auto, cpu or cuda (got {self.device!r})")
+        for name, choices in (("preset", sorted(PRESETS)), ("device", ["auto", "cpu", "cuda"])):
+            if getattr(self, name) not in choices:
+                problems.append(str(unknown_choice(name, [getattr(self, name)], choices)))
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -138,6 +143,9 @@ class TrainOptions:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if self.n_ctx is not None and self.n_ctx < 2:
             problems.append(f"n_ctx must be >= 2 (got {self.n_ctx})")
+        if self.resume and self.overwrite:
+            problems.append("resume and overwrite exclude each other (resume continues the folder's training, "
+                            "overwrite starts it over)")
         if problems:
             raise HaloBalanceError("invalid training options: " + "; ".join(problems))
         return self
@@ -429,17 +437,61 @@ def train_model(dataset: PreparedDataset, *, out_dir: str | os.PathLike, options
     the model files (``HaloModel.save_pretrained``), ``training.json`` (options, history, marginal
     baseline, versions) and ``checkpoint/``. Under ``torchrun`` every process calls this function.
     """
+    from .cli import interrupt_note
+
     options = (options or TrainOptions()).validate()
+    check_training_data(dataset, allow_synthetic=options.allow_synthetic)
+    out_dir = check_model_dir(out_dir, resume=options.resume, overwrite=options.overwrite)
     dist_ctx = _init_distributed(options.device)
     try:
-        trainer = _Trainer(dataset, Path(out_dir), options, dist_ctx, progress)
-        trainer.run()
+        trainer = _Trainer(dataset, out_dir, options, dist_ctx, progress)
+        with interrupt_note(lambda: _kept_checkpoint(out_dir)):
+            trainer.run()
         return trainer.finish()
     finally:
         if dist_ctx.created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def check_training_data(dataset: PreparedDataset, *, allow_synthetic: bool) -> None:
+    """Refuse training data that holds synthetic rows unless ``allow_synthetic``."""
+    n_syn = int(dataset.patients["synthetic"].sum())
+    if n_syn and not allow_synthetic:
+        raise HaloBalanceError(
+            f"the training data holds {n_syn} synthetic patients (of {dataset.n_patients}; an output of "
+            "halo_balance.generate?): a generator trained on them learns from another generator's samples. "
+            "Train on the real data, or pass --allow-synthetic (allow_synthetic=True) to use every row")
+
+
+def check_model_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool,
+                    inputs: Sequence[str | os.PathLike | None] = (), what: str = "model folder") -> Path:
+    """Check, before any work, that a training can write ``out_dir`` (see ``--resume`` / ``--overwrite``).
+
+    With ``resume`` the folder must hold a checkpoint; without it, an existing non-empty folder
+    needs ``overwrite`` and is replaced only if this package wrote it.
+    """
+    out = Path(out_dir)
+    if resume:
+        if not (out / CHECKPOINT_DIR / STATE_FILE).is_file():
+            raise HaloBalanceError(f"nothing to resume: {what} {out} holds no training checkpoint "
+                                   f"({CHECKPOINT_DIR}/{STATE_FILE}); start without --resume")
+        return check_output_dir(out, overwrite=True, inputs=inputs, what=what)
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return check_output_dir(out, overwrite=True, inputs=inputs, what=what)  # an empty folder is used as is
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{what} {out} already exists; choose another path, "
+                                "pass --resume to continue its training, or --overwrite")
+    return check_output_dir(out, overwrite=overwrite, inputs=inputs, what=what)
+
+
+def _kept_checkpoint(out_dir: Path) -> str | None:
+    if (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+        state = read_json(out_dir / CHECKPOINT_DIR / STATE_FILE)
+        return (f"the checkpoint of epoch {state.get('epoch')} is kept in {out_dir / CHECKPOINT_DIR}: "
+                "re-run the same command with --resume to continue from it")
+    return None
 
 
 @dataclass
@@ -558,10 +610,7 @@ class _Trainer:
     # ------------------------------------------------------------------ set-up
     def _fresh(self, dataset: PreparedDataset) -> tuple[None, _LoopState]:
         out, opts = self.out_dir, self.options
-        if out.exists() and any(out.iterdir()):
-            if not opts.overwrite:
-                raise OutputExistsError(f"output folder {out} already exists; choose another path, "
-                                        "pass --resume to continue its training, or --overwrite")
+        if out.exists() and any(out.iterdir()):  # checked by check_model_dir: ours, and overwrite was asked
             self.dist.barrier()  # every process has seen the old folder before it goes
             if self.dist.main:
                 shutil.rmtree(out)
@@ -743,26 +792,28 @@ def _bar(items, enabled: bool, desc: str):
 
 # ---------------------------------------------------------------------- command line
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the training flags (every :class:`TrainOptions` field but ``overwrite``) to ``parser``."""
+    """Add the training flags (every :class:`TrainOptions` field but ``overwrite`` and
+    ``allow_synthetic``) to ``parser``."""
     d = TrainOptions()
     g = parser.add_argument_group("training")
     g.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="model size (default %(default)s)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="maximum epochs (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="patients per step (default %(default)s)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the preset's, " + ", ".join(f"{k} {v:g}" for k, v in PRESET_LR.items()) + ")")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
     g.add_argument("--patience", type=int, default=d.patience,
                    help="epochs without a better validation loss before stopping (default %(default)s)")
     g.add_argument("--val-fraction", type=float, default=None,
                    help="patients held out for validation (default 0.1; 0 with --dp-epsilon)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="default %(default)s")
+    g.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    g.add_argument("--resume", action="store_true", help="continue the training from MODEL_DIR/checkpoint")
     g.add_argument("--n-ctx", type=int, default=None,
                    help="context length in visits incl. the conditioning visit (default: the preset's)")
     g.add_argument("--dropout", type=float, default=None, help="default: the preset's")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="default %(default)s")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="default %(default)s")
     p = parser.add_argument_group("differential privacy (DP-SGD; the unit of privacy is the patient)")
     p.add_argument("--dp-epsilon", type=float, default=None, metavar="EPS",
                    help="train (EPS, delta)-differentially private (default: no DP)")
@@ -786,12 +837,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      description="Train a conditional HALO model on a prepared dataset.")
     parser.add_argument("--data", required=True, help="prepared dataset folder")
     parser.add_argument("--out", required=True, help="model folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing model folder first")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing model folder (only one this package wrote)")
+    parser.add_argument("--allow-synthetic", action="store_true",
+                        help="train on rows flagged synthetic too (refused by default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     options = train_options_from_args(args)
+    check_model_dir(args.out, resume=options.resume, overwrite=options.overwrite, inputs=[args.data], what="--out")
     dataset = PreparedDataset.load(args.data)
-    train_model(dataset, out_dir=args.out, options=options, progress=True)
+    check_training_data(dataset, allow_synthetic=options.allow_synthetic)
+    train_model(dataset, out_dir=args.out, options=options, progress=not args.quiet)
 
 
 if __name__ == "__main__":

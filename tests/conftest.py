@@ -22,6 +22,35 @@ def require(path: Path) -> Path:
     return path
 
 
+def run_cli(main, argv: list, capsys) -> tuple[int, str, str]:
+    """Run a command line's ``main`` as the console does; return its exit code, stdout and stderr."""
+    from halo_balance.cli import run
+
+    with pytest.raises(SystemExit) as info:
+        run(main, [str(a) for a in argv])
+    io = capsys.readouterr()
+    return info.value.code, io.out, io.err
+
+
+def assert_one_clear_error(code: int, err: str, *needles: str) -> None:
+    """Exit 2, no traceback, one ``error:`` line (warnings aside) holding every needle."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def fails_cleanly(main, argv: list[str], capsys, *needles: str) -> str:
+    """Run ``main`` as the console does: it must exit 2 with one line on stderr, and nothing else, that
+    holds every needle (the problem and the fix), never a traceback. Returns that line."""
+    code, _, err = run_cli(main, argv, capsys)
+    assert_one_clear_error(code, err, *needles)
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
 @pytest.fixture
 def mimic_demo() -> Path:
     return require(MIMIC_DEMO)
@@ -148,4 +177,18 @@ def sim_model(sim_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("sim_model") / "model"
     train_model(PreparedDataset.load(sim_prepared), out_dir=out,
                 options=TrainOptions(preset="tiny", epochs=3, seed=0, device="cpu"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sim_generated(sim_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``python -m halo_balance.generate`` output that trained its own ``tiny`` generator (2 epochs)."""
+    from halo_balance import generate
+    from halo_balance.cli import run
+
+    out = tmp_path_factory.mktemp("sim_generated") / "out"
+    with pytest.raises(SystemExit) as info:
+        run(generate.main, ["--data", str(sim_prepared), "--groups", "gender", "--out", str(out), "--preset", "tiny",
+                            "--epochs", "2", "--ratio", "0.2", "--device", "cpu", "--quiet"])
+    assert info.value.code == 0
     return out

@@ -158,6 +158,7 @@ def test_rebalance_keeps_shared_copies_and_counts_them(tmp_path, replaying):
     assert tuple(map(tuple, RARE)) not in res.synthetic.records().keys()
 
 
+@pytest.mark.filterwarnings("ignore::halo_balance.plan.AmplificationWarning")  # deaths are rare visit rows
 def test_sampler_on_eicu_visit_rows_runs_in_every_fold(eicu_prepared):
     """Visit rows of the eICU demo restricted to their first 100 tokens hold many records that dozens of
     patients share (a single common token): rejecting every copy cannot fill the cells; the rule can."""

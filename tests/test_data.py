@@ -30,8 +30,14 @@ def test_save_refuses_existing_folder_and_leaves_it(tiny, tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         tiny.save(out)
     assert (out / "keep.txt").read_text() == "x"
-    tiny.save(out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "visits.parquet").exists()
+    with pytest.raises(OutputExistsError, match="not written by halo_balance"):  # never deleted
+        tiny.save(out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    tiny.save(out)
+    tiny.save(out, overwrite=True)  # a previous output is replaced
+    assert (out / "visits.parquet").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary folders left
 
 

@@ -1,7 +1,8 @@
-"""The evaluation entry point: report structure, ceilings, set-aside rows, CLI and model wiring."""
+"""The evaluation entry point: report structure, real references, set-aside rows, CLI and model wiring."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _without_timing(report: dict) -> dict:
 def test_report_without_holdout(tiny, syn):
     rep = evaluate(tiny, syn, seed=3)
     json.dumps(rep)  # plain JSON types only
-    assert rep["format"] == "halo_balance.evaluate/1" and rep["parameters"]["seed"] == 3
+    assert rep["format"] == "halo_balance.evaluate/2" and rep["parameters"]["seed"] == 3
     assert rep["data"]["halves"]["a"] + rep["data"]["halves"]["b"] == 4
     assert any("No held-out data" in n for n in rep["notes"])
     assert set(rep["fidelity"]["statistics"]) == set(STATISTICS)
@@ -55,7 +56,7 @@ def test_report_with_holdout_and_likelihood(tiny, syn, holdout):
     json.dumps(rep)
     ceiling = compare_statistics(code_statistics(tiny), code_statistics(holdout))
     for name in STATISTICS:
-        assert rep["fidelity"]["statistics"][name]["ceiling_r2"] == ceiling[name]["r2"]
+        assert rep["fidelity"]["statistics"][name]["reference_r2"] == ceiling[name]["r2"]
     mia = rep["privacy"]["membership_inference"]
     assert mia["likelihood"]["auroc"] == 1.0 and mia["likelihood"]["n_nonmembers"] == 2
     assert mia["distance"]["n_members"] == 4 and "halves" not in rep["data"]
@@ -63,6 +64,20 @@ def test_report_with_holdout_and_likelihood(tiny, syn, holdout):
     assert "reference" in rep["privacy"]["attribute_inference"]["attributes"]["gender"]
     md = render_markdown(rep)
     assert "Membership inference by likelihood**: AUROC 1.000" in md and "| unigram_per_visit |" in md
+
+
+def test_real_reference_is_a_fresh_real_sample_of_the_synthetic_size(tiny, syn):
+    big = tiny_like([[[3]], [[2, 3]], [[1]], [[0, 4]], [[2]], [[4]]], prefix="h", synthetic=False)
+    rep = evaluate(tiny, syn, holdout=big, seed=1)
+    assert rep["data"]["reference"] == {"patients": 3, "synthetic_patients": 3}
+    assert any("with 3 held-out patients" in n and "as many as the synthetic" in n for n in rep["notes"])
+    threes = [big.select(ids) for ids in itertools.combinations(big.patients["patient_id"].to_list(), 3)]
+    r2 = {compare_statistics(code_statistics(tiny), code_statistics(r))["unigram_per_visit"]["r2"] for r in threes}
+    assert rep["fidelity"]["statistics"]["unigram_per_visit"]["reference_r2"] in r2  # three of the six
+    small = evaluate(tiny, syn, holdout=big.select(["h0", "h1"]))
+    assert small["data"]["reference"]["patients"] == 2
+    assert any("may beat its reference by sample size alone" in n for n in small["notes"])
+    assert "| statistic | R^2 synthetic vs real | real reference |" in render_markdown(rep)
 
 
 def test_augmented_input_uses_its_synthetic_rows_only(tiny, syn):
@@ -82,12 +97,12 @@ def test_incompatible_inputs(tiny, syn):
         evaluate(tiny, syn, holdout=tiny.select(["a"]))
 
 
-def test_a_faithful_generator_scores_near_the_ceiling_and_leaks_nothing():
+def test_a_faithful_generator_scores_near_the_real_reference_and_leaks_nothing():
     real, holdout = draw_cohort(400, vocab_size=120, seed=1), draw_cohort(200, vocab_size=120, seed=2, prefix="h")
     fresh = draw_cohort(400, vocab_size=120, seed=3, prefix="s", synthetic=True)
     rep = evaluate(real, fresh, holdout=holdout)
     uni = rep["fidelity"]["statistics"]["unigram_per_visit"]
-    assert uni["r2"] > 0.9 and uni["ceiling_r2"] > 0.9
+    assert uni["r2"] > 0.9 and uni["reference_r2"] > 0.9
     assert rep["privacy"]["exact_copies"]["synthetic_copies"] == 0
     assert abs(rep["privacy"]["membership_inference"]["distance"]["auroc"] - 0.5) < 0.1
     # a generator that replays its training records: copies everywhere, members found

@@ -110,15 +110,15 @@ def test_distribution_summary():
     assert distribution_summary(np.array([], dtype=int)) == {"n": 0}
 
 
-def test_report_ceiling_and_cells(tiny):
+def test_report_reference_and_cells(tiny):
     syn = tiny_like([[[0, 3]], [[1]], [[3]]], labels=[0, 1, 0], gender=["F", "M", "M"])
     half_a, half_b = tiny.select(["a", "b"]), tiny.select(["c", "d"])
     rep = fidelity_report(tiny, syn, reference=(half_a, half_b), cells=[["gender"]], min_cell_records=1)
     ceiling = compare_statistics(code_statistics(half_a), code_statistics(half_b))
     for name in STATISTICS:
-        assert rep["statistics"][name]["ceiling_r2"] == ceiling[name]["r2"]
+        assert rep["statistics"][name]["reference_r2"] == ceiling[name]["r2"]
     # per record, halves a+b hold [1,1/2,1/2,1/2,1/2], c+d [0,1/2,0,1/2,1/2]: SS_res 1.25, SS_tot 0.2
-    assert rep["statistics"]["unigram_per_record"]["ceiling_r2"] == pytest.approx(1 - 1.25 / 0.2)
+    assert rep["statistics"]["unigram_per_record"]["reference_r2"] == pytest.approx(1 - 1.25 / 0.2)
     assert rep["label_rate"] == {"real": 0.5, "synthetic": pytest.approx(1 / 3)}
     assert rep["group_rates"]["gender"] == {"F": {"real": 0.5, "synthetic": pytest.approx(1 / 3)},
                                             "M": {"real": 0.5, "synthetic": pytest.approx(2 / 3)}}
@@ -127,7 +127,7 @@ def test_report_ceiling_and_cells(tiny):
     f0 = cells["label=0|gender=F"]  # real a: [0,3]; synthetic s0: [0,3]
     assert (f0["n_real"], f0["n_synthetic"], f0["share_real"]) == (1, 1, 0.25)
     assert f0["unigram_per_visit"] == 1.0 and f0["mean_record_length_real"] == 1.0
-    assert f0["n_ceiling"] == [1, 0] and f0["unigram_per_visit_ceiling"] is None  # c, d are not in this cell
+    assert f0["n_reference"] == [1, 0] and f0["unigram_per_visit_reference"] is None  # c, d are not in this cell
     m0 = cells["label=0|gender=M"]  # real c: [1,4]; synthetic s2: [3] -> keys 1,3,4: real [1,0,1], syn [0,1,0]
     assert m0["unigram_per_visit"] == pytest.approx(1 - 3 / (2 / 3))
     f1 = cells["label=1|gender=F"]  # real d only: no synthetic record, no R^2

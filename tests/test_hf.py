@@ -65,11 +65,12 @@ def test_save_pretrained_writes_a_model_card_and_loads_back(sim_model: Path, bat
     training = json.loads((sim_model / "training.json").read_text())
     training["dp"] = {"epsilon": 3.0, "delta": 1e-5}
     report = {"created": "2026-01-01", "fidelity": {"statistics": {"unigram_per_visit": {"r2": 0.91,
-                                                                                         "ceiling_r2": 0.95}}},
+                                                                                         "reference_r2": 0.95}}},
               "privacy": {"exact_copies": {"synthetic_copies": 2},
                           "membership_inference": {"distance": {"auroc": 0.52}, "likelihood": {"auroc": 0.55}}}}
     out = auto.save_pretrained(tmp_path / "hf", training=training, evaluation=report)
     card = (out / "README.md").read_text()
+    assert "unigram R^2 per visit 0.91 (real reference: a held-out real sample in place of the synthetic one, 0.95)" in card
     header = card.split("---")[1]
     assert "library_name: halo-balance" in header and "tags:" in header and "value: 0.91" in header
     meta = json.loads((sim_model / "dataset_meta.json").read_text())

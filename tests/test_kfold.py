@@ -18,6 +18,7 @@ from benchmarks.methods import FairPlaySettings, SeparateModels, balance_targets
 from benchmarks.report import compare_runs
 from halo_balance.data import PreparedDataset, empty_meta
 from halo_balance.errors import DatasetError, HaloBalanceError
+from tests.conftest import fails_cleanly
 
 N_CODES = 30
 
@@ -91,6 +92,11 @@ class StandInTrainOptions:
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
+
+    def validate(self) -> StandInTrainOptions:
+        if self.epochs < 1:
+            raise HaloBalanceError(f"invalid training options: epochs must be >= 1 (got {self.epochs})")
+        return self
 
 
 def install_fairplay_stand_in(monkeypatch) -> dict[str, list]:
@@ -347,7 +353,7 @@ def test_mitigation_methods_run_in_the_harness_with_the_models_they_support(monk
         assert at_half == (method[0] in ("original", "importance_weighting", "group_resample")), method
     report = (out / "report.md").read_text()
     assert "| exponentiated_gradient |" in report and "exponentiated_gradient (logreg)" in report
-    with pytest.raises(HaloBalanceError, match="unknown method"):
+    with pytest.raises(HaloBalanceError, match="--methods: unknown 'reweighting'"):
         kfold.run_kfold(data=cohort_dir, groups=["gender"], out=tmp_path / "bad", methods=["reweighting"],
                         progress=False)
 
@@ -392,24 +398,144 @@ def test_real_and_simulated_data(request, tmp_path, data, groups):
 
 
 # ---------------------------------------------------------------------- command line
-def test_cli_rejects_bad_input_with_one_line(tmp_path, cohort_dir, capsys):
-    from halo_balance.cli import run
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
-    base = ["--data", str(cohort_dir), "--out", str(tmp_path / "o")]
-    for extra, message in ((["--groups", "gender", "--methods", "original,magic"], "unknown method"),
-                           (["--groups", "race"], "'race' is not in this dataset"),
-                           (["--groups", "gender", "--models", "svm"], "unknown model")):
-        with pytest.raises(SystemExit) as exc:
-            run(kfold.main, base + extra)
-        assert exc.value.code == 2
-        err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err
+
+def _fails_cleanly(argv: list[str], capsys, *needles: str) -> None:
+    fails_cleanly(kfold.main, argv, capsys, *needles)
+
+
+def test_every_option_is_checked_before_anything_is_written(tmp_path, cohort_dir, capsys):
+    inputs = _tree(cohort_dir)
+    (tmp_path / "a_file").write_text("mine")
+    out = tmp_path / "run"
+    base = ["--data", str(cohort_dir), "--groups", "gender", "--methods", "original", "--models", "logreg",
+            "--no-progress"]
+    faults = [
+        (["--out", str(out), "--folds", "2000"], ["--folds 2000 is too many", "pass --folds 5"]),
+        (["--out", str(out), "--methods", "original,fairplay", "--train-options", '{"epoch": 3}'],
+         ["--train-options: unknown 'epoch' (did you mean 'epochs'?)"]),
+        (["--out", str(out), "--methods", "fairplay", "--train-options", '{"preset": "smal"}'],
+         ["--train-options preset: unknown 'smal' (did you mean 'small'?)"]),
+        (["--out", str(out), "--train-options", '{"epochs": "20"}'], ["epochs must be a JSON integer"]),
+        (["--out", str(out), "--train-options", '{"epochs": 0}'], ["epochs must be >= 1"]),
+        (["--out", str(out), "--methods", "original,upsampel"],
+         ["--methods: unknown 'upsampel' (did you mean 'upsample'?)"]),
+        (["--out", str(out), "--models", "logreg,xgbost"], ["--models: unknown 'xgbost' (did you mean 'xgboost'?)"]),
+        (["--out", str(out), "--groups", "gendr"], ["--groups", "unknown 'gendr' (did you mean 'gender'?)"]),
+        (["--out", str(out), "--stratify", "agegroup"], ["--stratify", "(did you mean 'age_group'?)"]),
+        (["--out", str(out), "--device", "gpu"], ["--device: unknown 'gpu'"]),
+        (["--out", str(out), "--fairness-min-share", "1.5"], ["--fairness-min-share must lie in [0, 1)"]),
+        (["--out", str(out), "--batch-size", "0"], ["--batch-size must be at least 1"]),
+        (["--out", str(cohort_dir), "--overwrite"], ["is also an input"]),
+        (["--out", str(cohort_dir / "kfold")], ["lies inside the input"]),
+        (["--out", str(tmp_path / "a_file")], ["exists and is a file"]),
+        (["--out", str(tmp_path / "a_file" / "run")], ["cannot be created", "is a file, not a folder"]),
+        *([(["--out", "/proc/kfold_run"], ["cannot be created", "is not writable"])]
+          if Path("/proc/self").is_dir() else []),
+        (["--out", str(out), "--generator-cache", str(tmp_path / "a_file")], ["--generator-cache", "is a file"]),
+        (["--out", str(out), "--generator-cache", str(cohort_dir)], ["--generator-cache", "inside the input"]),
+    ]
+    for extra, needles in faults:
+        _fails_cleanly([*base, *extra], capsys, *needles)
+        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"], extra
+    assert _tree(cohort_dir) == inputs
+    with pytest.raises(SystemExit) as exc:  # argparse's own error: still exit 2, no traceback
+        kfold.main([*base, "--out", str(out), "--train-options", "{epochs: 3}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "not valid JSON" in err and "Traceback" not in err and not out.exists()
+    with pytest.raises(DatasetError):
+        kfold.main(["--data", str(tmp_path / "nowhere"), "--out", str(out), "--groups", "gender"])
+    # the corrected command is not blocked by anything a failed one left
+    kfold.main([*base, "--out", str(out), "--folds", "2"])
+    assert (out / "report.md").is_file() and _tree(cohort_dir) == inputs
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(HaloBalanceError, match="not empty"):
-        kfold.main(["--data", str(cohort_dir), "--out", str(tmp_path / "busy"), "--groups", "gender"])
-    with pytest.raises(DatasetError):
-        kfold.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2"), "--groups", "gender"])
+    with pytest.raises(HaloBalanceError, match="was not written by halo_balance"):
+        kfold.main([*base, "--out", str(tmp_path / "busy")])
+    # the report checks every folder before it rewrites any
+    from benchmarks import report
+
+    written = _tree(out)
+    for extra in ([], ["--compare"]):
+        fails_cleanly(report.main, [*extra, str(out), str(tmp_path / "busy")], capsys,
+                            f"{tmp_path / 'busy'} is not a finished k-fold run (missing run.json")
+        assert _tree(out) == written
+
+
+def test_ctrl_c_keeps_finished_units_says_so_and_a_rerun_resumes(monkeypatch, tmp_path, cohort_dir, capsys):
+    from halo_balance.cli import run
+
+    argv = ["--data", str(cohort_dir), "--groups", "gender", "--out", str(tmp_path / "run"), "--folds", "2",
+            "--methods", "original,upsample", "--models", "logreg,knn", "--no-progress"]
+    real_task, calls = kfold._run_task, []
+
+    def stopped_at_the_third_task(task):
+        calls.append(task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_task(task)
+
+    monkeypatch.setattr(kfold, "_run_task", stopped_at_the_third_task)
+    with pytest.raises(SystemExit) as exc:
+        run(kfold.main, argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and "no partial output" not in err
+    assert err.startswith("interrupted; kept 4 of 8 finished (fold, method, model) units")
+    assert "run the same command again to resume" in err
+    invocation = json.loads((tmp_path / "run" / "run.json").read_text())["invocations"][-1]
+    assert "interrupted" in invocation and invocation["units_computed"] == 4
+    monkeypatch.setattr(kfold, "_run_task", real_task)
+    with pytest.raises(SystemExit) as exc:
+        run(kfold.main, argv)
+    assert exc.value.code == 0
+    invocation = json.loads((tmp_path / "run" / "run.json").read_text())["invocations"][-1]
+    assert invocation["units_computed"] == 4 and "finished" in invocation
+
+
+def test_one_progress_bar_counts_generators_and_the_run_ends_with_the_headline(monkeypatch, tmp_path, cohort,
+                                                                               cohort_dir, capsys):
+    install_fairplay_stand_in(monkeypatch)
+    bars, seen = [], []
+    real_init, real_fairplay = kfold._Progress.__init__, kfold.fairplay_dataset
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        bars.append(self)
+
+    def fairplay(*args, **kwargs):  # the bar when a generator starts: baselines done, not 100%
+        seen.append((bars[-1].bar.n, bars[-1].bar.total, bars[-1].units))
+        return real_fairplay(*args, **kwargs)
+
+    monkeypatch.setattr(kfold._Progress, "__init__", init)
+    monkeypatch.setattr(kfold, "fairplay_dataset", fairplay)
+    out = tmp_path / "run"
+    kfold.main(["--data", str(cohort_dir), "--groups", "gender", "age_group", "--out", str(out), "--folds", "2",
+                "--methods", "original,upsample,fairplay", "--models", "logreg", "--train-options", '{"epochs": 2}'])
+    captured = capsys.readouterr()
+    total = 6 + 2 * kfold.GENERATOR_WEIGHT  # 6 units, 2 generators
+    assert seen == [(4, total, 4), (4 + kfold.GENERATOR_WEIGHT, total, 4)]
+    assert bars[-1].bar.n == total and "units 6/6, generators 2/2" in captured.err
+
+    # the headline: mean F1 (vs original), AUROC, Theil and DI over the intersection, one row per method
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("| method | ") and "gender & age_group" in lines[0]
+    assert all(name in lines[0] for name in ("F1", "AUROC", "Theil", "DI"))
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| original", "| upsample", "| fairplay"]
+    report = (out / "report.md").read_text()
+    assert report.index("## Headline") < report.index("## Overall F1") and "\n".join(lines[:5]) in report
+    assert lines[-1] == f"report: {out / 'report.md'}"
+
+    # group headers count test patients and deaths, in the report as in the audit
+    from benchmarks import audit
+
+    audit.run_audit(out, tmp_path / "audit.html", n_resamples=5, n_permutations=5, progress=False)
+    page = (tmp_path / "audit.html").read_text()
+    for gender in ("F", "M"):
+        members = cohort.patients.filter(pl.col("gender") == gender)
+        header = f"{gender} (patients={members.height}, deaths={int(members['label'].sum())})"
+        assert header in report and header in page
 
 
 # ---------------------------------------------------------------------- slow: every model, real balancer

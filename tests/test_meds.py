@@ -124,8 +124,9 @@ def test_gap_rule_labels_file_and_group_overrides(fixture_root: Path, tmp_path: 
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path, fixture_root: Path) -> None:
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no MEDS data shards"):
-        prepare_meds(tmp_path, tmp_path / "out", progress=False)
+        prepare_meds(tmp_path / "empty", tmp_path / "out", progress=False)
     with pytest.raises(DatasetError, match="column:NAME"):
         prepare_meds(fixture_root, tmp_path / "out", groups=["sex"], progress=False)
     with pytest.raises(DatasetError, match="does not have"):

@@ -172,7 +172,7 @@ def test_save_load_round_trips_logits_exactly(learnable, tmp_path):
 
 
 def test_from_pretrained_names_the_missing_file(tmp_path):
-    with pytest.raises(HaloBalanceError, match="config.json not found"):
+    with pytest.raises(HaloBalanceError, match="is not a saved model .it lacks config.json"):
         HaloModel.from_pretrained(tmp_path)
 
 

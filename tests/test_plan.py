@@ -8,7 +8,7 @@ import pytest
 
 from halo_balance.data import PreparedDataset
 from halo_balance.errors import HaloBalanceError
-from halo_balance.plan import plan_cells
+from halo_balance.plan import AMPLIFICATION_WARNING, amplification_warnings, plan_cells
 from tests.conftest import make_tiny_dataset
 
 
@@ -26,7 +26,7 @@ def skewed() -> PreparedDataset:
 
 
 def _rows(plan: pl.DataFrame) -> dict:
-    keys = [c for c in plan.columns if c not in ("n_real", "to_generate", "target", "status")]
+    keys = [c for c in plan.columns if c not in ("n_real", "to_generate", "target", "status", "amplification")]
     return {tuple(r[k] for k in keys): (r["n_real"], r["to_generate"], r["status"]) for r in plan.to_dicts()}
 
 
@@ -78,3 +78,34 @@ def test_ignores_synthetic_rows(skewed):
     both = PreparedDataset.concat([skewed, syn]).validate()
     assert np.array_equal(plan_cells(both, groups=["gender"])["n_real"].to_numpy(),
                           plan_cells(skewed, groups=["gender"])["n_real"].to_numpy())
+
+
+def test_amplification_is_synthetic_per_real_patient_and_flagged_above_the_threshold(skewed):
+    plan = plan_cells(skewed, groups=["gender"], min_cell_size=0)
+    amp = {(r["label"], r["gender"]): r["amplification"] for r in plan.to_dicts()}
+    assert amp == {(0, "F"): 1.0, (0, "M"): 0.0, (1, "F"): 19.0, (1, "M"): 53 / 7}
+    lines = amplification_warnings(plan, ["gender"])
+    assert AMPLIFICATION_WARNING == 10 and len(lines) == 1
+    assert lines[0].startswith("cell label=1,gender=F: 57 synthetic patients from 3 real (19.0x, above 10x)")
+    assert amplification_warnings(plan_cells(skewed, groups=["gender"]), ["gender"]) == []  # (1,F) skipped
+    empty = plan_cells(skewed, groups=["gender", "age_group"], include_empty_cells=True)
+    assert empty.filter(pl.col("n_real") == 0)["amplification"].null_count() == 4
+
+
+def test_explicit_targets(skewed):
+    rows = _rows(plan_cells(skewed, groups=["gender"], targets={(0, "F"): 40, (1, "M"): 20}))
+    assert rows == {(0, "F"): (30, 10, "top_up"), (0, "M"): (60, 0, "largest"),
+                    (1, "F"): (3, 0, "skipped_below_min_size"), (1, "M"): (7, 13, "top_up")}
+    half = _rows(plan_cells(skewed, groups=["gender"], targets={(1, "M"): 27}, ratio=0.5))
+    assert half[(1, "M")] == (7, 10, "top_up")
+    assert _rows(plan_cells(skewed, groups=["gender"], targets={(0, "F"): 30}))[(0, "F")] == (30, 0, "at_target")
+
+
+@pytest.mark.parametrize("targets,msg", [
+    ({(0, "F"): 10}, "below its 30 real patients"),
+    ({(1, "F"): 50}, "fewer than min_cell_size=5"),
+    ({(2, "F"): 50}, "unknown cell"),
+])
+def test_bad_targets(skewed, targets, msg):
+    with pytest.raises(HaloBalanceError, match=msg):
+        plan_cells(skewed, groups=["gender"], targets=targets)

@@ -10,12 +10,14 @@ import polars as pl
 import pytest
 from imblearn.pipeline import Pipeline
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.compose import make_column_transformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from halo_balance import FairPlaySampler
 from halo_balance.data import PreparedDataset
-from halo_balance.errors import DatasetError
+from halo_balance.errors import DatasetError, HaloBalanceError
+from halo_balance.sampler import patient_table
 
 FAST = dict(epochs=2, patience=1, device="cpu", random_state=0)
 
@@ -121,6 +123,103 @@ def test_pipeline_cross_validation_keeps_synthetic_rows_out_of_test_folds(table)
     test_sizes = [len(te) for _, te in cv.split(X, y)]
     assert predicts == test_sizes  # scored on the real test rows only
     assert all(f > len(X) - t for f, t in zip(fits, test_sizes))  # trained on real + synthetic rows
+
+
+def test_stock_estimator_in_a_pipeline_with_cross_val_score(table):
+    """Group columns stay in the sampler's output (as at predict time); a column transformer drops them."""
+    X, y = table
+    pipe = Pipeline([("balance", FairPlaySampler(group_columns=["gender"], **FAST)),
+                     ("features", make_column_transformer(("drop", ["gender"]), remainder="passthrough")),
+                     ("clf", LogisticRegression(max_iter=1000))])
+    scores = cross_val_score(pipe, X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0), scoring="f1")
+    assert len(scores) == 3 and np.isfinite(scores).all()
+
+
+@pytest.fixture(scope="module")
+def full_table(sim_prepared):
+    return patient_table(PreparedDataset.load(sim_prepared), groups=["gender"])
+
+
+def test_patient_table_is_one_row_per_patient_with_every_token(sim_prepared, full_table):
+    ds = PreparedDataset.load(sim_prepared)
+    X, y = full_table
+    assert list(X.columns) == ["gender", *ds.vocab["token"].to_list()]
+    assert len(X) == ds.n_patients and np.array_equal(y, ds.patients["label"].to_numpy())
+    first = ds.patients["patient_id"][0]
+    tokens = ds.visits.filter(pl.col("patient_id") == first)["codes"].explode().drop_nulls().unique().to_list()
+    assert sorted(np.flatnonzero(X.iloc[0, 1:].to_numpy()).tolist()) == sorted(tokens)
+
+
+@pytest.mark.parametrize("where", ["model folder", "generate output"])
+def test_generator_from_a_folder_fills_the_attributes_x_lacks(where, sim_model, sim_generated, full_table):
+    X, y = full_table
+    generator = str(sim_model) if where == "model folder" else str(sim_generated)
+    sampler = FairPlaySampler(group_columns=["gender"], generator=generator, ratio=0.2, device="cpu", random_state=0)
+    X_res, y_res = sampler.fit_resample(X, y)
+    assert sampler.n_synthetic_ > 0 and len(X_res) == len(X) + sampler.n_synthetic_
+    assert list(X_res.columns) == list(X.columns)  # race, insurance, age_group were drawn, not added
+    plan = sampler.plan_
+    real = pd.crosstab(y, X["gender"])
+    after = pd.crosstab(y_res, X_res["gender"])
+    for r in plan.iter_rows(named=True):
+        assert after.loc[r["label"], r["gender"]] == real.loc[r["label"], r["gender"]] + r["generated"]
+
+
+def test_generator_errors_name_the_problem_and_the_fix(sim_prepared, sim_model, sim_generated, full_table, table):
+    X, y = full_table
+    with pytest.raises(HaloBalanceError, match="is a prepared dataset, not a model"):
+        FairPlaySampler(group_columns=["gender"], generator=str(sim_prepared)).fit_resample(X, y)
+    with pytest.raises(HaloBalanceError, match="feature columns .all but group_columns. must be the generator's "
+                                               "vocabulary tokens.*patient_table"):
+        FairPlaySampler(group_columns=["gender"], generator=str(sim_model)).fit_resample(*table)
+    X2 = X.assign(gender=X["gender"].replace({"F": "Female"}))
+    with pytest.raises(HaloBalanceError, match="column 'gender' holds 'Female', which the generator does not know"):
+        FairPlaySampler(group_columns=["gender"], generator=str(sim_model)).fit_resample(X2, y)
+    X3 = X.rename(columns={"gender": "sex"})
+    with pytest.raises(HaloBalanceError, match="group column 'sex' is not an attribute of the generator"):
+        FairPlaySampler(group_columns=["sex"], generator=str(sim_model)).fit_resample(X3, y)
+
+
+def _cells(X, y) -> dict:
+    return pd.crosstab(y, X["gender"]).stack().to_dict()
+
+
+@pytest.mark.parametrize("strategy", [
+    0.5, "dict", "minority", "not minority", lambda counts: {cell: n + 3 for cell, n in counts.items() if cell[0] == 1},
+])
+def test_sampling_strategy_as_imbalanced_learn_knows_it(strategy, sim_model, full_table):
+    X, y = full_table
+    before = _cells(X, y)
+    m = max(before.values())
+    if strategy == "dict":  # {(class, group): rows after resampling}
+        strategy = {(1, "F"): before[(1, "F")] + 11, (0, "F"): before[(0, "F")] + 2}
+    sampler = FairPlaySampler(group_columns=["gender"], generator=str(sim_model), sampling_strategy=strategy,
+                              device="cpu", random_state=0)
+    after = _cells(*sampler.fit_resample(X, y))
+    if isinstance(strategy, float):
+        expected = {c: max(n, round(strategy * m)) for c, n in before.items()}
+    elif isinstance(strategy, dict):
+        expected = {c: strategy.get(c, n) for c, n in before.items()}
+    elif strategy == "minority":
+        low = min(before, key=before.get)
+        expected = {c: m if c == low else n for c, n in before.items()}
+    elif strategy == "not minority":
+        low = min(before, key=before.get)
+        expected = {c: n if c == low else m for c, n in before.items()}
+    else:
+        expected = {c: n + 3 if c[0] == 1 else n for c, n in before.items()}
+    assert after == expected
+
+
+@pytest.mark.parametrize("strategy,says", [
+    ("minorty", "did you mean 'minority'"), (1.5, "must lie in"), ({(1, "X"): 10}, "which X does not hold"),
+    ({(1, "F"): 1}, "below its"), (["F"], "must be a str"),
+])
+def test_bad_sampling_strategy(strategy, says, sim_model, full_table):
+    X, y = full_table
+    with pytest.raises(HaloBalanceError, match=re.escape(says)):
+        FairPlaySampler(group_columns=["gender"], generator=str(sim_model), sampling_strategy=strategy,
+                        device="cpu").fit_resample(X, y)
 
 
 # imbalanced-learn's generic sampler checks draw continuous features (and strings, sparse frames,

@@ -174,8 +174,12 @@ def test_api_rejects_bad_arguments_and_writes_nothing(tmp_path):
         simulate(existing, patients=10, progress=False)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     assert list(tmp_path.iterdir()) == [existing]  # no temporary folder left behind
-    simulate(existing, patients=10, overwrite=True, progress=False)
-    assert sorted(p.name for p in existing.iterdir()) == ["hosp", "simulation.json"]
+    with pytest.raises(HaloBalanceError, match="not written by halo_balance"):  # not ours: never deleted
+        simulate(existing, patients=10, overwrite=True, progress=False)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    simulate(tmp_path / "cohort", patients=10, progress=False)
+    simulate(tmp_path / "cohort", patients=12, overwrite=True, progress=False)  # a previous output is replaced
+    assert sorted(p.name for p in (tmp_path / "cohort").iterdir()) == ["hosp", "simulation.json"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -196,9 +200,13 @@ def test_cli_bad_arguments_exit_2_with_nothing_written(tmp_path):
     assert "Traceback" not in res.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     res = _cli("--patients", "5", "--out", str(out), "--quiet", "--overwrite", "--seed", "2")
+    assert res.returncode == 2 and "not written by halo_balance" in res.stderr, res.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    res = _cli("--patients", "5", "--out", str(out), "--quiet", "--overwrite", "--seed", "2")
     assert res.returncode == 0, res.stderr
     assert "5 patients" in res.stdout
-    assert (out / "hosp" / "labevents.csv.gz").exists() and not (out / "keep.txt").exists()
+    assert (out / "hosp" / "labevents.csv.gz").exists()
 
 
 # ---------------------------------------------------------------------------------------------

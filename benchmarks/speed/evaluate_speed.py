@@ -117,7 +117,7 @@ def main() -> None:
                                                                "log_likelihood": fake_log_likelihood})):
         elapsed, report = best_of(args.repeat, evaluate, real, synthetic, **kwargs)
         uni = report["fidelity"]["statistics"]["unigram_per_visit"]
-        print(f"evaluate {label}: {elapsed:.2f} s (unigram R^2 {uni['r2']:.3f}, ceiling {uni['ceiling_r2']:.3f})")
+        print(f"evaluate {label}: {elapsed:.2f} s (unigram R^2 {uni['r2']:.3f}, real reference {uni['reference_r2']:.3f})")
     print(f"peak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

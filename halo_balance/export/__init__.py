@@ -115,7 +115,8 @@ def export(data: str | os.PathLike | PreparedDataset, out: str | os.PathLike, *,
     """
     if format not in FORMATS:
         raise DatasetError(f"unknown format; choose one of {', '.join(FORMATS)}", column="format", value=format)
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, what="--out",
+                     inputs=[None if isinstance(data, PreparedDataset) else data, dictionary])
     ds = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
     source = ds.meta.get("source", {}).get("name")
     if format in SOURCES and source != SOURCES[format]:
