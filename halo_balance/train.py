@@ -123,7 +123,8 @@ class TrainOptions:
 
     def validate(self) -> TrainOptions:
         problems = []
-        for name, choices in (("preset", sorted(PRESETS)), ("device", ["auto", "cpu", "cuda"])):
+        for name, choices in (("preset", sorted(PRESETS)), ("device", ["auto", "cpu", "cuda"]),
+                              ("dp_accountant", ["rdp", "prv"])):
             if getattr(self, name) not in choices:
                 problems.append(str(unknown_choice(name, [getattr(self, name)], choices)))
         for name in ("epochs", "batch_size", "patience"):
@@ -137,8 +138,6 @@ class TrainOptions:
             problems.append(f"dp_delta must lie in (0, 1) (got {self.dp_delta})")
         if not self.dp_max_grad_norm > 0:
             problems.append(f"dp_max_grad_norm must be > 0 (got {self.dp_max_grad_norm})")
-        if self.dp_accountant not in ("rdp", "prv"):
-            problems.append(f"dp_accountant must be rdp or prv (got {self.dp_accountant!r})")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if self.n_ctx is not None and self.n_ctx < 2:
