@@ -67,11 +67,13 @@ from .errors import HaloBalanceError
 
 AccountantName = Literal["rdp", "prv"]
 
-#: about this share of the privacy budget (in Renyi-DP terms) goes to the statistics release
-STATISTICS_SHARE = 0.1
+#: about this share of the privacy budget (in Renyi-DP terms) goes to the statistics release: the
+#: code frequencies it gives are most of what a DP generator's token fidelity rests on (on the eICU
+#: demo at epsilon 8, R^2 against the true frequencies 0.977 at 0.3 against 0.967 at 0.1)
+STATISTICS_SHARE = 0.3
 #: L2 clipping norm of a patient's vector of code fractions and end rate (one-visit records with up
-#: to 25 codes are not clipped)
-STATISTICS_CLIP = 5.0
+#: to 9 codes are not clipped; a smaller norm means less noise per code)
+STATISTICS_CLIP = 3.0
 #: per-record gradients held at once are capped at this many floats (the Poisson sample is chunked)
 PER_RECORD_FLOATS = 1 << 26
 
