@@ -224,6 +224,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              "| attack | result | baseline | grade |", "| --- | ---: | ---: | --- |"]
     for a in verdict["attacks"]:
         value = f"{a['value']:.0f}" if a["kind"] == "rare_copies" else f"{a['value']:.3f}"
+        if a.get("se") is not None:
+            value += f" (se {a['se']:.3f})"
         base = {"auroc": "0.500 (chance)", "rare_copies": "0"}.get(a["kind"], f"{a['baseline']:.3f}")
         lines.append(f"| {a['attack']} | {value} | {base} | {a['level']} |")
     lines.append("")

@@ -154,18 +154,30 @@ def membership_auroc(member_scores: np.ndarray, nonmember_scores: np.ndarray) ->
     """AUROC of an attacker who calls a record a member when its score is high.
 
     Also the true-positive rate at a 10% false-positive rate (the attacker's hit rate when it
-    may wrongly accuse one non-member in ten). ``None`` figures when either side is empty.
+    may wrongly accuse one non-member in ten) and the AUROC's standard error (Hanley & McNeil,
+    1982), which says how far from 0.5 chance alone takes it at these sample sizes. ``None``
+    figures when either side is empty.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
     member_scores, nonmember_scores = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
     out: dict[str, Any] = {"n_members": int(len(member_scores)), "n_nonmembers": int(len(nonmember_scores))}
     if not len(member_scores) or not len(nonmember_scores):
-        return {**out, "auroc": None, "tpr_at_fpr_0.1": None}
+        return {**out, "auroc": None, "auroc_se": None, "tpr_at_fpr_0.1": None}
     y = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
     s = np.r_[member_scores, nonmember_scores]
     fpr, tpr, _ = roc_curve(y, s)
-    return {**out, "auroc": float(roc_auc_score(y, s)), "tpr_at_fpr_0.1": float(tpr[fpr <= 0.1].max())}
+    auroc = float(roc_auc_score(y, s))
+    return {**out, "auroc": auroc, "auroc_se": auroc_standard_error(auroc, len(member_scores), len(nonmember_scores)),
+            "tpr_at_fpr_0.1": float(tpr[fpr <= 0.1].max())}
+
+
+def auroc_standard_error(auroc: float, n_positive: int, n_negative: int) -> float:
+    """Hanley & McNeil's (1982) standard error of an AUROC from ``n_positive`` and ``n_negative`` scores."""
+    a = auroc
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_positive - 1) * (q1 - a * a) + (n_negative - 1) * (q2 - a * a)) / (n_positive * n_negative)
+    return float(np.sqrt(max(var, 0.0)))
 
 
 def distance_membership_inference(member_distances: np.ndarray, nonmember_distances: np.ndarray) -> dict[str, Any]:
@@ -410,8 +422,10 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
     AUROC's distance from chance (0.5; an AUROC below 0.5 counts as much as its mirror image, since
     an attacker would flip the score), an attribute-inference advantage over the better of the
     majority guess and a real population sample, and the number of synthetic copies of training
-    records held by fewer than k patients. The verdict is the worst grade; ``dp`` (a model's
-    ``privacy`` summary) adds its guarantee to the text.
+    records held by fewer than k patients. An AUROC within two standard errors of 0.5 is no
+    measurable leak whatever its value (with few held-out patients chance alone moves it far), and
+    the text says how small a leak the sample could have detected. The verdict is the worst grade;
+    ``dp`` (a model's ``privacy`` summary) adds its guarantee to the text.
 
     Returns
     -------
@@ -421,23 +435,24 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
     """
     attacks: list[dict[str, Any]] = []
 
-    def grade(kind: str, name: str, value: float, baseline: float) -> None:
+    def grade(kind: str, name: str, value: float, baseline: float, se: float | None = None) -> None:
         some, leak = VERDICT_THRESHOLDS[kind]
         excess = abs(value - baseline) + 0.5 if kind == "auroc" else value - baseline
         level = 2 if excess > leak else 1 if excess > some else 0
+        if se is not None and abs(value - baseline) <= 2 * se:  # indistinguishable from chance
+            level = 0
         # how far towards (or past) the "leaks" threshold, comparable across kinds
         zero = 0.5 if kind == "auroc" else 0.0
         severity = (excess - zero) / (leak - zero) if leak > zero else float(excess)
-        attacks.append({"attack": name, "kind": kind, "value": value, "baseline": baseline,
+        attacks.append({"attack": name, "kind": kind, "value": value, "baseline": baseline, "se": se,
                         "level": VERDICT_LEVELS[level], "severity": severity})
 
     mia = privacy["membership_inference"]
     complete = all("skipped" not in m for m in mia.values())
     for how, m in mia.items():
-        if m.get("auroc") is not None:
-            grade("auroc", f"membership inference by {how}", m["auroc"], 0.5)
-        if m.get("per_event", {}).get("auroc") is not None:
-            grade("auroc", f"membership inference by {how} per token", m["per_event"]["auroc"], 0.5)
+        for name, fig in ((how, m), (f"{how} per token", m.get("per_event", {}))):
+            if fig.get("auroc") is not None:
+                grade("auroc", f"membership inference by {name}", fig["auroc"], 0.5, fig.get("auroc_se"))
     for name, a in privacy["attribute_inference"]["attributes"].items():
         value = a["attacker"]["balanced_accuracy"]
         grade("advantage", f"attribute inference of {name}", value, value - a["advantage"])
@@ -465,6 +480,10 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
                       "or more regularisation, and keep copy rejection on."}[level]
     if not complete:
         text += " Incomplete: the membership attacks need held-out real patients (--holdout)."
+    ses = [a["se"] for a in attacks if a.get("se") is not None]
+    if ses and 2 * max(ses) > VERDICT_THRESHOLDS["auroc"][0] - 0.5:
+        text += (f" With these few held-out patients a membership AUROC within 0.5 +/- {2 * max(ses):.2f} "
+                 "cannot be told from chance.")
     if dp:
         text += (f" The generator is differentially private (epsilon {dp['epsilon']:.2f}, delta {dp['delta']:.1e} "
                  f"per patient, {dp['accountant']} accountant): a bound on every attack, these included.")

@@ -206,8 +206,9 @@ def test_majority_guess_is_the_training_data_majority():
     assert g["attacker"]["balanced_accuracy"] == 1.0 and g["advantage"] == pytest.approx(0.5)
 
 
-def _privacy(auroc=0.5, per_token=0.5, distance=0.5, advantage=0.0, rare=0, skipped=False):
-    mia = {"distance": {"auroc": distance}, "likelihood": {"auroc": auroc, "per_event": {"auroc": per_token}}}
+def _privacy(auroc=0.5, per_token=0.5, distance=0.5, advantage=0.0, rare=0, skipped=False, se=None):
+    mia = {"distance": {"auroc": distance, "auroc_se": se},
+           "likelihood": {"auroc": auroc, "auroc_se": se, "per_event": {"auroc": per_token, "auroc_se": se}}}
     if skipped:
         mia = {k: {"skipped": "needs held-out real patients"} for k in mia}
     attr = {"label": {"attacker": {"balanced_accuracy": 0.6 + advantage}, "advantage": advantage}}
@@ -252,3 +253,15 @@ def test_privacy_report_feeds_the_verdict(tiny):
     assert rep["exact_copies"]["copies_of_rare_records"] == 2  # [0,3] and [1,4] are held by one patient each
     verdict = privacy_verdict(rep)
     assert verdict["level"] == "leaks"
+
+
+def test_auroc_standard_error_and_chance_at_small_samples():
+    from halo_balance.privacy import auroc_standard_error, privacy_verdict
+
+    # under no signal, Hanley & McNeil's error is the Mann-Whitney one: sqrt((n1 + n2 + 1) / (12 n1 n2))
+    assert auroc_standard_error(0.5, 100, 100) == pytest.approx(np.sqrt(201 / 120000))
+    assert membership_auroc(np.arange(10.0), np.arange(10.0) - 0.5)["auroc_se"] > 0
+    small = privacy_verdict(_privacy(per_token=0.59, se=0.05))  # 60 held-out patients or so
+    assert small["level"] == "no measurable leak" and "cannot be told from chance" in small["text"]
+    large = privacy_verdict(_privacy(per_token=0.59, se=0.015))  # 400 or so
+    assert large["level"] == "some leakage" and "cannot be told" not in large["text"]
