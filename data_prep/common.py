@@ -487,13 +487,16 @@ def lab_tokens(branches: Sequence[pl.LazyFrame], *, table: RawTable, value_colum
                            .agg(n=pl.len(), n_filled=pl.col("filled").sum(), n_num=pl.col("v").count(),
                                 s=pl.col("v").sum(), unit=pl.col("unit").first()) for r in rows]
             else:
-                # values matter only in kept rows; nulling the rest keeps the histogram small
-                queries = [r.with_columns(v=pl.when(pl.col("status") == 0).then("v"))
+                # values matter only in kept rows; nulling the rest keeps the histogram small. Values
+                # are rounded to SIGNIFICANT_DIGITS as visit means are: one binning rule in both modes
+                queries = [r.with_columns(v=pl.when(pl.col("status") == 0).then(
+                               pl.col("v").round_sig_figs(SIGNIFICANT_DIGITS)))
                            .group_by("status", "item", "unit", "v")
                            .agg(n=pl.len(), n_filled=pl.col("filled").sum()).with_columns(
                                n_num=pl.when(pl.col("v").is_not_null()).then(pl.col("n")).otherwise(0))
                            for r in rows]
-                queries += [r.filter(pl.col("status") == 0, pl.col("v").is_not_null()).select("key", "item", "v")
+                queries += [r.filter(pl.col("status") == 0, pl.col("v").is_not_null())
+                            .select("key", "item", pl.col("v").round_sig_figs(SIGNIFICANT_DIGITS))
                             .sink_parquet(spill / f"branch{i}.parquet", lazy=True) for i, r in enumerate(rows)]
             results = pl.collect_all([*queries, *extra], engine="streaming")
         n_branches = len(branches)
@@ -688,10 +691,17 @@ def finish(*, source: str, module: str, root: Path, tables: dict[str, RawTable |
            parameters: dict[str, Any], rules: dict[str, str], visits: pl.DataFrame,
            dx_tokens: pl.DataFrame, dx_vocab: pl.DataFrame, lab_source: str, labs: LabTokens | None,
            n_bins: int, bins_from: str | os.PathLike | None, reference: Reference | None,
-           patients: pl.DataFrame, canonical: dict[str, list[str]], counts: Counts, outcome: OutcomeSpec,
-           lab_mode: LabTokenMode = "mean", time: TimeTokens | None = None,
+           patients: pl.DataFrame, canonical: dict[str, list[str]], counts: Counts,
+           outcome: OutcomeSpec | None = None, lab_mode: LabTokenMode = "mean", time: TimeTokens | None = None,
            extra_meta: dict[str, Any] | None = None) -> PreparedDataset:
-    """Vocabulary, ``meta.json`` and the assembled dataset, the same way for every source."""
+    """Vocabulary, ``meta.json`` and the assembled dataset, the same way for every source.
+
+    ``outcome`` defaults to in-hospital mortality as ``rules["outcome"]`` states it.
+    """
+    if outcome is None:
+        from .outcomes import OUTCOME_NAMES, OutcomeSpec
+
+        outcome = OutcomeSpec("mortality", OUTCOME_NAMES["mortality"], rules.get("outcome", ""))
     items = labs.items if labs is not None else []
     vocab = build_vocab([dx_vocab, lab_vocab(items)] + ([time.bins.vocab()] if time else []), reference)
     parts = [dx_tokens] + ([labs.tokens] if labs is not None else []) + ([time.tokens] if time else [])

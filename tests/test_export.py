@@ -205,6 +205,22 @@ def test_meds_round_trip_on_the_demos(which: str, mimic_demo_prepared: Path, eic
     assert_round_trip(ds, back, tmp_path / "meds")
 
 
+@pytest.mark.parametrize("fmt", ["mimic-iv", "meds"])
+def test_round_trip_with_time_tokens_and_every_lab_value(fmt: str, tmp_path: Path) -> None:
+    """Ages (whole years inside fractional decile edges), gaps and several bins of one lab per visit
+    come back exactly from data prepared with --time-bins 10 --lab-tokens every."""
+    src = tmp_path / "prepared"
+    ds = prepare_mimic_iv(require(MIMIC_DEMO), src, time_bins=10, lab_tokens="every", progress=False)
+    assert any(e != int(e) for e in ds.meta["preprocessing"]["time_bins"]["age_edges"])
+    res = export(ds, tmp_path / "raw", format=fmt, seed=2)
+    assert res.report["lab_mode"] == "every" and res.report["time_tokens_misplaced"] == 0
+    assert res.report["lab_values_outside_bin"] == 0
+    prepare = prepare_mimic_iv if fmt == "mimic-iv" else prepare_meds
+    back = prepare(tmp_path / "raw", tmp_path / "back", bins_from=src, progress=False)
+    assert back.meta["preprocessing"]["time_bins"] == ds.meta["preprocessing"]["time_bins"]
+    assert_round_trip(ds, back, tmp_path / "raw")
+
+
 # ---------------------------------------------------------------------- generated records (simulator)
 @pytest.fixture(scope="module")
 def sim_augmented(sim_prepared: Path, sim_model: Path) -> PreparedDataset:

@@ -264,7 +264,7 @@ def decode(ds: PreparedDataset, *, seed: int, numeric_ids: bool, rules: TimeRule
         raise DatasetError(f"lab tokens of item(s) {unknown[:5]} have no bin edges in meta.json "
                            "preprocessing.labs.items", file="meta.json", column="preprocessing.labs",
                            fix="export data prepared by data_prep (its meta.json holds every item's edges)")
-    mode = meta.get("preprocessing", {}).get("labs", {}).get("tokens", "mean")
+    mode = meta.get("preprocessing", {}).get("labs", {}).get("mode", "mean")
     several = lab.group_by("visit_no", "item").len().filter(pl.col("len") > 1)
     report["lab_tokens"] = lab.height
     report["lab_mode"] = mode
@@ -320,8 +320,10 @@ def _draw_ages(rng: np.random.Generator, patients: pl.DataFrame, meta: dict[str,
         hi[idx] = np.where(no_group, rng_b[:, 1], np.minimum(hi[idx], rng_b[:, 1]))
         bad = hi[idx] <= lo[idx]  # the group and the bin disagree: the bin wins, the group is kept
         lo[idx[bad]], hi[idx[bad]] = rng_b[bad, 0], rng_b[bad, 1]
-    age = lo + rng.random(n) * (hi - lo)
-    return np.floor(age)
+    # the preparers' ages are whole years: draw a whole year inside [lo, hi) (quantile edges need not be)
+    lo, hi = np.ceil(lo), np.ceil(hi)
+    hi = np.where(hi > lo, hi, lo + 1)
+    return np.floor(lo + rng.random(n) * (hi - lo))
 
 
 def _draw_timeline(rng: np.random.Generator, visits: pl.DataFrame, n_vis: np.ndarray, rules: TimeRules,
