@@ -379,6 +379,23 @@ def test_demo_long_stay_matches_raw(eicu_demo: Path, tmp_path: Path) -> None:
     assert ds.n_patients == 2174 and ds.meta["outcome"] == "long_stay_7d"
 
 
+def test_demo_long_stay_by_person_matches_raw(eicu_demo: Path, tmp_path: Path) -> None:
+    """By person, the final stay (the documented order) decides: its hospital stay over 7 days."""
+    ds = prepare_eicu(eicu_demo, tmp_path / "l", lab_source="apache", n_lab_items=0, outcome="long-stay",
+                      progress=False)
+    p = raw_stays().with_columns(los=(pl.col("hospitaldischargeoffset") - pl.col("hospitaladmitoffset")) / 1440,
+                                 died=(pl.col("hospitaldischargestatus") == "Expired").fill_null(False),
+                                 year=pl.col("hospitaldischargeyear").cast(pl.Int64))
+    final = (p.sort("uniquepid", "year", "died", "patienthealthsystemstayid", -pl.col("hospitaladmitoffset"),
+                    "unitvisitnumber", "patientunitstayid", nulls_last=True)
+             .group_by("uniquepid", maintain_order=True).last())
+    long = set(final.filter(pl.col("los") > 7)["uniquepid"])
+    assert len(long) == 534 and set(ds.patients.filter(pl.col("label") == 1)["patient_id"]) == long
+    assert ds.n_patients == 1841  # every stay has a length: nobody is dropped
+    deaths = final.filter(pl.col("died")).height
+    assert ds.meta["counts"]["info"]["patients_died_in_final_stays_labelled_by_length_of_stay"] == deaths
+
+
 def test_demo_every_lab_tokens_equal_mean_on_apache(demo: PreparedDataset, eicu_demo: Path, tmp_path: Path) -> None:
     """apacheApsVar has one row per stay, so one value per (stay, variable): `every` changes nothing."""
     aps = raw("apacheApsVar")
