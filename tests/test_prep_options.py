@@ -58,3 +58,11 @@ def test_cli_rejects_one_time_bin(tmp_path: Path) -> None:
                         str(tmp_path / "out"), "--time-bins", "1", "--quiet"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "time_bins" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_meds_refuses_source_specific_outcomes(tmp_path: Path) -> None:
+    from data_prep.meds import prepare_meds
+
+    with pytest.raises(DatasetError, match=r"'outcome'.*death events or a MEDS label file.*--labels"):
+        prepare_meds(tmp_path, tmp_path / "out", outcome="readmission-30d", progress=False)
+    assert not (tmp_path / "out").exists()
