@@ -82,7 +82,7 @@ def plot(report: dict[str, Any], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.6), dpi=90)
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.9), dpi=90)
     labels = {"train": "training", "holdout": "held-out real", "synthetic": "synthetic"}
     for ax, var in zip(axes, VARIABLES):
         freq = report[var]["frequencies"]
@@ -96,9 +96,9 @@ def plot(report: dict[str, Any], path: Path, title: str) -> None:
         ax.set_xlabel("bin", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("share of tokens", fontsize=8)
-    axes[1].legend(fontsize=7, frameon=False, loc="upper right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
