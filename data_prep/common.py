@@ -444,7 +444,6 @@ class LabTokens:
     tokens: pl.DataFrame  # key (Int64), token and kind (Categorical): one row per (visit, item, bin)
     extra: list[pl.DataFrame]  # results of the caller's extra queries
     branch_rows: list[int]  # rows in each branch
-    mode: str = "mean"
 
 
 def lab_tokens(branches: Sequence[pl.LazyFrame], *, table: RawTable, value_column: str, reasons: Reasons,
@@ -520,7 +519,7 @@ def lab_tokens(branches: Sequence[pl.LazyFrame], *, table: RawTable, value_colum
              .select("idx", "b", token=(pl.lit("lab:") + pl.col("name") + pl.lit(":") + pl.col("b").cast(pl.String))
                      .cast(pl.Categorical), kind=pl.lit("lab", dtype=pl.Categorical)))
     tokens = binned.join(names, on=["idx", "b"], maintain_order="left").select("key", "token", "kind")
-    return LabTokens(items, tokens, list(extra_out), branch_rows, mode)
+    return LabTokens(items, tokens, list(extra_out), branch_rows)
 
 
 def _select_lab_items(agg: pl.DataFrame, branches: Sequence[pl.LazyFrame], *, table: RawTable, value_column: str,
