@@ -251,14 +251,15 @@ def test_no_synthetic_or_resampled_row_comes_from_a_test_patient(monkeypatch, tm
         assert not set(train_ids) & set(test_ids)
         test_tokens = [marker[p] for p in test_ids]
         train = ds.select(train_ids)
-        for method in ("original", "upsample", "downsample", "smote", "smoten", "group_resample", "fairplay"):
+        for method in ("original", "upsample", "downsample", "smote", "smoten", "group_resample",
+                       "adversarial_debiasing", "fairplay"):
             if method == "fairplay":
                 balanced, _, _ = methods.fairplay_dataset(
                     train, groups=groups, fold=fold, seed=fold, settings=FairPlaySettings(),
                     generator_dir=tmp_path / "gen", data_fingerprint="test", progress=False)
                 assert balanced.patients["synthetic"].any()
                 rows = methods.training_rows(balanced, groups)
-            elif method == "group_resample":
+            elif method in fairness_methods.METHODS:
                 rows = fairness_methods.training_set(method, train, groups=groups, seed=fold)
             else:
                 rows = build_training_set(method, train, groups=groups, seed=fold)
@@ -341,7 +342,7 @@ def test_mitigation_methods_run_in_the_harness_with_the_models_they_support(monk
     units = pl.read_parquet(out / "units.parquet")
     ran = {(m, x) for m, x in units.select("method", "model").unique().rows()}
     assert ran == {(m, x) for m in ("original", *fairness_methods.METHODS) for x in ("knn", "logreg")} - {
-        ("exponentiated_gradient", "knn")}
+        ("exponentiated_gradient", "knn"), ("adversarial_debiasing", "knn"), ("adversarial_debiasing", "logreg")}
     by_method = {m: part for (m,), part in units.group_by("method")}
     assert (by_method["fairplay_threshold"]["n_synthetic_rows"] > 0).all()  # trained on FairPlay's data
     assert (by_method["group_resample"]["n_copied_rows"] > 0).all()
