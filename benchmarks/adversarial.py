@@ -27,7 +27,9 @@ underdiagnosis gap across the attribute's groups (largest minus smallest group U
 0.5 threshold, over the groups holding at least ``min_share`` of the training visits, as the
 harness's fairness measures). The chosen alpha has the smallest gap among the alphas whose AUROC is
 at most ``max_auroc_loss`` (0.02) below the best alpha's, so a gap is never bought with a collapse
-of the task; ties go to the higher AUROC, then the smaller alpha. The final network is trained on
+of the task; an alpha whose network finds no validation death (TPR 0, so UDR 1 in every group and
+a gap of 0) takes part only when every alpha's does. Ties go to the higher AUROC, then the
+smaller alpha. The final network is trained on
 all the fold's training visits with that alpha. Test patients are never seen: the harness hands the
 estimator the training rows only. Every candidate's validation figures and the choice are kept in
 ``fit_report_`` (the harness writes them into the unit's JSON and ``units.parquet``).
@@ -65,6 +67,8 @@ from .methods import SingleModel
 from .metrics import group_metrics
 
 ALPHAS: tuple[float, ...] = (0.5, 1.0, 2.0)
+# the rule of select_alpha, in words: part of a harness unit's settings, so a new rule reruns the units
+SELECTION_RULE = "smallest validation UDR gap; AUROC within max_auroc_loss of the best; TPR > 0 unless none"
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,13 @@ def _outputs(net: DebiasedMLP, X: sp.csr_matrix, *, representation: bool = False
 def select_alpha(candidates: Sequence[dict], *, max_auroc_loss: float) -> float:
     """The alpha of the smallest ``udr_gap`` among candidates within ``max_auroc_loss`` of the best AUROC.
 
-    ``candidates`` are ``{"alpha", "auroc", "udr_gap", ...}`` (NaN: undefined). Ties go to the
-    higher AUROC, then the smaller alpha; with no defined AUROC, every candidate is eligible.
+    ``candidates`` are ``{"alpha", "auroc", "udr_gap", "tpr", ...}`` (NaN: undefined). A candidate
+    that finds no validation death (``tpr`` 0: UDR 1 in every group, a gap of 0 bought by missing
+    everybody) is eligible only when no candidate finds one. Ties go to the higher AUROC, then the
+    smaller alpha; with no defined AUROC, every candidate is eligible.
     """
+    finds = [c for c in candidates if c.get("tpr", 1.0) > 0]
+    candidates = finds or list(candidates)
     aurocs = [c["auroc"] for c in candidates if not math.isnan(c["auroc"])]
     best = max(aurocs) if aurocs else math.nan
     eligible = [c for c in candidates if math.isnan(best) or (not math.isnan(c["auroc"])
@@ -231,7 +239,9 @@ class AdversarialDebiasing(SingleModel):
                 _, fairness = group_metrics(y[valid], downstream.predict(s), s, g[valid], train_sizes=visits,
                                             min_share=self.min_share)
                 auroc = roc_auc_score(y[valid], s) if np.unique(y[valid]).size == 2 else math.nan
+                found = downstream.predict(s)[y[valid] == 1]
                 candidates.append({"alpha": float(alpha), "auroc": float(auroc),
+                                   "tpr": float(found.mean()) if found.size else math.nan,
                                    "udr_gap": fairness["equal_opportunity"], "fpr_gap": fairness["fpr_difference"]})
             self.alpha_ = select_alpha(candidates, max_auroc_loss=self.max_auroc_loss)
         else:
@@ -260,3 +270,10 @@ class AdversarialDebiasing(SingleModel):
     def representation(self, X: sp.csr_matrix) -> np.ndarray:
         """The encoder's output (n, hidden): what the adversary reads."""
         return _outputs(self.net_, X, representation=True)
+
+
+def describe() -> str:
+    """The default estimator's settings and selection rule as text (part of a harness unit's settings hash)."""
+    est = AdversarialDebiasing()
+    return repr({"alphas": list(est.alphas), "config": asdict(AdversarialConfig()), "val_fraction": est.val_fraction,
+                 "max_auroc_loss": est.max_auroc_loss, "min_share": est.min_share, "selection": SELECTION_RULE})

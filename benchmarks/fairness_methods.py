@@ -88,6 +88,15 @@ def supports(method: str, model: str) -> bool:
     return model in MODELS_FOR[method]
 
 
+def describe(method: str) -> str:
+    """A method's own estimator settings as text, beyond the downstream model's (part of a unit's settings hash)."""
+    _check_method(method)
+    if method == "adversarial_debiasing":
+        from .adversarial import describe as describe_adversarial  # imports torch
+        return describe_adversarial()
+    return ""
+
+
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise HaloBalanceError(f"unknown mitigation method {method!r}; choose from {', '.join(METHODS)}")

@@ -144,7 +144,7 @@ class _Config:
         if uses_fairplay_data(method):
             settings.update(self.fairplay.result_settings())
         if method in fairness_methods.TARGETED:
-            settings.update(adversary_attribute=list(self.adversary))
+            settings.update(adversary_attribute=list(self.adversary), estimator=fairness_methods.describe(method))
         return settings_hash(settings)
 
 

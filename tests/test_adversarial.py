@@ -84,8 +84,8 @@ def test_reversal_defeats_the_adversary_and_keeps_the_outcome():
 def test_select_alpha_by_hand():
     nan = math.nan
 
-    def c(alpha, auroc, gap):
-        return {"alpha": alpha, "auroc": auroc, "udr_gap": gap}
+    def c(alpha, auroc, gap, tpr=0.3):
+        return {"alpha": alpha, "auroc": auroc, "udr_gap": gap, "tpr": tpr}
 
     # 2.0 has the smallest gap but costs 0.05 AUROC; 1.0 is within 0.02 of the best
     assert AD.select_alpha([c(0.5, 0.70, 0.30), c(1.0, 0.69, 0.10), c(2.0, 0.65, 0.01)], max_auroc_loss=0.02) == 1.0
@@ -94,6 +94,10 @@ def test_select_alpha_by_hand():
     assert AD.select_alpha([c(0.5, 0.69, 0.1), c(1.0, 0.70, 0.1), c(2.0, 0.70, 0.1)], max_auroc_loss=0.02) == 1.0
     assert AD.select_alpha([c(0.5, 0.70, nan), c(1.0, 0.70, 0.4)], max_auroc_loss=0.02) == 1.0
     assert AD.select_alpha([c(0.5, nan, nan), c(1.0, nan, 0.2)], max_auroc_loss=0.02) == 1.0
+    # a network that finds no death has UDR 1 in every group: its gap of 0 does not count
+    missing_all = c(2.0, 0.70, 0.0, tpr=0.0)
+    assert AD.select_alpha([c(0.5, 0.70, 0.2), c(1.0, 0.70, 0.1), missing_all], max_auroc_loss=0.02) == 1.0
+    assert AD.select_alpha([c(0.5, 0.70, 0.0, tpr=0.0), missing_all], max_auroc_loss=0.02) == 0.5
 
 
 def test_alpha_selection_uses_only_the_training_patients():
