@@ -501,7 +501,7 @@ def _strategy_table(tab: AuditTables, attributes: Sequence[str], methods: Sequen
             rows.append([_e(m), _e(attr), *cells, _ci(a), "" if math.isnan(diff) else f"{diff:+.3f}"])
     return _table(["method", "attribute", "UDR max - min [CI]", f"change vs {reference} (p, q)",
                    "FPR max - min [CI]", f"change vs {reference} (p, q)", "AUROC [CI]",
-                   f"AUROC - {reference}"], rows)
+                   f"AUROC - {reference}"], rows, fold=False)  # the section's key table: always shown
 
 
 def strategy_section(tab: AuditTables, design: Design, reference: str) -> list[str]:
