@@ -59,6 +59,8 @@ Outcome = Literal["mortality", "readmission-30d", "long-stay"]
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
 #: Visit means and bin edges are rounded to this many significant digits (lab values carry far fewer).
 SIGNIFICANT_DIGITS = 9
+#: ``--n-bins`` when it is not given (and there is no ``--bins-from`` folder to take it from).
+DEFAULT_N_BINS = 10
 
 
 # ---------------------------------------------------------------------- reading raw tables
@@ -709,7 +711,6 @@ def finish(*, source: str, module: str, root: Path, tables: dict[str, RawTable |
     groups = present_categories(patients, canonical)
     if reference is not None:
         groups = reference.categories(groups)
-    n_bins = reference.n_bins if reference else n_bins
     bins_from = str(bins_from) if bins_from else None
     meta = empty_meta(source=source, source_version=source_version(root), outcome=outcome.name,
                       groups=groups)
@@ -757,6 +758,15 @@ def icd_category(code: pl.Expr, version: pl.Expr) -> pl.Expr:
             .otherwise(base.str.slice(0, 3)))
 
 
+def age_group(age: pl.Expr, groups: Sequence[tuple[str, float]], *, unknown: str = "Unknown") -> pl.Expr:
+    """The age group of ``age``: ``groups`` are ``(label, youngest age)`` in ascending order, the first
+    taking every younger age too; ``unknown`` where the age is null."""
+    expr = pl.when(age.is_null()).then(pl.lit(unknown))
+    for (label, _), (_, older) in zip(groups[:-1], groups[1:]):
+        expr = expr.when(age < older).then(pl.lit(label))
+    return expr.otherwise(pl.lit(groups[-1][0]))
+
+
 def row_status(visits: pl.DataFrame, *, on: Sequence[str], table: str, visit_word: str) -> pl.DataFrame:
     """The ``on`` columns, the visit ``key`` and ``status``: ``ok`` or the reason rows of ``table``
     belonging to that visit are dropped (``{table}_{visit_word}_{fate}``)."""
@@ -786,7 +796,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, root_help: str, visit: s
     p.add_argument("--root", required=True, help=root_help)
     p.add_argument("--out", required=True, help="output folder for the prepared dataset")
     p.add_argument("--n-lab-items", type=int, default=50, help="lab items kept (default 50; 0 = no labs)")
-    p.add_argument("--n-bins", type=int, default=10, help="bins per lab item (default 10: deciles)")
+    p.add_argument("--n-bins", type=int, default=None,
+                   help=f"bins per lab item (default {DEFAULT_N_BINS}: deciles; with --bins-from: the reference's)")
     p.add_argument("--lab-tokens", choices=LAB_TOKEN_MODES, default=None,
                    help="mean (default): one token per lab and visit, the visit mean binned by the lab's "
                         "quantiles of visit means; every: each measurement binned by the lab's quantiles over all "
@@ -811,11 +822,11 @@ def common_options(args: argparse.Namespace) -> dict[str, Any]:
             "bins_from": args.bins_from, "overwrite": args.overwrite, "progress": not args.quiet}
 
 
-def check_parameters(*, n_lab_items: int, n_bins: int, max_visits: int | None, time_bins: int | None = None,
+def check_parameters(*, n_lab_items: int, n_bins: int | None, max_visits: int | None, time_bins: int | None = None,
                      lab_tokens: str | None = None, outcome: str = "mortality") -> None:
     if n_lab_items < 0:
         raise DatasetError("must be 0 or more", column="n_lab_items", value=n_lab_items)
-    if n_bins < 2:
+    if n_bins is not None and n_bins < 2:
         raise DatasetError("must be at least 2", column="n_bins", value=n_bins)
     if max_visits is not None and max_visits < 1:
         raise DatasetError("must be at least 1", column="max_visits", value=max_visits)
@@ -826,24 +837,35 @@ def check_parameters(*, n_lab_items: int, n_bins: int, max_visits: int | None, t
             raise unknown_choice(option, [value], choices)
 
 
-def token_settings(*, time_bins: int | None, lab_tokens: str | None,
-                   reference: Reference | None) -> tuple[int, LabTokenMode, dict[str, Any] | None]:
-    """``--time-bins`` and ``--lab-tokens`` in effect, and the reference's time bins to reuse.
+@dataclass(frozen=True)
+class TokenSettings:
+    """The tokenisation options in effect (:func:`token_settings`)."""
 
-    Without a reference: the values given (``None``: 0 and ``mean``). With ``--bins-from`` they are
+    n_bins: int
+    time_bins: int
+    lab_mode: LabTokenMode
+    time_reference: dict[str, Any] | None  # the reference's ``preprocessing.time_bins`` to reuse
+
+
+def token_settings(*, n_bins: int | None, time_bins: int | None, lab_tokens: str | None,
+                   reference: Reference | None) -> TokenSettings:
+    """``--n-bins``, ``--time-bins`` and ``--lab-tokens`` in effect, and the reference's time bins to reuse.
+
+    Without a reference: the values given (``None``: 10, 0 and ``mean``). With ``--bins-from`` they are
     the reference's, so new data is tokenised exactly like it; a different value given explicitly
     is an error rather than silently ignored.
     """
     if reference is None:
-        return time_bins or 0, lab_tokens or "mean", None  # type: ignore[return-value]
+        return TokenSettings(DEFAULT_N_BINS if n_bins is None else n_bins, time_bins or 0, lab_tokens or "mean", None)  # type: ignore[arg-type]
     ref_time = reference.time_bins
     ref_n = int(ref_time["n_bins"]) if ref_time else 0
-    for option, given, ref in (("--time-bins", time_bins, ref_n), ("--lab-tokens", lab_tokens, reference.lab_mode)):
+    for option, given, ref in (("--n-bins", n_bins, reference.n_bins), ("--time-bins", time_bins, ref_n),
+                               ("--lab-tokens", lab_tokens, reference.lab_mode)):
         if given is not None and given != ref:
             raise DatasetError(f"{option} {given} differs from the --bins-from folder's {ref}",
                                file=str(reference.path / META_FILE), column="preprocessing.parameters",
                                fix=f"leave {option} out to use the reference's, or prepare the reference with it")
-    return ref_n, reference.lab_mode, ref_time  # type: ignore[return-value]
+    return TokenSettings(reference.n_bins, ref_n, reference.lab_mode, ref_time)  # type: ignore[arg-type]
 
 
 def summary(ds: PreparedDataset, out: str | os.PathLike) -> str:

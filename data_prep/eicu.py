@@ -89,9 +89,9 @@ from halo_balance.errors import DatasetError
 from halo_balance.io import check_output_dir
 
 from .common import (Counts, LabTokenMode, LabTokens, Outcome, Progress, RawTable, Reasons, Reference,
-                     add_common_arguments, check_parameters, common_options, count_rows_by_status, find_table,
-                     finish, icd_category, lab_tokens, number, parse_numbers, reading, row_status, summary,
-                     table_roots, text, token_settings)
+                     add_common_arguments, age_group, check_parameters, common_options, count_rows_by_status,
+                     find_table, finish, icd_category, lab_tokens, number, parse_numbers, reading, row_status,
+                     summary, table_roots, text, token_settings)
 from .outcomes import OUTCOME_NAMES, OutcomeSpec, select_visits
 from .time_tokens import time_rules, time_tokens
 
@@ -115,6 +115,9 @@ ICD9_FORM = r"^(\d{3}|V\d{2}|E\d{3})(\.?\d{1,2})?$"
 ICD10_FORM = r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"
 DXSTR_LEVELS = 3
 
+#: Age groups of the stay's age: (label, youngest age); ``age`` "> 89" is read as OLDEST_AGE.
+AGE_GROUPS = (("pediatric", 0), ("adult", 18), ("elderly", 75))
+OLDEST_AGE = 90.0
 CATEGORIES = {
     "age_group": ["pediatric", "adult", "elderly", "Unknown"],
     "gender": ["Female", "Male", "Other/Unknown"],
@@ -169,7 +172,7 @@ LAB_RULES = {
 
 def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
                  lab_source: Literal["lab", "apache"] = "lab", patient_unit: PatientUnit = "person",
-                 n_lab_items: int = 50, n_bins: int = 10, lab_tokens: LabTokenMode | None = None,
+                 n_lab_items: int = 50, n_bins: int | None = None, lab_tokens: LabTokenMode | None = None,
                  time_bins: int | None = None, outcome: Outcome = "mortality", max_visits: int | None = None,
                  bins_from: str | os.PathLike | None = None, overwrite: bool = False,
                  progress: bool = True) -> PreparedDataset:
@@ -182,7 +185,8 @@ def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
     lab_source : ``"lab"`` (the raw ``lab`` table) or ``"apache"`` (``apacheApsVar``, for the demo).
     patient_unit : ``"person"`` (``uniquepid``) or ``"hospital-stay"`` (one patient per hospital admission).
     n_lab_items : number of lab items kept (0: no lab tokens and no lab table read).
-    n_bins : bins per lab item (deciles for 10).
+    n_bins : bins per lab item (``None``: 10, deciles, or the ``bins_from`` folder's; another value
+        than that folder's is an error).
     lab_tokens : ``"mean"`` or ``"every"`` (see the module rules); ``None``: ``"mean"``, or the
         ``bins_from`` folder's.
     time_bins : age and gap tokens in this many quantile bins (0: none); ``None``: 0, or the
@@ -207,8 +211,8 @@ def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
     lab_table_name = "lab" if lab_source == "lab" else "apacheApsVar"
     reference = (Reference.load(bins_from, source=SOURCE, lab_source=f"eicu:{lab_table_name}")
                  if bins_from else None)
-    time_bins, lab_mode, time_reference = token_settings(time_bins=time_bins, lab_tokens=lab_tokens,
-                                                         reference=reference)
+    settings = token_settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, reference=reference)
+    n_bins, time_bins, lab_mode = settings.n_bins, settings.time_bins, settings.lab_mode
     roots = table_roots(Path(root))
     with_labs = bool(reference.lab_items) if reference else n_lab_items > 0
     counts = Counts()
@@ -240,7 +244,7 @@ def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
         time = None
         if time_bins:
             with steps.step("time tokens"):
-                time = time_tokens(kept, n_bins=time_bins, reference=time_reference, counts=counts)
+                time = time_tokens(kept, n_bins=time_bins, reference=settings.time_reference, counts=counts)
         with steps.step("vocabulary and visits"):
             visits = kept.select("patient_id", "key", "visit_index", "label")
             rules = {"visit": VISIT_RULES[patient_unit], **RULES, "outcome": OUTCOME_RULES[outcome],
@@ -306,7 +310,7 @@ def _read_stays(table: RawTable, columns: Sequence[str], *, max_visits: int | No
 
 def _age_years() -> pl.Expr:
     a = text("age")
-    return pl.when(a.str.replace_all(" ", "") == ">89").then(pl.lit(90.0)).otherwise(
+    return pl.when(a.str.replace_all(" ", "") == ">89").then(pl.lit(OLDEST_AGE)).otherwise(
         a.cast(pl.Float64, strict=False))
 
 
@@ -328,8 +332,7 @@ def _patient_groups(stays: pl.DataFrame) -> pl.DataFrame:
     age = pl.col("age")
     return (final.join(last_known, on="patient_id", how="left").sort("patient_id").select(
         "patient_id", pl.col("label").cast(pl.Int8),
-        age_group=pl.when(age.is_null()).then(pl.lit("Unknown")).when(age < 18).then(pl.lit("pediatric"))
-        .when(age < 75).then(pl.lit("adult")).otherwise(pl.lit("elderly")),
+        age_group=age_group(age, AGE_GROUPS),
         gender=pl.col("gender_v").fill_null("Other/Unknown"),
         ethnicity=pl.col("ethnicity_v").fill_null("Other/Unknown")))
 

@@ -119,7 +119,7 @@ class GroupRule:
         return f"{self.attribute}={self.kind}:{self.arg}"
 
 
-def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int = 50, n_bins: int = 10,
+def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int = 50, n_bins: int | None = None,
                  lab_tokens: LabTokenMode | None = None, time_bins: int | None = None,
                  outcome: Outcome = "mortality", max_visits: int | None = None,
                  bins_from: str | os.PathLike | None = None,
@@ -159,8 +159,8 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
         raise DatasetError("must be positive", column="gap_hours", value=gap_hours)
     check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from, labels])
     reference = Reference.load(bins_from, source=None, lab_source=None) if bins_from else None
-    time_bins, lab_mode, time_reference = token_settings(time_bins=time_bins, lab_tokens=lab_tokens,
-                                                         reference=reference)
+    settings = token_settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, reference=reference)
+    n_bins, time_bins, lab_mode = settings.n_bins, settings.time_bins, settings.lab_mode
     root = Path(root)
     files = sorted((root / "data").glob("**/*.parquet")) if (root / "data").is_dir() else []
     if not files:
@@ -196,7 +196,7 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
         time = None
         if time_bins:
             with steps.step("time tokens"):
-                time = time_tokens(_timeline(events, visits), n_bins=time_bins, reference=time_reference,
+                time = time_tokens(_timeline(events, visits), n_bins=time_bins, reference=settings.time_reference,
                                    counts=counts)
         with steps.step("vocabulary and visits"):
             vis = kept.select(patient_id=pl.col("subject_id").cast(pl.String), key="key", visit_index="visit_index",

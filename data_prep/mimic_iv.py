@@ -75,9 +75,9 @@ from halo_balance.data import PreparedDataset
 from halo_balance.io import check_output_dir
 
 from .common import (Counts, LabTokenMode, LabTokens, Outcome, Progress, RawTable, Reasons, Reference,
-                     add_common_arguments, blank, check_parameters, common_options, count_rows_by_status, datetime,
-                     find_table, finish, icd_category, lab_tokens, number, parse_numbers, reading, row_status,
-                     summary, table_roots, text, time_format, token_settings)
+                     add_common_arguments, age_group, blank, check_parameters, common_options, count_rows_by_status,
+                     datetime, find_table, finish, icd_category, lab_tokens, number, parse_numbers, reading,
+                     row_status, summary, table_roots, text, time_format, token_settings)
 from .outcomes import OUTCOME_NAMES, READMISSION_DAYS, SECONDS_PER_DAY, OutcomeSpec, select_visits
 from .time_tokens import time_rules, time_tokens
 
@@ -98,6 +98,8 @@ CATEGORIES = {
     "gender": ["F", "M", "Unknown"],
     "age_group": ["<18", "18-44", "45-64", "65-79", "80+", "Unknown"],
 }
+#: Age groups of ``anchor_age``: (label, youngest age).
+AGE_GROUPS = (("<18", 0), ("18-44", 18), ("45-64", 45), ("65-79", 65), ("80+", 80))
 RACE_UNKNOWN = ("UNKNOWN", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER")
 
 RULES = {
@@ -137,7 +139,7 @@ TIME_RULES = time_rules(age="anchor_age + year(admittime) - anchor_year",
 
 
 def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int = 50,
-                     n_bins: int = 10, lab_tokens: LabTokenMode | None = None, time_bins: int | None = None,
+                     n_bins: int | None = None, lab_tokens: LabTokenMode | None = None, time_bins: int | None = None,
                      outcome: Outcome = "mortality", max_visits: int | None = None,
                      bins_from: str | os.PathLike | None = None, overwrite: bool = False,
                      progress: bool = True) -> PreparedDataset:
@@ -148,7 +150,8 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
     root : folder holding ``hosp/`` (or the ``hosp`` tables themselves).
     out : output folder, written atomically; it must not exist unless ``overwrite``.
     n_lab_items : number of lab items kept (0: no lab tokens, ``labevents`` is not read).
-    n_bins : bins per lab item (deciles for 10).
+    n_bins : bins per lab item (``None``: 10, deciles, or the ``bins_from`` folder's; another value
+        than that folder's is an error).
     lab_tokens : ``"mean"`` (one token per admission and item) or ``"every"`` (a token for every bin an
         admission's measurements touched); ``None``: ``"mean"``, or the ``bins_from`` folder's.
     time_bins : age and gap tokens in this many quantile bins (0: none); ``None``: 0, or the
@@ -167,8 +170,8 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
                      lab_tokens=lab_tokens, outcome=outcome)
     check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from])
     reference = Reference.load(bins_from, source=SOURCE, lab_source=LAB_SOURCE) if bins_from else None
-    time_bins, lab_mode, time_reference = token_settings(time_bins=time_bins, lab_tokens=lab_tokens,
-                                                         reference=reference)
+    settings = token_settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, reference=reference)
+    n_bins, time_bins, lab_mode = settings.n_bins, settings.time_bins, settings.lab_mode
     roots = table_roots(Path(root), "hosp")
     with_labs = bool(reference.lab_items) if reference else n_lab_items > 0
     counts = Counts()
@@ -201,7 +204,7 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
         time = None
         if time_bins:
             with steps.step("time tokens"):
-                time = time_tokens(kept, n_bins=time_bins, reference=time_reference, counts=counts)
+                time = time_tokens(kept, n_bins=time_bins, reference=settings.time_reference, counts=counts)
         with steps.step("vocabulary and visits"):
             visits = kept.select(patient_id=pl.col("subject_id").cast(pl.String), key="key",
                                  visit_index="visit_index", label="label")
@@ -328,10 +331,7 @@ def _patient_groups(adm: pl.DataFrame, patients: pl.DataFrame, counts: Counts) -
                .when(ins == "private").then(pl.lit("Private")).otherwise(pl.lit("Other")),
                gender=pl.when(text("gender").str.to_uppercase().is_in(["F", "M"]))
                .then(text("gender").str.to_uppercase()).otherwise(pl.lit("Unknown")),
-               age_group=pl.when(age.is_null()).then(pl.lit("Unknown"))
-               .when(age < 18).then(pl.lit("<18")).when(age < 45).then(pl.lit("18-44"))
-               .when(age < 65).then(pl.lit("45-64")).when(age < 80).then(pl.lit("65-79"))
-               .otherwise(pl.lit("80+"))))
+               age_group=age_group(age, AGE_GROUPS)))
     counts.note("patients_race_unknown_mapped_to_other",
                 final.join(race, on="subject_id", how="left")["race_group"].null_count())
     return out

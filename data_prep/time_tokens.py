@@ -20,6 +20,7 @@ counted in ``counts.info`` as ``time_age_unknown`` and ``time_gap_undefined_<why
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,10 +105,17 @@ def time_tokens(visits: pl.DataFrame, *, n_bins: int, reference: dict[str, Any] 
     parts = []
     for var in VARIABLES:
         v = values.filter(pl.col(var).is_not_null())
-        b = bin_of(bins.edges(var), v[var].to_numpy())
+        b = time_bin(bins.edges(var), v[var].to_numpy())
         parts.append(v.select("key", token=pl.lit(f"time:{var}:") + pl.Series(b.astype(np.int32)).cast(pl.String),
                               kind=pl.lit(KIND)))
     return TimeTokens(bins, pl.concat(parts))
+
+
+def time_bin(edges: Sequence[float], values: np.ndarray) -> np.ndarray:
+    """The 0-based bin :func:`time_tokens` gives each age or gap value (a gap already clipped at 0):
+    the value rounded to ``SIGNIFICANT_DIGITS``, a value on an edge going up."""
+    rounded = pl.Series(np.asarray(values, dtype=np.float64)).round_sig_figs(SIGNIFICANT_DIGITS).to_numpy()
+    return bin_of(edges, rounded)
 
 
 def time_rules(*, age: str, gap: str) -> dict[str, str]:

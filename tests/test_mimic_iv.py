@@ -170,8 +170,8 @@ def test_demo_groups(demo: PreparedDataset) -> None:
 def test_demo_bins_from_reuses_edges_and_vocab(demo: PreparedDataset, tmp_path: Path) -> None:
     first = tmp_path / "first"
     demo.save(first)
-    again = prepare_mimic_iv(MIMIC_DEMO, tmp_path / "again", bins_from=first, n_bins=4, progress=False)
-    assert again.vocab.equals(demo.vocab)
+    again = prepare_mimic_iv(MIMIC_DEMO, tmp_path / "again", bins_from=first, n_bins=10, progress=False)
+    assert again.vocab.equals(demo.vocab)  # the reference's own --n-bins given again is fine
     assert again.meta["preprocessing"]["labs"]["items"] == demo.meta["preprocessing"]["labs"]["items"]
     assert again.visits.equals(demo.visits)
     ids = demo.patients["patient_id"].to_list()
@@ -319,6 +319,8 @@ def test_demo_bins_from_reuses_time_bins_and_lab_mode(rich: PreparedDataset, tmp
         prepare_mimic_iv(MIMIC_DEMO, tmp_path / "x", bins_from=ref, lab_tokens="mean", progress=False)
     with pytest.raises(DatasetError, match=r"--time-bins 5 differs .* 10.*leave --time-bins out"):
         prepare_mimic_iv(MIMIC_DEMO, tmp_path / "x", bins_from=ref, time_bins=5, progress=False)
+    with pytest.raises(DatasetError, match=r"--n-bins 4 differs from the --bins-from folder's 10.*leave --n-bins out"):
+        prepare_mimic_iv(MIMIC_DEMO, tmp_path / "x", bins_from=ref, n_bins=4, progress=False)
     assert not (tmp_path / "x").exists()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from data_prep.common import add_common_arguments, check_parameters, common_options, decile_edges
 from halo_balance.errors import DatasetError, HaloBalanceError
 
@@ -46,11 +46,12 @@ def test_common_options_give_the_preparers_keywords() -> None:
     add_common_arguments(p, root_help="raw tables", visit="visits")
     a = p.parse_args(["--root", "r", "--out", "o", "--time-bins", "10", "--lab-tokens", "every",
                       "--outcome", "readmission-30d", "--quiet"])
-    assert common_options(a) == {"n_lab_items": 50, "n_bins": 10, "lab_tokens": "every", "time_bins": 10,
+    assert common_options(a) == {"n_lab_items": 50, "n_bins": None, "lab_tokens": "every", "time_bins": 10,
                                  "outcome": "readmission-30d", "max_visits": None, "bins_from": None,
                                  "overwrite": False, "progress": False}
     defaults = common_options(p.parse_args(["--root", "r", "--out", "o"]))
-    assert (defaults["lab_tokens"], defaults["time_bins"], defaults["outcome"]) == (None, None, "mortality")
+    assert (defaults["n_bins"], defaults["lab_tokens"], defaults["time_bins"], defaults["outcome"]) == (
+        None, None, None, "mortality")  # None: 10, 0 and mean, or the --bins-from folder's
 
 
 def test_cli_rejects_one_time_bin(tmp_path: Path) -> None:
@@ -66,3 +67,20 @@ def test_meds_refuses_source_specific_outcomes(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"'outcome'.*death events or a MEDS label file.*--labels"):
         prepare_meds(tmp_path, tmp_path / "out", outcome="readmission-30d", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_n_bins_other_than_the_references(tmp_path: Path, capsys) -> None:
+    """--n-bins with --bins-from: the reference's value is used; another one given explicitly is an error."""
+    from conftest import fails_cleanly
+    from data_prep.eicu import main, prepare_eicu
+    from test_eicu import write_fixture
+
+    root = write_fixture(tmp_path / "raw")
+    prepare_eicu(root, tmp_path / "ref", n_lab_items=2, n_bins=2, progress=False)
+    base = ["--root", root, "--out", tmp_path / "out", "--bins-from", tmp_path / "ref", "--quiet"]
+    fails_cleanly(main, base + ["--n-bins", "10"], capsys, "--n-bins 10 differs from the --bins-from folder's 2",
+                  "leave --n-bins out")
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(main, base + ["--n-bins", "2"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "meta.json").is_file()
