@@ -856,7 +856,8 @@ def token_settings(*, n_bins: int | None, time_bins: int | None, lab_tokens: str
     is an error rather than silently ignored.
     """
     if reference is None:
-        return TokenSettings(DEFAULT_N_BINS if n_bins is None else n_bins, time_bins or 0, lab_tokens or "mean", None)  # type: ignore[arg-type]
+        n = DEFAULT_N_BINS if n_bins is None else n_bins
+        return TokenSettings(n, time_bins or 0, lab_tokens or "mean", None)  # type: ignore[arg-type]
     ref_time = reference.time_bins
     ref_n = int(ref_time["n_bins"]) if ref_time else 0
     for option, given, ref in (("--n-bins", n_bins, reference.n_bins), ("--time-bins", time_bins, ref_n),
