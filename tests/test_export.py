@@ -277,8 +277,10 @@ def timed(tmp_path_factory: pytest.TempPathFactory):
             if source == "mimic":
                 prepare_mimic_iv(require(MIMIC_DEMO), out, time_bins=10, outcome=outcome, progress=False)
             else:
+                # by hospital stay with every apacheApsVar value as its own token (one per stay and variable)
                 prepare_eicu(require(EICU_DEMO), out, lab_source="apache", patient_unit=unit, time_bins=10,
-                             outcome=outcome, progress=False)
+                             outcome=outcome, lab_tokens="every" if unit == "hospital-stay" else "mean",
+                             progress=False)
             made[source, outcome, unit] = out
         return made[source, outcome, unit]
     return get
@@ -294,6 +296,7 @@ def test_eicu_round_trip_with_time_tokens_patient_units_and_outcomes(unit: str, 
     ds = with_synthetic(PreparedDataset.load(src), 40)
     res = export(ds, tmp_path / "raw", format="eicu", seed=4)
     assert "--bins-from PREPARED" in res.prepare_again  # exported from memory: the folder is not known
+    assert res.report["lab_mode"] == ("every" if unit == "hospital-stay" else "mean")
     back = prepare_back(ExportResult(res.path, res.rows, res.report, res.prepare_again.replace("PREPARED", str(src))),
                         tmp_path / "back", capsys)
     assert_round_trip_counted(ds, back, tmp_path / "raw", res.report)
