@@ -394,6 +394,27 @@ def test_generated_records_with_missing_or_extra_time_tokens(timed, tmp_path: Pa
         assert_round_trip_counted(both, back, tmp_path / fmt, res.report)
 
 
+def test_real_record_without_a_gap_token_gets_an_empty_discharge_time(timed, tmp_path: Path) -> None:
+    """A real MIMIC-IV record lacks a gap token only where its source lacked a time: export leaves the
+    previous admission's dischtime empty, as the source had it, and the record comes back exactly."""
+    src = timed("mimic", "mortality")
+    ds = PreparedDataset.load(src)
+    gap_ids = ds.vocab.filter(pl.col("token").str.starts_with("time:gap:"))["id"].implode()
+    pid = ds.visits.filter(pl.col("visit_index") == 2)["patient_id"][0]
+    at = (pl.col("patient_id") == pid) & (pl.col("visit_index") == 2)
+    visits = ds.visits.with_columns(codes=pl.when(at).then(pl.col("codes").list.set_difference(gap_ids))
+                                    .otherwise("codes"))
+    gapless = PreparedDataset(visits, ds.patients, ds.vocab, ds.meta).validate()
+    res = export(gapless, tmp_path / "raw", format="mimic-iv", seed=8)
+    assert [res.report[f"{v}_tokens_{k}"] for v in ("age", "gap") for k in ("not_kept", "added")] == [0, 0, 0, 0]
+    adm = pl.read_csv(tmp_path / "raw" / "hosp" / "admissions.csv.gz", infer_schema=False)
+    empty = adm.filter(pl.col("dischtime").is_null())
+    assert empty.height == 1 and empty["subject_id"][0] == pid
+    back = prepare_mimic_iv(tmp_path / "raw", tmp_path / "back", bins_from=src, progress=False)
+    assert_round_trip(gapless, back, tmp_path / "raw")
+    assert back.meta["counts"]["info"]["time_gap_undefined_time_missing"] == 1
+
+
 def test_eicu_raw_lab_table_every_value_by_hospital_stay(tmp_path: Path, capsys) -> None:
     """The full release's ``lab`` table with --lab-tokens every, time tokens and hospital-stay patients."""
     from test_eicu import write_fixture

@@ -42,10 +42,11 @@ Rules
   eICU times gaps only within a hospital stay: by person, a stay that holds a gap token continues
   the previous stay's hospital stay and a stay without one opens a new hospital stay, which the
   preparer does not time, so both come back; by hospital stay, all of a record's stays are one
-  hospital stay (an untimed gap within one: Exponential(0.5 days)). A hospital stay runs from its first
-  unit admission to its last unit discharge (``hospitaladmitoffset``, ``hospitaldischargeoffset``
-  and ``hospitaldischargeyear`` from those); without time tokens every eICU stay by person is its own
-  hospital stay. Admission precedes discharge, lab times fall strictly inside their admission.
+  hospital stay (a gap within one without a token: Exponential(0.5 days)). A hospital stay runs
+  from its first unit admission to its last unit discharge (``hospitaladmitoffset``,
+  ``hospitaldischargeoffset`` and ``hospitaldischargeyear`` from those); without time tokens every
+  eICU stay by person is its own hospital stay. Admission precedes discharge, lab times fall
+  strictly inside their admission.
 - **Ages.** The age at the first visit is drawn (whole years) inside its ``time:age`` bin and, where
   both allow it, inside the age group's range where the layout reads the group: MIMIC-IV reads the
   group from ``anchor_age`` and the age at the first admission as ``anchor_age + year(admittime) -
@@ -59,16 +60,20 @@ Rules
   records do this whenever ``anchor_year`` is not the first admission's year). A record without an
   age token (its source lacked the age) is written without one: MIMIC-IV ``anchor_year`` empty,
   eICU's first stay's ``age`` empty, no ``MEDS_BIRTH``; an Unknown age group writes no age at all.
-- **Time tokens a record cannot carry.** Generated records learn where time tokens go; nothing
-  forces them. A second age or gap token on a visit, an age token after the first visit or a gap
-  token on it cannot be written (the lowest bin is used); a later visit without a gap token gets a
-  gap the preparer will time and bin wherever the layout times every gap (MIMIC-IV, MEDS, eICU by
-  hospital stay). ``export.json`` counts, by the preparer's own rules, the tokens that will not come
-  back (``age_tokens_not_kept``, ``gap_tokens_not_kept``) and those that will appear
+- **Missing gaps.** Where the layout times every gap (MIMIC-IV, MEDS, eICU by hospital stay), a
+  real record lacks a gap token only because its source lacked the time before it: the previous
+  visit's end (MIMIC-IV ``dischtime``, eICU ``unitdischargeoffset`` and ``unitdischargetime24``) is
+  written empty, as the source had it, and no gap comes back. MEDS needs every discharge, so it
+  times every gap: eICU records prepared by person gain the gap tokens of their new hospital stays
+  there (counted; export them as eICU for an exact round trip).
+- **Time tokens a generated record cannot carry.** Generated records learn where time tokens go;
+  nothing forces them. A second age or gap token on a visit, an age token after the first visit or
+  a gap token on it cannot be written (the lowest bin is used); a later visit of a generated record
+  without a gap token gets a gap the preparer will time and bin wherever the layout times every
+  gap. ``export.json`` counts, by the preparer's own rules, the tokens that will not come back
+  (``age_tokens_not_kept``, ``gap_tokens_not_kept``) and those that will appear
   (``age_tokens_added``, ``gap_tokens_added``): 0 for real records written in their own source's
-  layout (unless the source lacked a time a gap needs). MEDS
-  times every gap, so eICU records prepared by person gain the gap tokens of their new hospital
-  stays there (export them as eICU for an exact round trip).
+  layout.
 - **Labs.** Each lab token is one measurement whose value lies in the token's bin: uniform in
   ``[e_{b-1}, e_b)`` and then written with the fewest significant digits (2-9) that keep it there
   after the layout's storage (text; float32 in MEDS) and the preparers' rounding. The open-ended
