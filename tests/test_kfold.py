@@ -185,21 +185,29 @@ def test_upsample_and_downsample_resample_whole_patients(cohort):
         assert int(rows.y.sum()) == positives  # one positive visit per positive patient drawn
 
 
-@pytest.mark.parametrize("method", ["smote", "smoten"])
-def test_smote_family_fills_visit_cells_with_rows_of_their_cell(cohort, method):
-    groups = ["gender", "age_group"]
-    base = build_training_set("original", cohort, groups=groups)
-    rows = build_training_set(method, cohort, groups=groups, seed=0)
+def assert_visit_cells_topped_up(base, rows) -> np.ndarray:
+    """Every (visit label, group) cell of at least 5 rows is as full as the largest; the real rows come
+    first, unchanged, and the added rows are synthetic. Returns, per synthetic row, whether it
+    holds a telling code (0-3)."""
     before = Counter(zip(base.y.tolist(), base.group.tolist(), strict=True))
     after = Counter(zip(rows.y.tolist(), rows.group.tolist(), strict=True))
     largest = max(before.values())
     for cell, n in before.items():
         assert after[cell] == (n if n < 5 else largest), cell
-    assert (rows.X[: len(base)] != base.X).nnz == 0  # the real rows come first, unchanged
+    assert (rows.X[: len(base)] != base.X).nnz == 0
     new = rows.synthetic
     assert new.sum() == len(rows) - len(base) and (rows.source[new] == "").all()
+    return np.asarray(rows.X[new][:, :4].sum(axis=1)).ravel() > 0
+
+
+@pytest.mark.parametrize("method", ["smote", "smoten"])
+def test_smote_family_fills_visit_cells_with_rows_of_their_cell(cohort, method):
+    groups = ["gender", "age_group"]
+    base = build_training_set("original", cohort, groups=groups)
+    rows = build_training_set(method, cohort, groups=groups, seed=0)
+    telling = assert_visit_cells_topped_up(base, rows)
     # synthetic positives of a cell look like that cell's positives (telling codes 0-3)
-    telling = np.asarray(rows.X[new][:, :4].sum(axis=1)).ravel() > 0
+    new = rows.synthetic
     assert telling[rows.y[new] == 1].mean() > 0.5 > telling[rows.y[new] == 0].mean()
     if method == "smoten":
         assert set(np.unique(rows.X.data)) == {1.0}  # binary codes stay binary
