@@ -94,7 +94,7 @@ class BernoulliDiffusion:
     """
 
     def __init__(self, *, steps: int = 100, prior: Literal["marginal", "uniform"] = "marginal", width: int = 256,
-                 depth: int = 2, iterations: int = 3000, batch_size: int = 256, lr: float = 1e-3,
+                 depth: int = 2, iterations: int = 1500, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 1e-4, aux_weight: float = 0.01, device: str = "auto", n_jobs: int = 1,
                  random_state: int = 0) -> None:
         self.steps = steps
