@@ -232,3 +232,17 @@ def test_generative_methods_in_the_harness(tmp_path, cohort):
     assert json.loads((out / "run.json").read_text())["invocations"][-1]["units_computed"] == 2
     with pytest.raises(HaloBalanceError, match="unknown 'epochs'"):
         kfold.run_kfold(**{**args, "generator_options": {"mcrage": {"epochs": 3}}})
+
+
+def test_sma_results_do_not_depend_on_n_jobs_and_the_speed_script_runs(capsys):
+    from benchmarks import sma_speed
+
+    ds = make_cohort(150, seed=4)
+    rows = training_rows(ds, ["gender"])
+    cells = np.unique(rows.cells(), return_inverse=True)[1]
+    one = SequentialCART(n_jobs=1, max_predictors=5, random_state=3).fit(rows.X, cells).synthesize(cells)
+    two = SequentialCART(n_jobs=2, max_predictors=5, random_state=3).fit(rows.X, cells).synthesize(cells)
+    assert (one != two).nnz == 0
+    out = sma_speed.run(ds, groups=["gender"], limits=[None, 5], jobs=[1])
+    assert [r["max_predictors"] for r in out] == [None, 5] and all(r["unigram_r2"] > 0.5 for r in out)
+    assert "| all | 1 |" in capsys.readouterr().out
