@@ -235,7 +235,7 @@ def test_generative_methods_in_the_harness(tmp_path, cohort):
 
 
 def test_sma_results_do_not_depend_on_n_jobs_and_the_speed_script_runs(capsys):
-    from benchmarks import sma_speed
+    from benchmarks.speed import sma_speed
 
     ds = make_cohort(150, seed=4)
     rows = training_rows(ds, ["gender"])

@@ -31,7 +31,7 @@ computationally infeasible on MIMIC-IV in the FairPlay paper. What makes it fast
    gives synthpop's full lower-triangular predictor set.
 3. Sparse CSC inputs (scikit-learn's sparse splitter), and row blocks when sampling.
 
-``python -m benchmarks.sma_speed`` measures both predictor sets, serial and parallel.
+``python -m benchmarks.speed.sma_speed`` measures both predictor sets, serial and parallel.
 
 Why implemented here: synthpop is an R package; the Python ports of sequential CART synthesis
 (e.g. in synthcity, which cannot be installed beside this project's torch) do not work on sparse

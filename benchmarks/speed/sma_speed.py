@@ -1,7 +1,7 @@
 """Cost of SMA's sequential CART synthesis (``benchmarks.generative.sma``): full against restricted
 predictor sets, serial against parallel tree fits.
 
-``python -m benchmarks.sma_speed --data PREPARED [--groups gender] [--max-predictors none,50]
+``python -m benchmarks.speed.sma_speed --data PREPARED [--groups gender] [--max-predictors none,50]
 [--jobs 1,2]`` or, on a drawn cohort of any size, ``--draw 20000 --vocab 2000``.
 
 Fits :class:`SequentialCART` on every visit row of the data (cells: visit label x ``--groups``),
@@ -22,8 +22,8 @@ import numpy as np
 from halo_balance.data import PreparedDataset
 from halo_balance.fidelity import union_r2, visit_statistics
 
-from .generative.sma import SequentialCART
-from .methods import _visit_cells, training_rows
+from ..generative.sma import SequentialCART
+from ..methods import _visit_cells, training_rows
 
 
 def _limits(text: str) -> list[int | None]:
@@ -62,10 +62,10 @@ def run(ds: PreparedDataset, *, groups: Sequence[str], limits: Sequence[int | No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sma_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.sma_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="prepared dataset folder")
     p.add_argument("--draw", type=int, default=None, metavar="PATIENTS",
-                   help="draw a cohort of this many patients instead (benchmarks.evaluate_speed.draw_cohort)")
+                   help="draw a cohort of this many patients instead (benchmarks.speed.evaluate_speed.draw_cohort)")
     p.add_argument("--vocab", type=int, default=1300, help="vocabulary of the drawn cohort")
     p.add_argument("--groups", nargs="+", default=["gender"])
     p.add_argument("--max-predictors", type=_limits, default=[None, 50], help="comma-separated; none = all")
