@@ -66,7 +66,7 @@ from halo_balance.errors import HaloBalanceError, unknown_choice
 from halo_balance.io import atomic_dir
 
 from . import downstream
-from .generative import GENERATORS, GeneratorName
+from .generative import GENERATORS, GeneratorName, make_generator
 from .metrics import group_labels
 
 MethodName = Literal["original", "upsample", "downsample", "smote", "smoten", "separate", "fairplay",
@@ -286,7 +286,6 @@ def generative_oversample(method: GeneratorName, train: PreparedDataset, *, grou
     their cell's label and group. ``info`` records the generator's fit and sampling seconds and,
     per cell, rows requested and generated (a shortfall is possible for ``ctgan`` / ``tvae``).
     """
-    from .generative import make_generator
     from .synthetic_rows import check_rows
 
     vc = _visit_targets(train, groups, ratio=ratio, min_cell_size=min_cell_size)

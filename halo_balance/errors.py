@@ -63,7 +63,7 @@ def import_optional(module: str, *, extra: str, needed_for: str, note: str = "")
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        text = (f"{needed_for} needs the optional package {module.split('.')[0]!r}, which is not installed "
+        text = (f"{needed_for}: the optional package {module.split('.')[0]!r} is not installed "
                 f"({exc.__class__.__name__}: {exc}). Install it with: pip install -e \".[{extra}]\"")
         raise MissingDependencyError(text + (f". {note}" if note else "")) from exc
 
