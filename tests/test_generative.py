@@ -266,3 +266,13 @@ def test_sma_results_do_not_depend_on_n_jobs_and_the_speed_script_runs(capsys):
     out = sma_speed.run(ds, groups=["gender"], limits=[None, 5], jobs=[1])
     assert [r["max_predictors"] for r in out] == [None, 5] and all(r["unigram_r2"] > 0.5 for r in out)
     assert "| all | 1 |" in capsys.readouterr().out
+
+
+def test_ratio_and_min_cell_size_apply_as_for_the_other_over_samplers(cohort):
+    base = training_rows(cohort, ["gender"])
+    before = Counter(zip(base.y.tolist(), base.group.tolist(), strict=True))
+    rows = build_training_set("sma", cohort, groups=["gender"], ratio=0.5, min_cell_size=30, seed=0)
+    after = Counter(zip(rows.y.tolist(), rows.group.tolist(), strict=True))
+    largest = max(before.values())
+    for cell, n in before.items():
+        assert after[cell] == (n if n < 30 else n + round(0.5 * (largest - n))), cell
