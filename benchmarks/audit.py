@@ -27,6 +27,9 @@ The report holds, for every group attribute (and the intersection of several):
 * FairPlay's fairness measures (disparate impact, Theil index, ...) with intervals, and every
   method's change against Original in F1, Theil and disparate impact with paired permutation
   p-values and Benjamini-Hochberg q-values;
+* the min-max underdiagnosis and FPR gaps of every method (mitigation strategy) per attribute beside
+  its AUROC, with the paired permutation test of the change against Original (the CT fairness
+  audit's Figure 3), over models and per model;
 * calibration curves per group and a threshold sweep of per-group TPR / FPR (does a gap persist at
   every threshold?) for one downstream model (``--focus-model``).
 
@@ -285,6 +288,63 @@ def plot_gaps(tab: AuditTables, attribute: str, methods: Sequence[str], groups: 
     return _png(fig)
 
 
+# the min-max gaps of the strategy chart: TPR's spread is also the underdiagnosis rate's (UDR = 1 - TPR)
+RANGE_METRICS = {"equal_opportunity": "UDR max - min", "fpr_difference": "FPR max - min"}
+
+
+def plot_strategy_gaps(tab: AuditTables, attributes: Sequence[str], methods: Sequence[str], model: str,
+                       reference: str) -> str:
+    """The CT audit's Figure 3: each method's min-max UDR and FPR gap per attribute, with its AUROC beside.
+
+    Dot and whisker (bootstrap interval) per method and attribute; filled = the paired permutation
+    test of the change against ``reference`` has q < 0.05; dotted lines mark the reference's values.
+    """
+    plt = _plt()
+    fair = _lookup(tab.fairness.filter(pl.col("model") == model), ["method", "attribute", "metric"])
+    comp = _lookup(tab.comparisons.filter(pl.col("model") == model), ["method", "attribute", "metric"])
+    overall = _lookup(tab.group_metrics.filter((pl.col("attribute") == ALL) & (pl.col("model") == model)
+                                               & (pl.col("metric") == "auroc")), ["method"])
+    y = np.arange(len(methods))[::-1]
+    off = 0.6 / max(len(attributes), 1)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.42 * len(methods) * max(1, len(attributes) / 2) + 1.6),
+                             squeeze=False, sharey=True, gridspec_kw={"width_ratios": [1, 1, 0.7]})
+
+    def whisker(ax, r, yy, color, filled, marker="o"):
+        lo, hi = max(r["estimate"] - r["ci_low"], 0), max(r["ci_high"] - r["estimate"], 0)
+        ax.errorbar(r["estimate"], yy, xerr=[[0 if math.isnan(lo) else lo], [0 if math.isnan(hi) else hi]],
+                    fmt=marker, color=color, mfc=color if filled else "white", capsize=2)
+
+    for ax, metric in zip(axes[0, :2], RANGE_METRICS):
+        for j, attr in enumerate(attributes):
+            color = f"C{j % 10}"
+            for i, m in enumerate(methods):
+                r = fair.get((m, attr, metric))
+                if r is None or r["estimate"] is None or math.isnan(r["estimate"]):
+                    continue
+                c = comp.get((m, attr, metric))
+                filled = c is not None and c["q_value"] is not None and c["q_value"] < SIGNIFICANCE
+                whisker(ax, r, y[i] + (j - (len(attributes) - 1) / 2) * off, color, filled)
+            ref = fair.get((reference, attr, metric))
+            if ref is not None and not math.isnan(ref["estimate"]):
+                ax.axvline(ref["estimate"], color=color, lw=0.8, ls=":", label=attr)
+        ax.set_xlabel(f"{RANGE_METRICS[metric]} across groups")
+        ax.set_title(f"min-max {RANGE_METRICS[metric].split()[0]} gap ({model})", fontsize=10)
+    for i, m in enumerate(methods):
+        r = overall.get((m,))
+        if r is not None and not math.isnan(r["estimate"]):
+            whisker(axes[0, 2], r, y[i], "black", True, marker="s")
+    if (reference,) in overall:
+        axes[0, 2].axvline(overall[(reference,)]["estimate"], color="black", lw=0.8, ls=":")
+    axes[0, 2].set_xlabel("AUROC (all test visits)")
+    axes[0, 2].set_title(f"AUROC ({model})", fontsize=10)
+    axes[0, 0].set_yticks(y, methods)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=len(attributes), fontsize=8,
+               title=f"attribute (dotted: {reference}; filled: change vs {reference} q < {SIGNIFICANCE})",
+               title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.55 / fig.get_size_inches()[1], 1, 1))  # room for the legend below
+    return _png(fig)
+
+
 def plot_calibration(frame: pl.DataFrame, attribute: str, methods: Sequence[str], groups: Sequence[str],
                      model: str, n_bins: int, ece: dict) -> str:
     """Reliability curves per group, one panel per method (one model; test visits of all folds)."""
@@ -415,6 +475,59 @@ def _persistence_table(sweep: pl.DataFrame, attribute: str, methods: Sequence[st
     return _table(["method", "group", "gap > 0", "gap < 0", "CI > 0", "CI < 0", "reading"], rows)
 
 
+def _strategy_table(tab: AuditTables, attributes: Sequence[str], methods: Sequence[str], model: str,
+                    reference: str) -> str:
+    fair = _lookup(tab.fairness.filter(pl.col("model") == model), ["method", "attribute", "metric"])
+    comp = _lookup(tab.comparisons.filter(pl.col("model") == model), ["method", "attribute", "metric"])
+    auroc = _lookup(tab.group_metrics.filter((pl.col("attribute") == ALL) & (pl.col("model") == model)
+                                             & (pl.col("metric") == "auroc")), ["method"])
+    ref_auroc = auroc.get((reference,), {}).get("estimate", math.nan)
+
+    def change(m: str, attr: str, metric: str) -> str:
+        c = comp.get((m, attr, metric))
+        if c is None:
+            return ""
+        text = f"{c['estimate']:+.3f} (p {fmt_p(c['p_value'])}, q {fmt_p(c['q_value'])})"
+        return f"<b>{text}</b>" if c["q_value"] is not None and c["q_value"] < SIGNIFICANCE else text
+
+    rows = []
+    for m in methods:
+        a = auroc.get((m,))
+        diff = a["estimate"] - ref_auroc if a is not None and m != reference else math.nan
+        for attr in attributes:
+            cells = []
+            for metric in RANGE_METRICS:
+                cells += [_ci(fair.get((m, attr, metric))), change(m, attr, metric)]
+            rows.append([_e(m), _e(attr), *cells, _ci(a), "" if math.isnan(diff) else f"{diff:+.3f}"])
+    return _table(["method", "attribute", "UDR max - min [CI]", f"change vs {reference} (p, q)",
+                   "FPR max - min [CI]", f"change vs {reference} (p, q)", "AUROC [CI]",
+                   f"AUROC - {reference}"], rows, fold=False)  # the section's key table: always shown
+
+
+def strategy_section(tab: AuditTables, design: Design, reference: str) -> list[str]:
+    """HTML parts: the min-max gap chart and table per mitigation strategy, over models and per model."""
+    attributes = design.attributes
+    methods = design.methods()
+    models = list(dict.fromkeys(k for _, k in design.series))
+    parts = ["<h2>Min-max gaps by mitigation strategy</h2>",
+             "<p class='note'>As in the CT fairness audit's Figure 3: per method and attribute, the largest minus "
+             "the smallest group underdiagnosis rate (UDR = 1 - TPR, so this is also the TPR spread) and the same "
+             "for FPR, over the groups in the fairness measures, with 95% bootstrap intervals; beside them each "
+             f"method's AUROC on all test visits. Filled markers and bold changes: the paired permutation test of "
+             f"the change against {_e(reference)} has q &lt; {SIGNIFICANCE}. A method run with some models only is "
+             "averaged over those in <i>mean</i> (its change over the models both methods have): compare it in "
+             "its own model's chart below.</p>",
+             plot_strategy_gaps(tab, attributes, methods, MODEL_MEAN, reference),
+             _strategy_table(tab, attributes, methods, MODEL_MEAN, reference)]
+    per_model = []
+    for model in models:
+        ms = [m for m in methods if (m, model) in design.series]
+        per_model += [f"<h4>{_e(model)}</h4>", plot_strategy_gaps(tab, attributes, ms, model, reference),
+                      _strategy_table(tab, attributes, ms, model, reference)]
+    parts.append("<details><summary>Per model</summary>" + "".join(per_model) + "</details>")
+    return parts
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1250px;color:#222;line-height:1.4}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 7px;
 text-align:left;vertical-align:top}th{background:#f2f2f2}h2{border-bottom:2px solid #444;margin-top:2em}
@@ -487,6 +600,7 @@ def render(tab: AuditTables, *, design: Design, predictions: pl.DataFrame, sweep
     om = ["f1", "precision", "tpr", "fpr", "auroc", "calibration_error"]
     parts.append(_table(["method", *(METRIC_LABELS[k] for k in om)],
                         [[_e(m), *(_ci(overall.get((m, k))) for k in om)] for m in methods]))
+    parts += strategy_section(tab, design, reference)
 
     frame = predictions
     for attr in design.attributes:

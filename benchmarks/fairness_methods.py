@@ -31,6 +31,12 @@ and a group-aware estimator (:func:`make_estimator`, with the interface of
     ``knn`` cannot take weights. ``score`` is the weighted mean of the mixture's probabilities and
     ``predict`` draws the randomised classifier's decision with a seeded generator. The sparse rows
     stay sparse: the reduction sees row indices and the weighted model looks the rows up.
+``adversarial_debiasing`` (:mod:`benchmarks.adversarial`)
+    An MLP whose hidden representation is trained against an adversary of one protected attribute
+    through a gradient-reversal layer, alpha chosen per fold from {0.5, 1.0, 2.0} on an inner
+    validation split of the training patients. It replaces the downstream model, so it runs as
+    ``mlp`` only (its network is the ``mlp`` model's size and budget); the harness hands it the
+    attribute of ``--adversary-attribute`` (default: the experiment's groups) as ``groups``.
 ``fairplay_threshold``
     FairPlay's balanced training data (real and synthetic patients; the harness builds it as for
     ``fairplay``) followed by the ``threshold_optimizer`` post-processing, whose thresholds are fitted
@@ -59,18 +65,20 @@ from .methods import SingleModel, TrainingSet, _visit_cells, balance_targets, re
 from .metrics import group_labels
 
 FairnessMethodName = Literal["importance_weighting", "group_resample", "threshold_optimizer",
-                             "exponentiated_gradient", "fairplay_threshold"]
+                             "exponentiated_gradient", "adversarial_debiasing", "fairplay_threshold"]
 METHODS: tuple[str, ...] = ("importance_weighting", "group_resample", "threshold_optimizer",
-                            "exponentiated_gradient", "fairplay_threshold")
+                            "exponentiated_gradient", "adversarial_debiasing", "fairplay_threshold")
 SAMPLE_WEIGHT_MODELS = downstream.SAMPLE_WEIGHT_MODELS
 MODELS_FOR: dict[str, tuple[str, ...]] = {
     "importance_weighting": downstream.MODELS, "group_resample": downstream.MODELS,
     "threshold_optimizer": downstream.MODELS, "exponentiated_gradient": ("logreg", "xgboost"),
-    "fairplay_threshold": downstream.MODELS}
+    "adversarial_debiasing": ("mlp",), "fairplay_threshold": downstream.MODELS}
 # which rows each method trains on: the fold's real training rows, a resampling of them, or FairPlay's data
 TRAINING_DATA: dict[str, str] = {
     "importance_weighting": "original", "group_resample": "group_resample", "threshold_optimizer": "original",
-    "exponentiated_gradient": "original", "fairplay_threshold": "fairplay"}
+    "exponentiated_gradient": "original", "adversarial_debiasing": "original", "fairplay_threshold": "fairplay"}
+# methods whose estimator is told one protected attribute (the harness's --adversary-attribute)
+TARGETED: tuple[str, ...] = ("adversarial_debiasing",)
 MIN_PER_CLASS = 10
 
 
@@ -78,6 +86,15 @@ def supports(method: str, model: str) -> bool:
     """Whether ``method`` runs with downstream ``model`` (the harness skips the other units)."""
     _check_method(method)
     return model in MODELS_FOR[method]
+
+
+def describe(method: str) -> str:
+    """A method's own estimator settings as text, beyond the downstream model's (part of a unit's settings hash)."""
+    _check_method(method)
+    if method == "adversarial_debiasing":
+        from .adversarial import describe as describe_adversarial  # imports torch
+        return describe_adversarial()
+    return ""
 
 
 def _check_method(method: str) -> None:
@@ -378,4 +395,7 @@ def make_estimator(method: FairnessMethodName, model: downstream.ModelName, *, r
         return ThresholdOptimized(model, random_state=random_state)
     if method == "exponentiated_gradient":
         return ExponentiatedGradientModel(model, random_state=random_state)
+    if method == "adversarial_debiasing":
+        from .adversarial import AdversarialDebiasing  # imports torch
+        return AdversarialDebiasing(random_state=random_state)
     return SingleModel(model, random_state=random_state)

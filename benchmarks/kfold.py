@@ -7,7 +7,8 @@
         [--models knn,logreg,mlp,rf,xgboost] [--seed 0] [--jobs 1] [--device auto]
         [--stratify ATTR ...] [--ratio 1.0] [--min-cell-size 5]
         [--train-options JSON] [--batch-size 256] [--allow-copies] [--generator-cache DIR]
-        [--fairness-min-share 0.01] [--overwrite] [--no-progress]
+        [--adversary-attribute ATTR ...] [--generator-options JSON] [--fairness-min-share 0.01]
+        [--overwrite] [--no-progress]
 
 Folds are patient-level and stratified by outcome x the ``--stratify`` attributes (default: the
 ``--groups``; :meth:`PreparedDataset.kfold`). Pass the same ``--stratify`` to several experiments
@@ -15,9 +16,13 @@ on one dataset to give them the same folds (as the paper does), which also lets 
 FairPlay generators through ``--generator-cache``. In each fold every method sees only the fold's
 training patients (``benchmarks.methods``; the further mitigation methods of
 ``benchmarks.fairness_methods``, ``importance_weighting``, ``group_resample``, ``threshold_optimizer``,
-``exponentiated_gradient`` and ``fairplay_threshold``, are selected by name the same way and run
-with the models they support); every downstream model (``benchmarks.downstream``) is
-trained on the method's visit rows and scores the real visits of the fold's test patients; the
+``exponentiated_gradient``, ``adversarial_debiasing`` and ``fairplay_threshold``, are selected by
+name the same way and run with the models they support; ``adversarial_debiasing`` targets the
+``--adversary-attribute``, default the ``--groups``, several = their intersection; so are the
+generative baselines ``mcrage``, ``sma``, ``ctgan`` and ``tvae`` of ``benchmarks.generative``, whose
+keyword arguments ``--generator-options`` gives per method); every downstream
+model (``benchmarks.downstream``) is trained on the method's visit rows and scores the real visits
+of the fold's test patients; the
 metrics (``benchmarks.metrics``) come from those predictions; groups under ``--fairness-min-share``
 of a fold's training patients (default 1%, the paper's cut) keep their per-group metrics but are
 left out of the fairness measures. Seeds: the method and the models of fold k use ``seed + k``.
@@ -42,14 +47,19 @@ The output folder::
     metrics.parquet       fold, method, model, attribute, group, metric, value (tidy, long)
     summary.parquet       method, model (``mean`` = averaged over models), attribute, group, metric,
                           mean, se, n_folds
-    units.parquet         per unit: training rows, positives, synthetic and copied rows, fallbacks, seconds
+    units.parquet         per unit: training rows, positives, synthetic and copied rows, fallbacks, seconds,
+                          and ``fit_report`` (JSON) where a method records its own choices (the
+                          alpha that adversarial_debiasing selected, with every candidate's figures);
+                          for binary synthetic rows their distinct rows, copies of training rows and
+                          fidelity to the training rows of their cells (``benchmarks.synthetic_rows``);
+                          a generative method's fit / sampling seconds and per-cell counts
     report.md, plots/     the paper's tables and the plots (``benchmarks.report``)
 
 Each unit is written atomically as it finishes, and a rerun into the same folder skips every unit
 whose settings are unchanged, so an interrupted run resumes. A rerun with different data, groups,
 folds, stratification or seed is refused (choose another ``--out`` or pass ``--overwrite``);
-changing a method's settings (``--ratio``, ``--min-cell-size``, FairPlay's) recomputes only the
-units that depend on them.
+changing a method's settings (``--ratio``, ``--min-cell-size``, FairPlay's, a generative method's
+``--generator-options``) recomputes only the units that depend on them.
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -78,18 +88,20 @@ from halo_balance.errors import DatasetError, HaloBalanceError, unknown_choice
 from halo_balance.io import atomic_write_bytes, check_output_dir, check_writable, read_json, write_json
 
 from . import downstream, fairness_methods
-from .methods import METHODS, FairPlaySettings, SeparateModels, SingleModel, build_training_set, \
+from .generative import check_options, result_options
+from .methods import GENERATIVE_METHODS, METHODS, FairPlaySettings, SeparateModels, SingleModel, build_training_set, \
     check_train_options, fairplay_dataset, generator_key, settings_hash, training_rows
 from .metrics import groupings, group_labels, summarise, unit_metrics
+from .synthetic_rows import describe_synthetic
 
 RUN_FILE = "run.json"
 TIMING_FILE = "timing.json"
 # Settings that define the folds and the test sets: a folder holds one combination only.
 RUN_IDENTITY = ("data_fingerprint", "groups", "stratify", "folds", "seed")
-ALL_METHODS: tuple[str, ...] = METHODS + fairness_methods.METHODS
+ALL_METHODS: tuple[str, ...] = METHODS + GENERATIVE_METHODS + fairness_methods.METHODS
 # methods whose settings include the cells' ratio and minimum size, and those trained on FairPlay's data
 _CELL_METHODS = {"upsample", "downsample", "smote", "smoten", "fairplay", "fairplay-data", "importance_weighting",
-                 "group_resample", "fairplay_threshold"}
+                 "group_resample", "fairplay_threshold", *GENERATIVE_METHODS}
 _FAIRPLAY_DATA = {"fairplay", "fairplay-data"} | {m for m, kind in fairness_methods.TRAINING_DATA.items()
                                                   if kind == "fairplay"}
 
@@ -124,6 +136,13 @@ class _Config:
     fairness_min_share: float
     overwrite: bool
     progress: bool
+    adversary_attribute: tuple[str, ...] | None = None
+    generator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def adversary(self) -> tuple[str, ...]:
+        """The attributes whose groups ``adversarial_debiasing``'s adversary predicts."""
+        return self.adversary_attribute or self.groups
 
     def unit_settings(self, method: str, model: str) -> str:
         """Hash of the settings a (method, model) unit depends on beyond the run identity: the
@@ -133,6 +152,10 @@ class _Config:
             settings.update(ratio=self.ratio, min_cell_size=self.min_cell_size)
         if uses_fairplay_data(method):
             settings.update(self.fairplay.result_settings())
+        if method in fairness_methods.TARGETED:
+            settings.update(adversary_attribute=list(self.adversary), estimator=fairness_methods.describe(method))
+        if method in GENERATIVE_METHODS:
+            settings["generator"] = result_options(self.generator_options.get(method, {}))
         return settings_hash(settings)
 
 
@@ -153,6 +176,8 @@ class _Task:
     min_cell_size: int
     unit_hashes: tuple[str, ...]
     fairplay_data: str | None = None
+    adversary: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- entry points
@@ -160,8 +185,9 @@ def run_kfold(*, data: str | os.PathLike, groups: Sequence[str], out: str | os.P
               methods: Sequence[str] = METHODS, models: Sequence[str] = downstream.MODELS, seed: int = 0,
               jobs: int = 1, stratify: Sequence[str] | None = None, ratio: float = 1.0, min_cell_size: int = 5,
               fairplay: FairPlaySettings | None = None, generator_cache: str | os.PathLike | None = None,
-              fairness_min_share: float = 0.01, overwrite: bool = False, progress: bool = True,
-              argv: Sequence[str] | None = None) -> Path:
+              fairness_min_share: float = 0.01, adversary_attribute: Sequence[str] | None = None,
+              generator_options: dict[str, dict[str, Any]] | None = None,
+              overwrite: bool = False, progress: bool = True, argv: Sequence[str] | None = None) -> Path:
     """Run (or resume) the benchmark and write every output into ``out``; returns ``out``.
 
     The keyword arguments are the command-line options (see the module docstring); ``argv``, when
@@ -172,7 +198,9 @@ def run_kfold(*, data: str | os.PathLike, groups: Sequence[str], out: str | os.P
                   stratify=None if stratify is None else tuple(stratify), ratio=ratio,
                   min_cell_size=min_cell_size, fairplay=fairplay or FairPlaySettings(),
                   generator_cache=None if generator_cache is None else str(Path(generator_cache).resolve()),
-                  fairness_min_share=fairness_min_share, overwrite=overwrite, progress=progress)
+                  fairness_min_share=fairness_min_share, overwrite=overwrite, progress=progress,
+                  adversary_attribute=tuple(adversary_attribute) if adversary_attribute else None,
+                  generator_options={} if generator_options is None else generator_options)
     return _run(cfg, argv=argv)
 
 
@@ -243,6 +271,8 @@ def _check_config(cfg: _Config) -> tuple[PreparedDataset, list[tuple[np.ndarray,
         raise unknown_choice("--models", unknown, downstream.MODELS)
     if len(set(cfg.groups)) != len(cfg.groups) or not cfg.groups:
         raise HaloBalanceError(f"--groups needs one or more distinct attributes, got {list(cfg.groups)}")
+    if cfg.adversary_attribute is not None and len(set(cfg.adversary_attribute)) != len(cfg.adversary_attribute):
+        raise HaloBalanceError(f"--adversary-attribute needs distinct attributes, got {list(cfg.adversary_attribute)}")
     if cfg.folds < 2:
         raise HaloBalanceError(f"--folds must be at least 2, got {cfg.folds}")
     if cfg.jobs < 1:
@@ -251,6 +281,15 @@ def _check_config(cfg: _Config) -> tuple[PreparedDataset, list[tuple[np.ndarray,
         raise HaloBalanceError(f"--ratio must lie in [0, 1], got {cfg.ratio}")
     if cfg.min_cell_size < 1:
         raise HaloBalanceError(f"--min-cell-size must be at least 1, got {cfg.min_cell_size}")
+    if not isinstance(cfg.generator_options, dict) or not all(isinstance(v, dict)
+                                                              for v in cfg.generator_options.values()):
+        raise HaloBalanceError('--generator-options must be a JSON object of objects, e.g. '
+                               '\'{"mcrage": {"iterations": 2000}, "ctgan": {"epochs": 100}}\'')
+    for name, options in cfg.generator_options.items():
+        check_options(name, options)
+    if {"ctgan", "tvae"} & set(cfg.methods):
+        from .generative.tabular_gan import load_ctgan
+        load_ctgan()  # a missing optional extra stops the run before any work
     if not 0.0 <= cfg.fairness_min_share < 1.0:
         raise HaloBalanceError(f"--fairness-min-share must lie in [0, 1), got {cfg.fairness_min_share}")
     if cfg.fairplay.batch_size < 1:
@@ -261,7 +300,8 @@ def _check_config(cfg: _Config) -> tuple[PreparedDataset, list[tuple[np.ndarray,
     _check_paths(cfg)
 
     ds = PreparedDataset.load(cfg.data)
-    for option, attrs in (("--groups", cfg.groups), ("--stratify", cfg.stratify or ())):
+    for option, attrs in (("--groups", cfg.groups), ("--stratify", cfg.stratify or ()),
+                          ("--adversary-attribute", cfg.adversary_attribute or ())):
         unknown = [a for a in attrs if a not in ds.group_attributes]
         if unknown:
             raise unknown_choice(f"{option} (the group attributes of {Path(cfg.data) / META_FILE})", unknown,
@@ -344,7 +384,8 @@ def _open_run(cfg: _Config, out: Path, fingerprint: str, argv: Sequence[str] | N
         run = {**identity, "data": cfg.data, "invocations": []}
     run.update(methods=list(cfg.methods), models=list(cfg.models), ratio=cfg.ratio,
                min_cell_size=cfg.min_cell_size, fairplay=cfg.fairplay.result_settings(),
-               fairness_min_share=cfg.fairness_min_share,
+               generator_options=cfg.generator_options,
+               fairness_min_share=cfg.fairness_min_share, adversary_attribute=list(cfg.adversary),
                downstream_threshold=downstream.THRESHOLD, versions=_versions())
     run["invocations"].append({"started": _now(), "argv": list(argv) if argv is not None else None,
                                "jobs": cfg.jobs, "device": cfg.fairplay.device, "machine": _machine()})
@@ -383,7 +424,8 @@ def _tasks(cfg: _Config, units: list[tuple[int, str, str]], splits: list[tuple[n
                   train_ids=splits[k][0], test_ids=splits[k][1], seed=cfg.seed + k, ratio=cfg.ratio,
                   min_cell_size=cfg.min_cell_size,
                   unit_hashes=tuple(cfg.unit_settings(method, model) for model in models),
-                  fairplay_data=str(fairplay_data[k]) if fairplay_data else None)
+                  fairplay_data=str(fairplay_data[k]) if fairplay_data else None, adversary=cfg.adversary,
+                  options=cfg.generator_options.get(method, {}))
             for (k, method), models in by_pair.items()]
 
 
@@ -479,11 +521,13 @@ def _run_task(task: _Task) -> list[dict[str, Any]]:
         rows = training_rows(PreparedDataset.load(task.fairplay_data, validate=False), task.groups)
         extra = read_json(Path(task.fairplay_data) / TIMING_FILE)
     elif task.method in fairness_methods.METHODS:
-        rows = fairness_methods.training_set(task.method, ds.select(task.train_ids), groups=task.groups,
+        # a targeted method's estimator is told its attribute's groups, not the experiment's
+        fit_groups = task.adversary if task.method in fairness_methods.TARGETED else task.groups
+        rows = fairness_methods.training_set(task.method, ds.select(task.train_ids), groups=fit_groups,
                                              ratio=task.ratio, min_cell_size=task.min_cell_size, seed=task.seed)
     else:
         rows = build_training_set(task.method, ds.select(task.train_ids), groups=task.groups, ratio=task.ratio,
-                                  min_cell_size=task.min_cell_size, seed=task.seed)
+                                  min_cell_size=task.min_cell_size, seed=task.seed, options=task.options)
     # FairPlay's time is its generator plus balancing (done once per fold, before this task)
     method_seconds = time.perf_counter() - t0 + extra.get("generator_seconds", 0) + extra.get("balance_seconds", 0)
     test = vm.frame["patient_id"].is_in(pl.Series(task.test_ids, dtype=pl.String).implode()).to_numpy()
@@ -492,6 +536,9 @@ def _run_task(task: _Task) -> list[dict[str, Any]]:
     # real rows beyond the visits of the distinct patients they come from are repeated copies
     real = rows.source[~rows.synthetic]
     n_copied = int(real.size - np.isin(vm.frame["patient_id"].to_numpy(), np.unique(real)).sum())
+    synthetic_info = describe_synthetic(rows.X, rows.cells(), rows.synthetic, test_X=X_test,
+                                        test_cells=np.char.add(np.char.add(y_test.astype(str), "|"),
+                                                               test_groups.astype(str)))
     infos = []
     for name, unit_hash in zip(task.models, task.unit_hashes, strict=True):
         t1 = time.perf_counter()
@@ -513,7 +560,13 @@ def _run_task(task: _Task) -> list[dict[str, Any]]:
                 "pooled_groups": pooled, "n_test_rows": int(test.sum()),
                 "method_seconds": round(method_seconds, 3), "fit_seconds": round(time.perf_counter() - t1, 3),
                 "generator_seconds": extra.get("generator_seconds"), "balance_seconds": extra.get("balance_seconds"),
-                "generator_cached": extra.get("generator_cached")}
+                "generator_cached": extra.get("generator_cached"), **synthetic_info,
+                "generator_fit_seconds": rows.info.get("generator_fit_seconds"),
+                "generator_sample_seconds": rows.info.get("generator_sample_seconds"),
+                "generator_shortfall": rows.info.get("shortfall"),
+                "generator_cells": json.dumps(rows.info["cells"]) if "cells" in rows.info else None}
+        if hasattr(est, "fit_report_"):
+            info["fit_report"] = est.fit_report_
         path = _unit_path(Path(task.out), task.fold, task.method, name)
         write_json(path.with_suffix(".json"), info)
         _write_parquet(path, preds)
@@ -620,6 +673,7 @@ def _assemble(cfg: _Config, ds: PreparedDataset, splits: list[tuple[np.ndarray, 
     _write_parquet(out / "metrics.parquet", metrics)
     _write_parquet(out / "summary.parquet", summarise(metrics))
     infos = [read_json(p.with_suffix(".json")) for p in paths]
+    infos = [{**i, "fit_report": json.dumps(i["fit_report"])} if "fit_report" in i else i for i in infos]
     _write_parquet(out / "units.parquet", pl.from_dicts(infos, infer_schema_length=None).with_columns(
         pl.col("pooled_groups").cast(pl.List(pl.String)).list.join(", ")).drop("settings"))
 
@@ -665,6 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-copies", action="store_true", help="FairPlay keeps synthetic copies of training records")
     p.add_argument("--generator-cache", default=None,
                    help="folder of cached FairPlay generators (default OUT/generators)")
+    p.add_argument("--adversary-attribute", nargs="+", metavar="ATTR", default=None,
+                   help="the protected attribute adversarial_debiasing's adversary predicts (default: the "
+                        "--groups; several = their intersection)")
+    p.add_argument("--generator-options", type=json.loads, default={}, metavar="JSON",
+                   help="keyword arguments of the generative methods, by method, e.g. "
+                        "'{\"mcrage\": {\"iterations\": 2000}, \"sma\": {\"n_jobs\": 2}}' (benchmarks.generative)")
     p.add_argument("--fairness-min-share", type=float, default=0.01,
                    help="groups under this share of the training patients are left out of the fairness "
                         "measures (default 0.01, the paper's 1%%; 0 keeps every group)")
@@ -681,7 +741,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = run_kfold(data=args.data, groups=args.groups, out=args.out, folds=args.folds, methods=args.methods,
                     models=args.models, seed=args.seed, jobs=args.jobs, stratify=args.stratify, ratio=args.ratio,
                     min_cell_size=args.min_cell_size, fairplay=fairplay, generator_cache=args.generator_cache,
-                    fairness_min_share=args.fairness_min_share, overwrite=args.overwrite,
+                    fairness_min_share=args.fairness_min_share, adversary_attribute=args.adversary_attribute,
+                    generator_options=args.generator_options, overwrite=args.overwrite,
                     progress=not args.no_progress, argv=argv)
     from .report import headline
     print(headline(out))

@@ -34,6 +34,12 @@ left as they are, as the balancer leaves them; they are too small to learn or to
 ``fairplay`` (:func:`fairplay_dataset`)
     ``halo_balance.balance.rebalance`` with a generator trained on the fold's training patients;
     the generator is cached on disk by (fold, settings hash) and reused by a rerun.
+``mcrage``, ``sma``, ``ctgan``, ``tvae`` (:func:`generative_oversample`, ``benchmarks.generative``)
+    Visit level, the same cells and targets as SMOTE: a generator fitted on the fold's training
+    visit rows and their cells (conditional Bernoulli diffusion; a sequential-CART synthetic copy
+    upsampled per cell; CTGAN and TVAE of the ``ctgan`` package, an optional extra) returns each
+    cell's gap in binary rows, which get their cell's label and groups. Selected by name; not in
+    the default ``--methods``.
 
 Every random choice takes the ``seed`` argument (the harness passes ``seed + fold``).
 """
@@ -60,10 +66,13 @@ from halo_balance.errors import HaloBalanceError, unknown_choice
 from halo_balance.io import atomic_dir
 
 from . import downstream
+from .generative import GENERATORS, GeneratorName, make_generator
 from .metrics import group_labels
 
-MethodName = Literal["original", "upsample", "downsample", "smote", "smoten", "separate", "fairplay"]
+MethodName = Literal["original", "upsample", "downsample", "smote", "smoten", "separate", "fairplay",
+                     "mcrage", "sma", "ctgan", "tvae"]
 METHODS: tuple[str, ...] = ("original", "upsample", "downsample", "smote", "smoten", "separate", "fairplay")
+GENERATIVE_METHODS: tuple[str, ...] = GENERATORS  # selected by name; not in the default --methods
 SEPARATE_MIN_PER_CLASS = 10
 SMOTEN_MAX_ROWS = 500
 
@@ -79,6 +88,7 @@ class TrainingSet:
     group : str, each row's group (attribute values joined by ``" & "``).
     synthetic : bool, rows that are not a real training visit (interpolated or generated).
     source : str, the id of the real training patient whose visit the row repeats ("" if synthetic).
+    info : what the method reports about itself (e.g. a generator's timings), recorded per unit.
     """
 
     X: sp.csr_matrix
@@ -86,12 +96,14 @@ class TrainingSet:
     group: np.ndarray
     synthetic: np.ndarray
     source: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.X.shape[0]
 
     def take(self, rows: np.ndarray) -> TrainingSet:
-        return TrainingSet(self.X[rows], self.y[rows], self.group[rows], self.synthetic[rows], self.source[rows])
+        return TrainingSet(self.X[rows], self.y[rows], self.group[rows], self.synthetic[rows], self.source[rows],
+                           self.info)
 
     def append_synthetic(self, X: sp.csr_matrix, y: np.ndarray, group: np.ndarray) -> TrainingSet:
         n = X.shape[0]
@@ -99,7 +111,11 @@ class TrainingSet:
                            np.concatenate([self.y, np.asarray(y, dtype=np.int8)]),
                            np.concatenate([self.group, np.asarray(group, dtype=self.group.dtype)]),
                            np.concatenate([self.synthetic, np.ones(n, dtype=bool)]),
-                           np.concatenate([self.source, np.full(n, "", dtype=self.source.dtype)]))
+                           np.concatenate([self.source, np.full(n, "", dtype=self.source.dtype)]), self.info)
+
+    def cells(self) -> np.ndarray:
+        """Each row's visit-level cell, ``"<label>|<group>"``."""
+        return np.char.add(np.char.add(self.y.astype(str), "|"), self.group)
 
 
 def training_rows(ds: PreparedDataset, groups: Sequence[str]) -> TrainingSet:
@@ -185,7 +201,28 @@ def downsample(train: PreparedDataset, *, groups: Sequence[str], ratio: float = 
 
 def _visit_cells(rows: TrainingSet) -> tuple[np.ndarray, np.ndarray]:
     """Visit-level cells ``(names, codes)``; a name is ``"<label>|<group>"``."""
-    return _codes(np.char.add(np.char.add(rows.y.astype(str), "|"), rows.group))
+    return _codes(rows.cells())
+
+
+@dataclass(frozen=True)
+class _VisitCells:
+    """A fold's training rows, their visit-level cells and the over-samplers' target per cell."""
+
+    rows: TrainingSet
+    names: np.ndarray
+    cells: np.ndarray
+    counts: np.ndarray
+    targets: dict[int, int]
+
+
+def _visit_targets(train: PreparedDataset, groups: Sequence[str], *, ratio: float, min_cell_size: int) -> _VisitCells:
+    """Visit-level cells of ``train`` and the targets of the cells to top up (at least 2 rows each)."""
+    rows = training_rows(train, groups)
+    names, cells = _visit_cells(rows)
+    counts = np.bincount(cells)
+    targets = balance_targets(dict(enumerate(counts.tolist())), ratio=ratio,
+                              min_cell_size=max(min_cell_size, 2), direction="up")
+    return _VisitCells(rows, names, cells, counts, targets)
 
 
 def smote(train: PreparedDataset, *, groups: Sequence[str], ratio: float = 1.0, min_cell_size: int = 5,
@@ -193,11 +230,8 @@ def smote(train: PreparedDataset, *, groups: Sequence[str], ratio: float = 1.0, 
     """SMOTE on visit rows, per (visit label x groups) cell (see the module docstring)."""
     from imblearn.over_sampling import SMOTE
 
-    rows = training_rows(train, groups)
-    names, cells = _visit_cells(rows)
-    counts = np.bincount(cells)
-    targets = balance_targets(dict(enumerate(counts.tolist())), ratio=ratio,
-                              min_cell_size=max(min_cell_size, 2), direction="up")
+    vc = _visit_targets(train, groups, ratio=ratio, min_cell_size=min_cell_size)
+    rows, names, cells, counts, targets = vc.rows, vc.names, vc.cells, vc.counts, vc.targets
     out = rows
     for cell, target in sorted(targets.items()):
         sampler = SMOTE(sampling_strategy={cell: target}, k_neighbors=min(5, int(counts[cell]) - 1),
@@ -218,11 +252,8 @@ def smoten(train: PreparedDataset, *, groups: Sequence[str], ratio: float = 1.0,
     """SMOTEN on binary visit rows, per (visit label x groups) cell (see the module docstring)."""
     from imblearn.over_sampling import SMOTEN
 
-    rows = training_rows(train, groups)
-    names, cells = _visit_cells(rows)
-    counts = np.bincount(cells)
-    targets = balance_targets(dict(enumerate(counts.tolist())), ratio=ratio,
-                              min_cell_size=max(min_cell_size, 2), direction="up")
+    vc = _visit_targets(train, groups, ratio=ratio, min_cell_size=min_cell_size)
+    rows, names, cells, counts, targets = vc.rows, vc.names, vc.cells, vc.counts, vc.targets
     if not targets:
         return rows
     rng = np.random.default_rng(seed)
@@ -245,14 +276,54 @@ def smoten(train: PreparedDataset, *, groups: Sequence[str], ratio: float = 1.0,
     return out
 
 
+def generative_oversample(method: GeneratorName, train: PreparedDataset, *, groups: Sequence[str],
+                          ratio: float = 1.0, min_cell_size: int = 5, seed: int = 0,
+                          options: Mapping[str, Any] | None = None) -> TrainingSet:
+    """A generative over-sampler of ``benchmarks.generative`` on visit rows (see the module docstring).
+
+    The generator is fitted on every training visit row and its cell, then asked for each cell's
+    gap; its rows are checked (:func:`benchmarks.synthetic_rows.check_rows`) and appended with
+    their cell's label and group. ``info`` records the generator's fit and sampling seconds and,
+    per cell, rows requested and generated (a shortfall is possible for ``ctgan`` / ``tvae``).
+    """
+    from .synthetic_rows import check_rows
+
+    vc = _visit_targets(train, groups, ratio=ratio, min_cell_size=min_cell_size)
+    requested = {c: t - int(vc.counts[c]) for c, t in sorted(vc.targets.items())}
+    if not requested:
+        return vc.rows
+    t0 = time.perf_counter()
+    generator = make_generator(method, random_state=seed, **dict(options or {})).fit(vc.rows.X, vc.cells)
+    t1 = time.perf_counter()
+    X_new, cells_new = generator.sample(requested)
+    t2 = time.perf_counter()
+    X_new = check_rows(X_new, vocab_size=vc.rows.X.shape[1], expected=len(cells_new), method=method)
+    made = np.bincount(cells_new, minlength=len(vc.counts))
+    label_of, _, group_of = zip(*(str(name).partition("|") for name in vc.names), strict=True)
+    out = vc.rows.append_synthetic(X_new, np.asarray(label_of, dtype=np.int8)[cells_new],
+                                   np.asarray(group_of)[cells_new])
+    info = {"generator_fit_seconds": round(t1 - t0, 3), "generator_sample_seconds": round(t2 - t1, 3),
+            "cells": {str(vc.names[c]): {"real": int(vc.counts[c]), "requested": n, "generated": int(made[c])}
+                      for c, n in requested.items()}}
+    info["shortfall"] = sum(v["requested"] - v["generated"] for v in info["cells"].values())
+    return dataclasses.replace(out, info=info)
+
+
 def build_training_set(method: MethodName, train: PreparedDataset, *, groups: Sequence[str], ratio: float = 1.0,
-                       min_cell_size: int = 5, seed: int = 0) -> TrainingSet:
-    """The training rows of every method except ``fairplay`` (see :func:`fairplay_dataset`)."""
+                       min_cell_size: int = 5, seed: int = 0, options: Mapping[str, Any] | None = None) -> TrainingSet:
+    """The training rows of every method except ``fairplay`` (see :func:`fairplay_dataset`).
+
+    ``options`` are a generative method's keyword arguments (``benchmarks.generative``).
+    """
     if method in ("original", "separate"):
         return training_rows(train, groups)
+    if method in GENERATIVE_METHODS:
+        return generative_oversample(method, train, groups=groups, ratio=ratio, min_cell_size=min_cell_size,
+                                     seed=seed, options=options)
     builders = {"upsample": upsample, "downsample": downsample, "smote": smote, "smoten": smoten}
     if method not in builders:
-        raise HaloBalanceError(f"unknown rebalancing method {method!r}; choose from {', '.join(METHODS)}")
+        raise HaloBalanceError(f"unknown rebalancing method {method!r}; choose from "
+                               f"{', '.join(METHODS + GENERATIVE_METHODS)}")
     return builders[method](train, groups=groups, ratio=ratio, min_cell_size=min_cell_size, seed=seed)
 
 

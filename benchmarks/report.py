@@ -9,7 +9,8 @@ Tables (mean +/- standard error over folds): overall F1 per method x model with 
 and its change against ``original`` (the paper's Table 2); FairPlay's disparate impact and the Theil
 index per method, averaged over models, for every attribute and for the intersection of several
 (Table 3), with the other fairness measures beside them; F1, underdiagnosis rate and FPR per group;
-AUROC; the size of every method's training data and the time it took. Plots: per-group F1 bars per
+AUROC; the size of every method's training data and the time it took; the distinctness, training
+copies and fidelity of binary synthetic rows. Plots: per-group F1 bars per
 method (the paper's Fig. 3), per-group FPR and underdiagnosis bars, and a radar plot of per-group F1
 for an intersection of attributes (Fig. 4). Like the paper's figures, the plots leave out groups
 holding less than 1% of the test visits; the tables keep every group.
@@ -138,6 +139,34 @@ def training_table(units: pl.DataFrame, methods: Sequence[str]) -> str:
                          f"{r['method_seconds']:.1f}", f"{r['fit_seconds']:.1f}"])
     return markdown_table(["method", "training visits", "positive", "synthetic", "copies",
                            "method s", "model fits s"], rows)
+
+
+SYNTHETIC_COLUMNS = ("n_synthetic_rows", "n_synthetic_distinct", "n_synthetic_training_copies", "fidelity_unigram_r2",
+                     "fidelity_pair_r2", "fidelity_ceiling_unigram_r2", "fidelity_ceiling_pair_r2",
+                     "generator_shortfall", "method_seconds")
+
+
+def synthetic_table(units: pl.DataFrame, methods: Sequence[str]) -> str:
+    """Binary synthetic rows per method (``benchmarks.synthetic_rows``), mean over folds; "" if none."""
+    if "fidelity_unigram_r2" not in units.columns:
+        return ""
+    present = [c for c in SYNTHETIC_COLUMNS if c in units.columns]
+    per = (units.filter(pl.col("fidelity_unigram_r2").is_not_null()).group_by("method", "fold")
+           .agg(pl.col(*present).first()))
+    agg = per.group_by("method").agg(pl.col(*present).cast(pl.Float64).mean(), pl.len().alias("folds"))
+    rows = []
+    for m in methods:
+        r = agg.filter(pl.col("method") == m)
+        if r.height:
+            r = r.row(0, named=True)
+            rows.append([m, f"{r['n_synthetic_rows']:.0f}", f"{r['n_synthetic_distinct']:.0f}",
+                         f"{r['n_synthetic_training_copies']:.0f}", fmt(r["fidelity_unigram_r2"]),
+                         fmt(r["fidelity_pair_r2"]), fmt(r["fidelity_ceiling_unigram_r2"]),
+                         fmt(r["fidelity_ceiling_pair_r2"]), fmt(r.get("generator_shortfall"), digits=0),
+                         f"{r['method_seconds']:.1f}", str(r["folds"])])
+    return markdown_table(["method", "synthetic rows", "distinct", "copies of training rows", "unigram R^2",
+                           "pair R^2", "ceiling unigram", "ceiling pair", "shortfall", "method s per fold",
+                           "folds"], rows) if rows else ""
 
 
 # ---------------------------------------------------------------------- plots
@@ -279,6 +308,14 @@ def write_report(out: str | Path) -> Path:
     lines += ["## Training data and time", "",
               "Visits each method hands to the downstream models (mean over folds) and seconds summed over "
               "folds (and models).", "", training_table(units, methods), ""]
+    synthetic = synthetic_table(units, methods)
+    if synthetic:
+        lines += ["## Synthetic rows", "",
+                  "Methods whose synthetic rows are binary, mean over folds: distinct rows, rows equal to a real "
+                  "training row, per-visit unigram and pair R^2 against the training rows of the same cells "
+                  "(mixed in the synthetic rows' cell proportions), the same between the fold's test and "
+                  "training rows (ceiling), cell rows a generator could not supply (shortfall), and the "
+                  "method's seconds per fold (`benchmarks.synthetic_rows`).", "", synthetic, ""]
     fp = units.filter(pl.col("method") == "fairplay").group_by("fold").agg(pl.all().first())
     if fp.height:
         cached = fp["generator_cached"] if "generator_cached" in fp.columns else pl.Series([None] * fp.height)

@@ -22,7 +22,9 @@ the test for those.
 
 Permutation tests, two-sided, ``p = (1 + #{|T_b| >= |T_obs|}) / (1 + #valid resamples)``:
 
-* method vs reference (Original) on F1, Theil and disparate impact, *paired*: the methods are
+* method vs reference (Original) on F1, Theil, disparate impact and the min-max TPR and FPR gaps
+  (``equal_opportunity``, which is also the min-max underdiagnosis gap, and ``fpr_difference``:
+  does a mitigation narrow the gap?), *paired*: the methods are
   evaluated on the same test visits, so under the null the two methods' predictions for a patient
   are exchangeable; each resample swaps them for a random half of the patients.
 * a group gap within a method (FPR, underdiagnosis, F1, ...): group membership is permuted across
@@ -65,7 +67,7 @@ GROUP_METRICS = ("f1", "precision", "tpr", "fpr", "underdiagnosis", "selection_r
 GAP_METRICS = ("f1", "tpr", "fpr", "underdiagnosis", "calibration_error")
 FAIRNESS_METRICS = ("di_weighted", "di_averaged", "theil", "f1_variance", "equalized_odds", "equal_opportunity",
                     "fpr_difference", "demographic_parity", "calibration_gap")
-COMPARE_METRICS = ("f1", "theil", "di_weighted", "di_averaged")
+COMPARE_METRICS = ("f1", "theil", "di_weighted", "di_averaged", "equal_opportunity", "fpr_difference")
 REQUIRED_COLUMNS = ("fold", "method", "model", "patient_id", "visit_index", "y_true", "score", "prediction")
 _STREAMS = {"bootstrap": 0, "paired": 1, "groups": 2}
 _CHUNK_BYTES = 96 * 2**20  # bounds a chunk's working set (weights and cell totals)
@@ -620,7 +622,8 @@ def paired_permutation(design: Design, *, reference: str = "original", n_permuta
 
     Each resample swaps the two methods' predictions for a random half of the patients, the same
     swap for every model, so the ``mean`` row (over the models both methods have) is paired too.
-    ``f1`` is the whole-population F1; ``theil`` and ``di_*`` are per attribute.
+    ``f1`` is the whole-population F1; the fairness measures (``theil``, ``di_*``, the min-max gaps)
+    are per attribute.
 
     Returns
     -------

@@ -5,10 +5,13 @@
   numbers that do not parse (counted and skipped while they are a minority).
 - :class:`Counts`: every dropped row or patient, by reason, for ``meta.json``.
 - :class:`Progress`: step-wise progress on stderr whose clock keeps running during long steps.
-- Lab tokens: the ``n_items`` most frequent items, one aggregate per (visit, item) (the mean of the
-  item's numeric values over the visit), binned by the item's quantiles of that aggregate
-  (:class:`LabItem` holds the edges; ``--bins-from`` reuses them so that new data is binned exactly
-  like the training data).
+- Lab tokens: the ``n_items`` most frequent items, binned by quantiles (:class:`LabItem` holds the
+  edges; ``--bins-from`` reuses them so that new data is binned exactly like the training data), in
+  one of two modes (``--lab-tokens``): ``mean``, one token per (visit, item), the item's mean over
+  the visit binned by the item's quantiles of visit means; ``every``, every measurement binned by
+  the item's quantiles over all measurements, a token for each bin the visit's measurements touched.
+- The options every preparer shares (:func:`add_common_arguments`, :func:`common_options`), defined
+  here once.
 - :func:`assemble`: visits, tokens, vocabulary and patients into a validated
   :class:`~halo_balance.data.PreparedDataset`.
 
@@ -28,27 +31,36 @@ import os
 import re
 import sys
 import threading
+import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import polars as pl
 
 from halo_balance.data import META_FILE, VOCAB_FILE, VOCAB_SCHEMA, PreparedDataset, empty_meta
-from halo_balance.errors import DatasetError
+from halo_balance.errors import DatasetError, unknown_choice
 from halo_balance.io import read_json
+
+if TYPE_CHECKING:
+    from .outcomes import OutcomeSpec
+    from .time_tokens import TimeTokens
 
 #: Above this share of malformed numbers in a column the input is taken to be the wrong file or
 #: layout, and preparation stops instead of skipping most of the rows.
 MAX_BAD_NUMBER_FRACTION = 0.5
-OUTCOME = "in_hospital_mortality"
-LAB_AGGREGATE = "mean"
 QUANTILE_METHOD = "linear"
+LabTokenMode = Literal["mean", "every"]
+LAB_TOKEN_MODES: tuple[str, ...] = get_args(LabTokenMode)
+Outcome = Literal["mortality", "readmission-30d", "long-stay"]
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
 #: Visit means and bin edges are rounded to this many significant digits (lab values carry far fewer).
 SIGNIFICANT_DIGITS = 9
+#: ``--n-bins`` when it is not given (and there is no ``--bins-from`` folder to take it from).
+DEFAULT_N_BINS = 10
 
 
 # ---------------------------------------------------------------------- reading raw tables
@@ -82,11 +94,12 @@ class RawTable:
 
 
 def find_table(roots: Sequence[Path], name: str, columns: Sequence[str], *,
-               required: bool = True, fix: str | None = None) -> RawTable | None:
+               required: bool = True, fix: str | None = None, column_fix: str | None = None) -> RawTable | None:
     """Locate ``name.csv.gz`` or ``name.csv`` in the first of ``roots`` that has it; check its header.
 
     A missing required table, a file that is not valid gzip, an empty file and missing columns are
-    :class:`DatasetError` naming the file (or the folders searched), the column and the fix.
+    :class:`DatasetError` naming the file (or the folders searched), the column and the fix
+    (``fix`` for a missing table, ``column_fix`` for a missing column).
     """
     for root in roots:
         for suffix in (".csv.gz", ".csv"):
@@ -98,7 +111,7 @@ def find_table(roots: Sequence[Path], name: str, columns: Sequence[str], *,
                     raise DatasetError(
                         f"required column(s) {missing} are missing; the header has {list(header)}",
                         file=str(path), column=missing[0],
-                        fix=f"point --root at the unmodified {name} table (or add the column)")
+                        fix=column_fix or f"point --root at the unmodified {name} table (or add the column)")
                 return RawTable(name, path, header)
     if required:
         where = " or ".join(str(r) for r in roots)
@@ -310,6 +323,16 @@ class Reference:
     def n_bins(self) -> int:
         return int(self.meta["preprocessing"]["labs"]["n_bins"])
 
+    @property
+    def lab_mode(self) -> str:
+        """``mean`` or ``every`` (folders written before ``--lab-tokens`` existed are ``mean``)."""
+        return str(self.meta["preprocessing"]["labs"].get("mode", "mean"))
+
+    @property
+    def time_bins(self) -> dict[str, Any] | None:
+        """``preprocessing.time_bins`` (``None`` when the folder has no time tokens)."""
+        return self.meta["preprocessing"].get("time_bins")
+
     def categories(self, present: dict[str, list[str]]) -> dict[str, list[str]]:
         """The reference's group categories, followed by any category new in this data."""
         ref = self.meta["groups"]
@@ -336,17 +359,8 @@ class LabItem:
         return f"lab:{self.item}:{b}"
 
     def describe(self, b: int) -> str:
-        e = self.edges
-        if not e:
-            rng = "any value"
-        elif b == 1:
-            rng = f"x < {e[0]:.6g}"
-        elif b == len(e) + 1:
-            rng = f"x >= {e[-1]:.6g}"
-        else:
-            rng = f"{e[b - 2]:.6g} <= x < {e[b - 1]:.6g}"
         unit = f" [{self.unit}]" if self.unit else ""
-        return f"{self.label}{unit}: {rng} (bin {b} of {self.n_bins})"
+        return f"{self.label}{unit}: {bin_range(self.edges, b - 1)} (bin {b} of {self.n_bins})"
 
     def to_meta(self) -> dict[str, Any]:
         return {"item": self.item, "label": self.label, "unit": self.unit, "rows": self.rows,
@@ -358,18 +372,49 @@ class LabItem:
                    [float(x) for x in d["edges"]])
 
 
-def decile_edges(values: np.ndarray, n_bins: int) -> list[float]:
+def bin_range(edges: Sequence[float], b: int) -> str:
+    """The values of 0-based bin ``b`` of ``edges``: ``x < e1``, ``e1 <= x < e2``, ..., ``x >= ek``."""
+    if not edges:
+        return "any value"
+    if b == 0:
+        return f"x < {edges[0]:.6g}"
+    if b == len(edges):
+        return f"x >= {edges[-1]:.6g}"
+    return f"{edges[b - 1]:.6g} <= x < {edges[b]:.6g}"
+
+
+def decile_edges(values: np.ndarray, n_bins: int, counts: np.ndarray | None = None) -> list[float]:
     """Interior quantile edges of ``values`` for ``n_bins`` bins; repeated edges are merged.
 
     Quantiles use linear interpolation (numpy's default) and are rounded to
     :data:`SIGNIFICANT_DIGITS`. Merging equal edges leaves fewer, wider bins for items with few
-    distinct values; a value equal to an edge belongs to the upper bin.
+    distinct values; a value equal to an edge belongs to the upper bin. With ``counts``, ``values``
+    are the distinct values in ascending order and ``counts`` how often each occurs: the edges are
+    those of the expanded sample (``np.repeat(values, counts)``), computed without expanding it.
     """
-    if len(values) == 0 or n_bins < 2:
-        return []
-    q = np.quantile(values, np.arange(1, n_bins) / n_bins, method=QUANTILE_METHOD)
-    q = pl.Series(q).round_sig_figs(SIGNIFICANT_DIGITS).to_numpy()
-    return np.unique(q).tolist()
+    q = np.arange(1, n_bins) / n_bins
+    if counts is None:
+        if len(values) == 0 or n_bins < 2:
+            return []
+        e = np.quantile(values, q, method=QUANTILE_METHOD)
+    else:
+        n = int(np.sum(counts))
+        if n == 0 or n_bins < 2:
+            return []
+        # numpy's linear rule: position h = (n - 1) q between order statistics floor(h) and floor(h) + 1
+        h = (n - 1) * q
+        lo = np.floor(h).astype(np.int64)
+        ends = np.cumsum(counts)
+        x_lo = values[np.searchsorted(ends, lo, side="right")]
+        x_hi = values[np.searchsorted(ends, np.minimum(lo + 1, n - 1), side="right")]
+        e = x_lo + (x_hi - x_lo) * (h - lo)
+    e = pl.Series(e).round_sig_figs(SIGNIFICANT_DIGITS).to_numpy()
+    return np.unique(e).tolist()
+
+
+def bin_of(edges: Sequence[float], values: np.ndarray) -> np.ndarray:
+    """0-based bin of each value: ``searchsorted(edges, value, side="right")`` (an edge goes up)."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right")
 
 
 class Reasons:
@@ -398,48 +443,95 @@ class LabTokens:
     """Result of :func:`lab_tokens`."""
 
     items: list[LabItem]
-    tokens: pl.DataFrame  # key (Int64), token (String), kind: one row per (visit, item) aggregate
+    tokens: pl.DataFrame  # key (Int64), token and kind (Categorical): one row per (visit, item, bin)
     extra: list[pl.DataFrame]  # results of the caller's extra queries
     branch_rows: list[int]  # rows in each branch
 
 
 def lab_tokens(branches: Sequence[pl.LazyFrame], *, table: RawTable, value_column: str, reasons: Reasons,
                n_items: int, n_bins: int, labels: dict[Any, str], counts: Counts, progress: Progress,
-               reference: Sequence[LabItem] | None = None,
-               extra: Sequence[pl.LazyFrame] = ()) -> LabTokens:
-    """Lab rows to one token per (visit, item): the visit mean of the item, binned.
+               reference: Sequence[LabItem] | None = None, extra: Sequence[pl.LazyFrame] = (),
+               mode: LabTokenMode = "mean") -> LabTokens:
+    """Lab rows to binned tokens per visit.
 
     Parameters
     ----------
     branches : lazy frames with columns ``key`` (Int64, the visit), ``item`` (any type), ``raw``
         (String, the value as text), ``unit`` (String) and ``status`` (UInt16 code of ``reasons``:
-        0 or the reason the row is dropped). Each is aggregated per (visit, item) in one streaming
-        pass, never collected whole.
+        0 or the reason the row is dropped). The raw table is read once, in one streaming pass over
+        all branches; nothing of the size of the table is ever collected.
     value_column : the raw table's column behind ``raw`` (named in errors).
     reasons : decodes ``status``.
     n_items, n_bins : the most frequent items (by rows that hold a number) and bins per item.
     labels : item -> readable label for descriptions.
     reference : items and edges to reuse (``--bins-from``); then nothing is fitted here.
     extra : further small aggregation queries to run alongside; returned in order.
+    mode : ``"mean"``: one token per (visit, item), the visit mean binned by the item's quantiles of
+        visit means. ``"every"``: each measurement binned by the item's quantiles over all
+        measurements (of kept visits), one token per distinct (visit, item, bin). The pass over the
+        raw table then aggregates per (item, value) and writes the kept rows' (visit, item, value)
+        to a temporary parquet file, which a second, fast pass bins once the edges are known.
 
     Rows dropped are counted by status, as ``{table}_no_numeric_value`` (empty value),
     ``{table}_not_a_number`` (malformed) and ``{table}_item_not_selected``.
     """
     tname = table.name
-    with progress.step(f"{tname}: aggregate per visit and item (streaming)"), reading(table.path):
-        queries = [b.select(pl.when(pl.col("status") == 0).then("key").alias("key"), "status", "item", "unit",
-                            v=number("raw"), filled=~blank("raw"))
-                   .group_by("status", "key", "item")
-                   .agg(n=pl.len(), n_filled=pl.col("filled").sum(), n_num=pl.col("v").count(),
-                        s=pl.col("v").sum(), unit=pl.col("unit").first())
-                   for b in branches]
-        results = pl.collect_all([*queries, *extra], engine="streaming")
-    # one (visit, item) row per group: the large part; everything after works on it lazily or on
-    # small summaries, so that no second copy of it is ever held
-    extra_out = results[len(branches):]
-    branch_rows = [int(r["n"].sum()) for r in results[:len(branches)]]
-    agg = pl.concat(results[:len(branches)], rechunk=False)
-    del results
+    with contextlib.ExitStack() as stack:
+        if mode == "every":
+            spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="halo_balance_labs_")))
+        with progress.step(f"{tname}: aggregate per {'visit and item' if mode == 'mean' else 'item and value'}"
+                           " (streaming)"), reading(table.path):
+            rows = [b.select(pl.when(pl.col("status") == 0).then("key").alias("key"), "status", "item", "unit",
+                             v=number("raw"), filled=~blank("raw")) for b in branches]
+            if mode == "mean":
+                queries = [r.group_by("status", "key", "item")
+                           .agg(n=pl.len(), n_filled=pl.col("filled").sum(), n_num=pl.col("v").count(),
+                                s=pl.col("v").sum(), unit=pl.col("unit").first()) for r in rows]
+            else:
+                # values matter only in kept rows; nulling the rest keeps the histogram small. Values
+                # are rounded to SIGNIFICANT_DIGITS as visit means are: one binning rule in both modes
+                queries = [r.with_columns(v=pl.when(pl.col("status") == 0).then(
+                               pl.col("v").round_sig_figs(SIGNIFICANT_DIGITS)))
+                           .group_by("status", "item", "unit", "v")
+                           .agg(n=pl.len(), n_filled=pl.col("filled").sum()).with_columns(
+                               n_num=pl.when(pl.col("v").is_not_null()).then(pl.col("n")).otherwise(0))
+                           for r in rows]
+                queries += [r.filter(pl.col("status") == 0, pl.col("v").is_not_null())
+                            .select("key", "item", pl.col("v").round_sig_figs(SIGNIFICANT_DIGITS))
+                            .sink_parquet(spill / f"branch{i}.parquet", lazy=True) for i, r in enumerate(rows)]
+            results = pl.collect_all([*queries, *extra], engine="streaming")
+        n_branches = len(branches)
+        extra_out = results[len(queries):]
+        branch_rows = [int(r["n"].sum()) for r in results[:n_branches]]
+        # mean: one (visit, item) row per group, the large part; every: one row per (item, value).
+        # Everything after works on it lazily or on small summaries, so no second copy is ever held.
+        agg = pl.concat(results[:n_branches], rechunk=False)
+        del results
+        items, index = _select_lab_items(agg, branches, table=table, value_column=value_column, reasons=reasons,
+                                         n_items=n_items, labels=labels, counts=counts, reference=reference)
+        if mode == "mean":
+            binned = _mean_bins(agg, index, items, n_bins=n_bins, fit=reference is None)
+        else:
+            binned = _every_bins(agg, index, items, sorted(spill.glob("*.parquet")), n_bins=n_bins,
+                                 fit=reference is None)
+        del agg
+    # token text is built once per distinct (item, bin), not once per row: at full scale there are
+    # tens of millions of rows, and categorical tokens keep them at a few bytes each
+    names = (binned.select("idx", "b").unique().join(index.select("idx", "name"), on="idx")
+             .select("idx", "b", token=(pl.lit("lab:") + pl.col("name") + pl.lit(":") + pl.col("b").cast(pl.String))
+                     .cast(pl.Categorical), kind=pl.lit("lab", dtype=pl.Categorical)))
+    tokens = binned.join(names, on=["idx", "b"], maintain_order="left").select("key", "token", "kind")
+    return LabTokens(items, tokens, list(extra_out), branch_rows)
+
+
+def _select_lab_items(agg: pl.DataFrame, branches: Sequence[pl.LazyFrame], *, table: RawTable, value_column: str,
+                      reasons: Reasons, n_items: int, labels: dict[Any, str], counts: Counts,
+                      reference: Sequence[LabItem] | None) -> tuple[list[LabItem], pl.DataFrame]:
+    """Count the drops of ``agg`` (``status``, ``item``, ``unit``, ``n``, ``n_filled``, ``n_num``) and
+    pick the items: the reference's, or the ``n_items`` with most numeric rows. Returns the items and
+    the index frame ``idx`` (position in items), ``name`` (item as text), ``item`` (raw type) of
+    those present in the data."""
+    tname = table.name
     by_status = agg.group_by("status").agg(pl.col("n", "n_filled", "n_num").sum())
     for code, n in by_status.filter(pl.col("status") != 0).select("status", "n").iter_rows():
         counts.drop(reasons.names[code], n)
@@ -478,31 +570,58 @@ def lab_tokens(branches: Sequence[pl.LazyFrame], *, table: RawTable, value_colum
     selected = pl.col("name").is_in(index["name"].implode())
     counts.drop(f"{tname}_item_not_selected", int(per_item.filter(~selected)["n_num"].sum()))
     counts.note(f"{tname}_rows_used", int(per_item.filter(selected)["n_num"].sum()))
+    return items, index
 
+
+def _mean_bins(agg: pl.DataFrame, index: pl.DataFrame, items: list[LabItem], *, n_bins: int,
+               fit: bool) -> pl.DataFrame:
+    """``key``, ``idx``, ``b``: each (visit, item) mean's 1-based bin; fits the edges when ``fit``."""
+    ok = agg.lazy().filter(pl.col("status") == 0, pl.col("n_num") > 0)
     # means are rounded to SIGNIFICANT_DIGITS so that the order in which partial sums were added
     # (it varies between streaming runs) never moves a value that sits on an edge to another bin
     means = (ok.join(index.lazy().select("item", "idx"), on="item").group_by("key", "idx")
              .agg(v=(pl.col("s").sum() / pl.col("n_num").sum()).round_sig_figs(SIGNIFICANT_DIGITS))
              .sort("idx", "key").collect())
-    del agg, ok
-    if reference is None:
+    if fit:
         for i, it in enumerate(items):
             it.edges = decile_edges(means.filter(pl.col("idx") == i)["v"].to_numpy(), n_bins)
-    tokens = (means.with_columns(_bin_index(means, items)).drop("v")
-              .join(index.select("idx", "name"), on="idx", how="left", maintain_order="left")
-              .select("key", token=pl.lit("lab:") + pl.col("name") + pl.lit(":") + pl.col("b").cast(pl.String),
-                      kind=pl.lit("lab")))
-    return LabTokens(items, tokens, list(extra_out), branch_rows)
+    return means.with_columns(_bin_index(means, items)).drop("v")
+
+
+def _every_bins(hist: pl.DataFrame, index: pl.DataFrame, items: list[LabItem], spilled: Sequence[Path], *,
+                n_bins: int, fit: bool) -> pl.DataFrame:
+    """``key``, ``idx``, ``b``: the distinct 1-based bins of each (visit, item)'s measurements.
+
+    The edges (when ``fit``) and each distinct value's bin come from the (item, value) histogram;
+    the spilled rows are then binned by joining that small table, in a streaming pass."""
+    values = (hist.lazy().filter(pl.col("status") == 0, pl.col("v").is_not_null())
+              .join(index.lazy().select("item", "idx"), on="item")
+              .group_by("idx", "item", "v").agg(pl.col("n").sum()).sort("idx", "v").collect())
+    if fit:
+        for i, it in enumerate(items):
+            h = values.filter(pl.col("idx") == i)
+            it.edges = decile_edges(h["v"].to_numpy(), n_bins, counts=h["n"].to_numpy())
+    lookup = values.with_columns(_bin_index(values, items)).select("item", "v", "idx", "b")
+    rows = pl.scan_parquet(list(spilled)).join(lookup.lazy(), on=["item", "v"])
+    keys = rows.select(lo=pl.col("key").min(), hi=pl.col("key").max()).collect(engine="streaming").row(0)
+    if not (0 <= (keys[0] or 0) and (keys[1] or 0) < 2**32 and len(items) < 2**16 and n_bins < 2**16):
+        return rows.select("key", "idx", "b").unique().collect(engine="streaming")
+    # tens of millions of distinct (visit, item, bin) at full scale: deduplicated as one UInt64 each
+    packed = (pl.col("key").cast(pl.UInt64) * 2**32 + pl.col("idx").cast(pl.UInt64) * 2**16
+              + pl.col("b").cast(pl.UInt64))
+    code = rows.select(code=packed).unique().collect(engine="streaming")["code"]
+    return pl.DataFrame({"key": (code // 2**32).cast(pl.Int64), "idx": (code // 2**16 % 2**16).cast(pl.UInt32),
+                         "b": (code % 2**16).cast(pl.Int32)})
 
 
 def _bin_index(agg: pl.DataFrame, items: Sequence[LabItem]) -> pl.Series:
-    """1-based bin of each row of ``agg`` (sorted by ``idx``): ``searchsorted(edges, v, 'right') + 1``."""
+    """1-based bin of each row's ``v`` in ``agg`` (sorted by ``idx``): :func:`bin_of` + 1."""
     idx, v = agg["idx"].to_numpy(), agg["v"].to_numpy()
     out = np.empty(len(v), dtype=np.int32)
     bounds = np.searchsorted(idx, np.arange(len(items) + 1), side="left")
     for i, it in enumerate(items):
         a, b = bounds[i], bounds[i + 1]
-        out[a:b] = np.searchsorted(np.asarray(it.edges, dtype=np.float64), v[a:b], side="right") + 1
+        out[a:b] = bin_of(it.edges, v[a:b]) + 1
     return pl.Series("b", out)
 
 
@@ -530,16 +649,19 @@ def assemble(*, visits: pl.DataFrame, tokens: pl.DataFrame, vocab: pl.DataFrame,
     Parameters
     ----------
     visits : ``patient_id``, ``key`` (Int64 visit key), ``visit_index``, ``label``, in order.
-    tokens : ``key``, ``token``, ``kind`` rows (duplicates allowed). Tokens missing from ``vocab``
-        (only possible with a reference vocabulary) are dropped and counted by kind.
+    tokens : ``key``, ``token``, ``kind`` rows (duplicates allowed; text or categorical). Tokens
+        missing from ``vocab`` (only possible with a reference vocabulary) are dropped and counted by kind.
     patients : ``patient_id``, ``label`` and the group columns of ``meta["groups"]``.
     """
-    ids = tokens.join(vocab.select("token", "id"), on="token", how="left")
-    oov = ids.filter(pl.col("id").is_null()).group_by("kind").len()
+    ids = tokens.lazy().join(vocab.lazy().select(pl.col("token").cast(tokens.schema["token"]), "id"), on="token",
+                             how="left")
+    # streamed: the joined (token, id) rows are never held whole (tens of millions at full scale)
+    oov, codes = pl.collect_all([
+        ids.filter(pl.col("id").is_null()).group_by("kind").len(),
+        ids.filter(pl.col("id").is_not_null()).group_by("key").agg(codes=pl.col("id").unique().sort()),
+    ], engine="streaming")
     for kind, n in oov.iter_rows():
         counts.drop(f"{kind}_tokens_not_in_reference_vocab", n)
-    codes = (ids.filter(pl.col("id").is_not_null()).group_by("key")
-             .agg(codes=pl.col("id").unique().sort()))
     v = (visits.join(codes, on="key", how="left", maintain_order="left")
          .with_columns(pl.col("codes").fill_null(pl.lit([], dtype=pl.List(pl.Int32))),
                        synthetic=pl.lit(False)))
@@ -571,26 +693,40 @@ def finish(*, source: str, module: str, root: Path, tables: dict[str, RawTable |
            dx_tokens: pl.DataFrame, dx_vocab: pl.DataFrame, lab_source: str, labs: LabTokens | None,
            n_bins: int, bins_from: str | os.PathLike | None, reference: Reference | None,
            patients: pl.DataFrame, canonical: dict[str, list[str]], counts: Counts,
+           outcome: OutcomeSpec | None = None, lab_mode: LabTokenMode = "mean", time: TimeTokens | None = None,
            extra_meta: dict[str, Any] | None = None) -> PreparedDataset:
-    """Vocabulary, ``meta.json`` and the assembled dataset, the same way for every source."""
+    """Vocabulary, ``meta.json`` and the assembled dataset, the same way for every source.
+
+    ``outcome`` defaults to in-hospital mortality as ``rules["outcome"]`` states it.
+    """
+    if outcome is None:
+        from .outcomes import OUTCOME_NAMES, OutcomeSpec
+
+        outcome = OutcomeSpec("mortality", OUTCOME_NAMES["mortality"], rules.get("outcome", ""))
     items = labs.items if labs is not None else []
-    vocab = build_vocab([dx_vocab, lab_vocab(items)], reference)
-    tokens = pl.concat([dx_tokens] + ([labs.tokens] if labs is not None else []))
+    vocab = build_vocab([dx_vocab, lab_vocab(items)] + ([time.bins.vocab()] if time else []), reference)
+    parts = [dx_tokens] + ([labs.tokens] if labs is not None else []) + ([time.tokens] if time else [])
+    tokens = pl.concat([t.select("key", pl.col("token", "kind").cast(pl.Categorical)) for t in parts],
+                       rechunk=False)
     groups = present_categories(patients, canonical)
     if reference is not None:
         groups = reference.categories(groups)
-    n_bins = reference.n_bins if reference else n_bins
     bins_from = str(bins_from) if bins_from else None
-    meta = empty_meta(source=source, source_version=source_version(root), outcome=OUTCOME,
+    meta = empty_meta(source=source, source_version=source_version(root), outcome=outcome.name,
                       groups=groups)
     meta["preprocessing"] = {
         "module": module, "root": str(Path(root).resolve()),
         "tables": {k: str(t.path.resolve()) for k, t in tables.items() if t is not None},
-        "parameters": {**parameters, "n_bins": n_bins, "bins_from": bins_from},
+        "parameters": {**parameters, "n_bins": n_bins, "bins_from": bins_from, "outcome": outcome.option,
+                       "lab_tokens": lab_mode, "time_bins": time.bins.n_bins if time else 0},
         "rules": rules,
-        "labs": {"source": lab_source, "aggregate": LAB_AGGREGATE, "quantile_method": QUANTILE_METHOD,
-                 "significant_digits": SIGNIFICANT_DIGITS, "n_items": len(items), "n_bins": n_bins,
-                 "bins_from": bins_from, "items": [it.to_meta() for it in items]},
+        "outcome": outcome.to_meta(),
+        "labs": {"source": lab_source, "mode": lab_mode, "aggregate": "mean" if lab_mode == "mean" else "none",
+                 "quantiles_of": "visit means" if lab_mode == "mean" else "measurements",
+                 "quantile_method": QUANTILE_METHOD, "significant_digits": SIGNIFICANT_DIGITS,
+                 "n_items": len(items), "n_bins": n_bins, "bins_from": bins_from,
+                 "items": [it.to_meta() for it in items]},
+        "time_bins": time.bins.to_meta() if time else None,
         **(extra_meta or {}),
         "versions": versions(),
     }
@@ -622,6 +758,15 @@ def icd_category(code: pl.Expr, version: pl.Expr) -> pl.Expr:
             .otherwise(base.str.slice(0, 3)))
 
 
+def age_group(age: pl.Expr, groups: Sequence[tuple[str, float]], *, unknown: str = "Unknown") -> pl.Expr:
+    """The age group of ``age``: ``groups`` are ``(label, youngest age)`` in ascending order, the first
+    taking every younger age too; ``unknown`` where the age is null."""
+    expr = pl.when(age.is_null()).then(pl.lit(unknown))
+    for (label, _), (_, older) in zip(groups[:-1], groups[1:]):
+        expr = expr.when(age < older).then(pl.lit(label))
+    return expr.otherwise(pl.lit(groups[-1][0]))
+
+
 def row_status(visits: pl.DataFrame, *, on: Sequence[str], table: str, visit_word: str) -> pl.DataFrame:
     """The ``on`` columns, the visit ``key`` and ``status``: ``ok`` or the reason rows of ``table``
     belonging to that visit are dropped (``{table}_{visit_word}_{fate}``)."""
@@ -647,25 +792,81 @@ def time_format(table: RawTable, col: str, fmt: str = MIMIC_TIME_FORMAT) -> str 
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, root_help: str, visit: str) -> None:
-    """The options every preprocessor CLI shares."""
+    """The options every preprocessor CLI shares (read them back with :func:`common_options`)."""
     p.add_argument("--root", required=True, help=root_help)
     p.add_argument("--out", required=True, help="output folder for the prepared dataset")
     p.add_argument("--n-lab-items", type=int, default=50, help="lab items kept (default 50; 0 = no labs)")
-    p.add_argument("--n-bins", type=int, default=10, help="bins per lab item (default 10: deciles)")
+    p.add_argument("--n-bins", type=int, default=None,
+                   help=f"bins per lab item (default {DEFAULT_N_BINS}: deciles; with --bins-from: the reference's)")
+    p.add_argument("--lab-tokens", choices=LAB_TOKEN_MODES, default=None,
+                   help="mean (default): one token per lab and visit, the visit mean binned by the lab's "
+                        "quantiles of visit means; every: each measurement binned by the lab's quantiles over all "
+                        "measurements, a token for every bin the visit touched (with --bins-from: the reference's)")
+    p.add_argument("--time-bins", type=int, default=None, metavar="N",
+                   help="add time tokens: age at the first visit and days since the previous visit, in N "
+                        "quantile bins (default 0: none; with --bins-from: the reference's)")
+    p.add_argument("--outcome", choices=OUTCOMES, default="mortality",
+                   help="the label on each record's final visit: in-hospital death (default), a readmission "
+                        "within 30 days of the final discharge, or a stay over 7 days (rules: the module docstring)")
     p.add_argument("--max-visits", type=int, default=None, help=f"keep each patient's N most recent {visit}")
     p.add_argument("--bins-from", default=None, metavar="PREPARED_DIR",
-                   help="reuse the lab items, bin edges and vocabulary of this prepared dataset")
+                   help="reuse the lab items, bin edges, time bins and vocabulary of this prepared dataset")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def check_parameters(*, n_lab_items: int, n_bins: int, max_visits: int | None) -> None:
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of a ``prepare_*`` function that :func:`add_common_arguments` gives."""
+    return {"n_lab_items": args.n_lab_items, "n_bins": args.n_bins, "lab_tokens": args.lab_tokens,
+            "time_bins": args.time_bins, "outcome": args.outcome, "max_visits": args.max_visits,
+            "bins_from": args.bins_from, "overwrite": args.overwrite, "progress": not args.quiet}
+
+
+def check_parameters(*, n_lab_items: int, n_bins: int | None, max_visits: int | None, time_bins: int | None = None,
+                     lab_tokens: str | None = None, outcome: str = "mortality") -> None:
     if n_lab_items < 0:
         raise DatasetError("must be 0 or more", column="n_lab_items", value=n_lab_items)
-    if n_bins < 2:
+    if n_bins is not None and n_bins < 2:
         raise DatasetError("must be at least 2", column="n_bins", value=n_bins)
     if max_visits is not None and max_visits < 1:
         raise DatasetError("must be at least 1", column="max_visits", value=max_visits)
+    if time_bins is not None and (time_bins < 0 or time_bins == 1):
+        raise DatasetError("must be 0 (no time tokens) or at least 2", column="time_bins", value=time_bins)
+    for option, value, choices in (("--lab-tokens", lab_tokens, LAB_TOKEN_MODES), ("--outcome", outcome, OUTCOMES)):
+        if value is not None and value not in choices:
+            raise unknown_choice(option, [value], choices)
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """The tokenisation options in effect (:func:`token_settings`)."""
+
+    n_bins: int
+    time_bins: int
+    lab_mode: LabTokenMode
+    time_reference: dict[str, Any] | None  # the reference's ``preprocessing.time_bins`` to reuse
+
+
+def token_settings(*, n_bins: int | None, time_bins: int | None, lab_tokens: str | None,
+                   reference: Reference | None) -> TokenSettings:
+    """``--n-bins``, ``--time-bins`` and ``--lab-tokens`` in effect, and the reference's time bins to reuse.
+
+    Without a reference: the values given (``None``: 10, 0 and ``mean``). With ``--bins-from`` they are
+    the reference's, so new data is tokenised exactly like it; a different value given explicitly
+    is an error rather than silently ignored.
+    """
+    if reference is None:
+        n = DEFAULT_N_BINS if n_bins is None else n_bins
+        return TokenSettings(n, time_bins or 0, lab_tokens or "mean", None)  # type: ignore[arg-type]
+    ref_time = reference.time_bins
+    ref_n = int(ref_time["n_bins"]) if ref_time else 0
+    for option, given, ref in (("--n-bins", n_bins, reference.n_bins), ("--time-bins", time_bins, ref_n),
+                               ("--lab-tokens", lab_tokens, reference.lab_mode)):
+        if given is not None and given != ref:
+            raise DatasetError(f"{option} {given} differs from the --bins-from folder's {ref}",
+                               file=str(reference.path / META_FILE), column="preprocessing.parameters",
+                               fix=f"leave {option} out to use the reference's, or prepare the reference with it")
+    return TokenSettings(reference.n_bins, ref_n, reference.lab_mode, ref_time)  # type: ignore[arg-type]
 
 
 def summary(ds: PreparedDataset, out: str | os.PathLike) -> str:

@@ -3,7 +3,9 @@
 ``python -m data_prep.meds --root MEDS_DIR --out DIR`` reads ``MEDS_DIR/data/**/*.parquet``
 (``subject_id``, ``time``, ``code``, ``numeric_value`` and any extra columns) and, when present,
 ``MEDS_DIR/metadata/codes.parquet`` for descriptions. It takes the preparers' common options
-(``--n-lab-items``, ``--n-bins``, ``--max-visits``, ``--bins-from``, ``--overwrite``, ``--quiet``).
+(``--n-lab-items``, ``--n-bins``, ``--lab-tokens``, ``--time-bins``, ``--max-visits``,
+``--bins-from``, ``--overwrite``, ``--quiet``; ``--outcome`` other than ``mortality`` is an error:
+the outcome comes from death events or ``--labels``).
 The defaults read the layout of the MIMIC-IV MEDS extraction; every rule below can be overridden.
 
 Rules (also written to ``meta.json`` under ``preprocessing.rules``)
@@ -33,7 +35,11 @@ Rules (also written to ``meta.json`` under ``preprocessing.rules``)
 - **Labs**: ``LAB//<item>//<unit>`` (``--lab-prefix``): the ``--n-lab-items`` items with the most
   numeric values in visits; per visit, the mean of each item's ``numeric_value`` (float32 in MEDS,
   read exactly as stored), binned by the item's quantiles of the visit means as in the other
-  preparers; token ``lab:<item>:<bin>``; ``UNK`` is an empty unit.
+  preparers (``--lab-tokens every``: each value binned by the item's quantiles over all values, a
+  token for every bin the visit touched); token ``lab:<item>:<bin>``; ``UNK`` is an empty unit.
+- **Time tokens** (``--time-bins N``, see :mod:`data_prep.time_tokens`): ``time:age:<b>`` on the
+  first kept visit, the whole years from ``MEDS_BIRTH`` to its start; ``time:gap:<b>`` on later
+  visits, the days from the previous visit's end to this one's start.
 - **Groups** (``--group ATTR=SOURCE``, repeatable): ``code:PREFIX`` the value after ``PREFIX//`` of
   the subject's latest such event (static events, with no time, count as the earliest), e.g.
   ``gender=code:GENDER``; ``column:NAME`` the latest non-empty value of an extra column, e.g.
@@ -65,8 +71,9 @@ from halo_balance.data import PreparedDataset
 from halo_balance.errors import DatasetError
 from halo_balance.io import check_output_dir
 
-from .common import (Counts, Progress, RawTable, Reasons, Reference, add_common_arguments, check_parameters, finish,
-                     icd_category, lab_tokens, order_visits, summary)
+from .common import (Counts, LabTokenMode, Outcome, Progress, RawTable, Reasons, Reference, add_common_arguments,
+                     check_parameters, finish, icd_category, lab_tokens, order_visits, summary, token_settings)
+from .time_tokens import time_rules, time_tokens
 
 SOURCE = "meds"
 LAB_SOURCE = "meds:LAB"
@@ -112,8 +119,10 @@ class GroupRule:
         return f"{self.attribute}={self.kind}:{self.arg}"
 
 
-def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int = 50, n_bins: int = 10,
-                 max_visits: int | None = None, bins_from: str | os.PathLike | None = None,
+def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int = 50, n_bins: int | None = None,
+                 lab_tokens: LabTokenMode | None = None, time_bins: int | None = None,
+                 outcome: Outcome = "mortality", max_visits: int | None = None,
+                 bins_from: str | os.PathLike | None = None,
                  visit_rule: Literal["admission", "gap"] = "admission",
                  admission_code: str = "HOSPITAL_ADMISSION", discharge_code: str = "HOSPITAL_DISCHARGE",
                  gap_hours: float = 24.0, death_code: str = DEATH, labels: str | os.PathLike | None = None,
@@ -125,7 +134,8 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
     ----------
     root : MEDS dataset folder (``data/`` and optionally ``metadata/``).
     out : output folder, written atomically; it must not exist unless ``overwrite``.
-    n_lab_items, n_bins, max_visits, bins_from : as in ``data_prep.mimic_iv``.
+    n_lab_items, n_bins, lab_tokens, time_bins, max_visits, bins_from : as in ``data_prep.mimic_iv``.
+    outcome : only ``"mortality"`` (the death rule or ``labels``).
     visit_rule : ``"admission"`` (admission and discharge codes) or ``"gap"`` (time gaps).
     admission_code, discharge_code : codes (or code prefixes before ``//``) that open and close a visit.
     gap_hours : the largest gap within a visit under the gap rule.
@@ -136,13 +146,21 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
     overwrite : replace ``out`` if it exists.
     progress : show step progress on stderr.
     """
-    check_parameters(n_lab_items=n_lab_items, n_bins=n_bins, max_visits=max_visits)
+    check_parameters(n_lab_items=n_lab_items, n_bins=n_bins, max_visits=max_visits, time_bins=time_bins,
+                     lab_tokens=lab_tokens, outcome=outcome)
+    if outcome != "mortality":
+        raise DatasetError("data_prep.meds takes the outcome from death events or a MEDS label file",
+                           column="outcome", value=outcome,
+                           fix="pass the outcome as a MEDS label table with --labels (readmission and long-stay "
+                               "rules belong to data_prep.mimic_iv and data_prep.eicu)")
     if visit_rule not in ("admission", "gap"):
         raise DatasetError("must be 'admission' or 'gap'", column="visit_rule", value=visit_rule)
     if gap_hours <= 0:
         raise DatasetError("must be positive", column="gap_hours", value=gap_hours)
     check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from, labels])
     reference = Reference.load(bins_from, source=None, lab_source=None) if bins_from else None
+    settings = token_settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, reference=reference)
+    n_bins, time_bins, lab_mode = settings.n_bins, settings.time_bins, settings.lab_mode
     root = Path(root)
     files = sorted((root / "data").glob("**/*.parquet")) if (root / "data").is_dir() else []
     if not files:
@@ -159,7 +177,7 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
     rules = _group_rules(groups, reference, events, columns)
     with_labs = bool(reference.lab_items) if reference else n_lab_items > 0
 
-    with Progress(5 if with_labs else 4, desc="prepare MEDS", enabled=progress) as steps:
+    with Progress(4 + with_labs + bool(time_bins), desc="prepare MEDS", enabled=progress) as steps:
         with steps.step("visits"):
             counts.rows_read["events"] = int(events.select(pl.len()).collect().item())
             visits = _visits(events, visit_rule, admission_code, discharge_code, death_code, gap_hours, counts)
@@ -173,7 +191,13 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
             people = _groups(events, kept, rules)
         labs = None
         if with_labs:
-            labs = _labs(assigned, table, root, lab_prefix, n_lab_items, n_bins, reference, counts, steps)
+            labs = _labs(assigned, table, root, lab_prefix, n_lab_items, n_bins, reference, counts, steps,
+                         mode=lab_mode)
+        time = None
+        if time_bins:
+            with steps.step("time tokens"):
+                time = time_tokens(_timeline(events, visits), n_bins=time_bins, reference=settings.time_reference,
+                                   counts=counts)
         with steps.step("vocabulary and visits"):
             vis = kept.select(patient_id=pl.col("subject_id").cast(pl.String), key="key", visit_index="visit_index",
                               label=pl.when(pl.col("is_final")).then(pl.col("outcome")).otherwise(0).cast(pl.Int8))
@@ -184,9 +208,10 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
                                     "gap_hours": gap_hours, "death_code": death_code,
                                     "labels": str(labels) if labels else None, "groups": [str(r) for r in rules],
                                     "diagnosis_prefix": diagnosis_prefix, "lab_prefix": lab_prefix},
-                        rules=_rules_text(visit_rule, labels is not None), visits=vis, dx_tokens=dx_tokens,
-                        dx_vocab=dx_vocab, lab_source=LAB_SOURCE, labs=labs, n_bins=n_bins, bins_from=bins_from,
-                        reference=reference, patients=people, canonical=canonical, counts=counts)
+                        rules=_rules_text(visit_rule, labels is not None, lab_mode, bool(time_bins)), visits=vis,
+                        dx_tokens=dx_tokens, dx_vocab=dx_vocab, lab_source=LAB_SOURCE, labs=labs, n_bins=n_bins,
+                        bins_from=bins_from, reference=reference, patients=people, canonical=canonical,
+                        counts=counts, lab_mode=lab_mode, time=time)
         with steps.step(f"write {out}"):
             ds.save(out, overwrite=overwrite)
     return ds
@@ -322,8 +347,24 @@ def _diagnoses(assigned: pl.LazyFrame, root: Path, prefix: str, reference: Refer
     return tokens, vocab.sort("token")
 
 
+def _timeline(events: pl.LazyFrame, visits: pl.DataFrame) -> pl.DataFrame:
+    """The kept visits' ``key``, ``visit_index``, ``age_years`` (whole years from ``MEDS_BIRTH`` to the
+    visit's start) and ``gap_days`` since the end of the subject's previous visit (``gap_status``)."""
+    births = (events.filter(pl.col("code") == BIRTH, pl.col("time").is_not_null()).group_by("subject_id")
+              .agg(birth=pl.col("time").min()).collect())
+    day = 86_400_000_000  # microseconds
+    prev = pl.col("disch").shift(1).over("subject_id")
+    v = (visits.rename({"patient_id": "subject_id"}).sort("subject_id", "order")
+         .with_columns(gap_days=(pl.col("admit") - prev).dt.total_microseconds() / day,
+                       gap_status=pl.when(pl.col("order") == 0).then(pl.lit("first")).otherwise(pl.lit("ok")))
+         .join(births, on="subject_id", how="left"))
+    return v.filter(pl.col("kept")).select(
+        "key", "visit_index", "gap_days", "gap_status",
+        age_years=((pl.col("admit") - pl.col("birth")).dt.total_days() / 365.25).floor())
+
+
 def _labs(assigned: pl.LazyFrame, table: RawTable, root: Path, prefix: str, n_items: int, n_bins: int,
-          reference: Reference | None, counts: Counts, steps: Progress):
+          reference: Reference | None, counts: Counts, steps: Progress, *, mode: LabTokenMode):
     reasons = Reasons()
     parts = pl.col("code").str.slice(len(prefix) + 2).str.split("//")
     unit = parts.list.get(1, null_on_oob=True)
@@ -339,7 +380,7 @@ def _labs(assigned: pl.LazyFrame, table: RawTable, root: Path, prefix: str, n_it
              .unique("item", keep="first"))
     res = lab_tokens([branch], table=table, value_column="numeric_value", reasons=reasons, n_items=n_items,
                      n_bins=n_bins, labels=dict(names.iter_rows()), counts=counts, progress=steps,
-                     reference=reference.lab_items if reference else None)
+                     reference=reference.lab_items if reference else None, mode=mode)
     counts.note("lab_events", res.branch_rows[0])
     return res
 
@@ -409,15 +450,20 @@ def _categories(values: pl.Series, rule: GroupRule) -> list[str]:
     return [c for c in order if c in seen] + ([UNKNOWN] if UNKNOWN in seen else [])
 
 
-def _rules_text(visit_rule: str, with_labels: bool) -> dict[str, str]:
+def _rules_text(visit_rule: str, with_labels: bool, lab_mode: str, with_time: bool) -> dict[str, str]:
+    time = time_rules(age="whole years from MEDS_BIRTH to the visit's start",
+                      gap="days from the previous visit's end to this one's start") if with_time else {}
     return {
+        **time,
         "visit": ("admission code opens, the first discharge code at or after it closes; events by time "
                   "into the latest visit admitted at or before them" if visit_rule == "admission"
                   else "timed events at most gap_hours apart (birth and death aside) form a visit"),
         "outcome": ("the subject's latest label row; visits and events after its prediction_time dropped"
                     if with_labels else "death code within the final visit (a midnight death by date)"),
         "diagnosis": "DIAGNOSIS//ICD//<version>//<code> -> dx<version>:<category before the decimal point>",
-        "labs": "LAB//<item>//<unit>: visit mean of numeric_value per item, binned by quantiles of visit means",
+        "labs": ("LAB//<item>//<unit>: visit mean of numeric_value per item, binned by quantiles of visit means"
+                 if lab_mode == "mean" else "LAB//<item>//<unit>: each numeric_value binned by the item's quantiles "
+                 "over all values; a token per bin the visit touched"),
         "groups": "code:PREFIX latest value after PREFIX//; column:NAME latest non-empty value; "
                   "age:E1,... age at the first visit from MEDS_BIRTH; missing -> Unknown",
     }
@@ -439,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--diagnosis-prefix", default="DIAGNOSIS//ICD", help="code prefix of ICD diagnoses")
     p.add_argument("--lab-prefix", default="LAB", help="code prefix of lab values")
     a = p.parse_args(argv)
-    ds = prepare_meds(a.root, a.out, n_lab_items=a.n_lab_items, n_bins=a.n_bins, max_visits=a.max_visits,
+    ds = prepare_meds(a.root, a.out, n_lab_items=a.n_lab_items, n_bins=a.n_bins, lab_tokens=a.lab_tokens,
+                      time_bins=a.time_bins, outcome=a.outcome, max_visits=a.max_visits,
                       bins_from=a.bins_from, visit_rule=a.visit_rule, admission_code=a.admission_code,
                       discharge_code=a.discharge_code, gap_hours=a.gap_hours, death_code=a.death_code,
                       labels=a.labels, groups=a.group, diagnosis_prefix=a.diagnosis_prefix, lab_prefix=a.lab_prefix,

@@ -8,22 +8,43 @@ Rules (also written to ``meta.json`` under ``preprocessing.rules``)
 -------------------------------------------------------------------
 - **Visits**: one per admission (``hadm_id``), ordered by ``admittime`` (ties by ``hadm_id``).
   ``--max-visits N`` keeps each patient's N most recent admissions (the rest are counted).
-- **Outcome**: ``hospital_expire_flag`` of the final admission, on that visit; earlier visits are
-  0. A patient whose final flag is missing or not 0/1 is dropped (``patients_without_outcome``).
-  A flag of 1 on an earlier admission contradicts the data and is counted
-  (``patients_death_before_final_admission``), never used as a label.
+- **Outcome** (``--outcome``, rules shared with eICU in :mod:`data_prep.outcomes`), on the record's
+  final visit; earlier visits are 0. A flag of 1 on an earlier admission contradicts the data and
+  is counted (``patients_death_before_final_admission``), never used as a label.
+
+  - ``mortality`` (default): ``hospital_expire_flag`` of the final admission. A patient whose
+    final flag is missing or not 0/1 is dropped (``patients_without_outcome``).
+  - ``readmission-30d``: 1 when the patient's final admission has its ``admittime`` at most 30 days
+    after the ``dischtime`` of the admission before it (or before that ``dischtime``): that earlier
+    admission is the index and ends the record, the readmission itself is left out
+    (``admissions_readmission_after_index``). Otherwise the final admission is the index, labelled
+    0; if the patient died in it (``hospital_expire_flag`` 1) nobody can be readmitted and the
+    patient is dropped (``patients_died_at_index``); a missing flag there: dropped
+    (``patients_without_outcome``). Deaths after discharge without a readmission are 0 (those
+    within 30 days by ``patients.dod`` are counted in ``counts.info``).
+  - ``long-stay``: 1 when the final admission lasted more than 7 days (``dischtime - admittime``);
+    in-hospital deaths are labelled by their length like everyone else; a missing or negative
+    length: dropped (``patients_without_outcome``).
+- **Time tokens** (``--time-bins N``, see :mod:`data_prep.time_tokens`): ``time:age:<b>`` on the
+  first visit, the age at that admission, ``anchor_age + year(admittime) - anchor_year`` (the
+  ``patients`` table must then hold ``anchor_year``); ``time:gap:<b>`` on each later visit, the days
+  from the previous admission's ``dischtime`` to this ``admittime`` (none when a time is missing).
 - **Diagnoses**: ``dx9:<category>`` / ``dx10:<category>``, ICD-9 and ICD-10 kept apart. The category
   is the part of the code before the decimal point; MIMIC stores codes without the point, so it
   is the first 3 characters (ICD-10; ICD-9 numeric and V codes) or 4 (ICD-9 E codes, ``E849``).
   The description is the category's own ``long_title`` in ``d_icd_diagnoses`` or, where the
   category is not itself listed, the first (lowest) code's title with the number of codes folded in.
 - **Labs**: the ``--n-lab-items`` items (``itemid``) with the most rows that hold a number and
-  belong to a kept admission; each item's ``valuenum`` is averaged over the admission (mean: robust
-  to how often a test is repeated and independent of row order), then binned by the item's
-  quantiles of those admission means (``--n-bins``, linear interpolation; equal edges merged; a
-  value on an edge goes to the upper bin): token ``lab:<itemid>:<bin>``. Edges are computed on the
-  data being prepared unless ``--bins-from`` names a prepared folder whose items, edges and
-  vocabulary are reused (tokens it lacks are then dropped and counted).
+  belong to a kept admission, binned by the item's quantiles (``--n-bins``, linear interpolation;
+  equal edges merged; a value on an edge goes to the upper bin): token ``lab:<itemid>:<bin>``.
+  ``--lab-tokens mean`` (default): each item's ``valuenum`` is averaged over the admission (robust
+  to how often a test is repeated and independent of row order) and that mean is binned by the
+  quantiles of admission means: one token per (admission, item). ``--lab-tokens every`` (the
+  FairPlay paper's representation): every ``valuenum`` is binned by the item's quantiles over all
+  its measurements, and the admission holds a token for every bin its measurements touched (a
+  value that rose and fell gives several). Edges are computed on the data being prepared unless
+  ``--bins-from`` names a prepared folder whose items, edges, mode, time bins and vocabulary are
+  reused (tokens it lacks are then dropped and counted).
 - **Lab rows without ``hadm_id``** are attached to the patient's most recent admission whose
   ``admittime`` is at or before the ``charttime``, if the ``charttime`` is not after that
   admission's ``dischtime`` (for overlapping admissions this is the later one); otherwise they are
@@ -53,10 +74,12 @@ from halo_balance.cli import run
 from halo_balance.data import PreparedDataset
 from halo_balance.io import check_output_dir
 
-from .common import (Counts, LabTokens, Progress, RawTable, Reasons, Reference, add_common_arguments, blank,
-                     check_parameters, count_rows_by_status, datetime, find_table, finish, icd_category,
-                     lab_tokens, number, order_visits, parse_numbers, reading, row_status, summary,
-                     table_roots, text, time_format)
+from .common import (Counts, LabTokenMode, LabTokens, Outcome, Progress, RawTable, Reasons, Reference,
+                     add_common_arguments, age_group, blank, check_parameters, common_options, count_rows_by_status,
+                     datetime, find_table, finish, icd_category, lab_tokens, number, parse_numbers, reading,
+                     row_status, summary, table_roots, text, time_format, token_settings)
+from .outcomes import OUTCOME_NAMES, READMISSION_DAYS, SECONDS_PER_DAY, OutcomeSpec, select_visits
+from .time_tokens import time_rules, time_tokens
 
 SOURCE = "mimic-iv"
 LAB_SOURCE = "mimic-iv:labevents"
@@ -75,19 +98,16 @@ CATEGORIES = {
     "gender": ["F", "M", "Unknown"],
     "age_group": ["<18", "18-44", "45-64", "65-79", "80+", "Unknown"],
 }
+#: Age groups of ``anchor_age``: (label, youngest age).
+AGE_GROUPS = (("<18", 0), ("18-44", 18), ("45-64", 45), ("65-79", 65), ("80+", 80))
 RACE_UNKNOWN = ("UNKNOWN", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER")
 
 RULES = {
     "visit": "one per admission (hadm_id), ordered by admittime then hadm_id",
     "max_visits": "keep each patient's most recent admissions; older ones counted as dropped",
-    "outcome": "hospital_expire_flag of the final admission, on that visit; earlier visits 0; "
-               "patients whose final flag is missing or not 0/1 are dropped",
     "diagnosis": "dxV:<category>, V = icd_version; category = code before the decimal point: first 3 "
                  "characters (ICD-10, ICD-9 numeric and V codes) or 4 (ICD-9 E codes)",
     "diagnosis_description": "the category's long_title, else the first code's title in the category",
-    "labs": "top items by rows with a number in kept admissions; mean of valuenum per admission; "
-            "bins from the item's quantiles of admission means (linear interpolation, equal edges "
-            "merged, a value on an edge goes to the upper bin); token lab:<itemid>:<bin>",
     "lab_attach": "rows without hadm_id go to the subject's latest admission with admittime <= "
                   "charttime, if charttime <= its dischtime; otherwise dropped",
     "race": "most recent known race: WHITE*/PORTUGUESE->White, BLACK*->Black, HISPANIC*/SOUTH "
@@ -96,10 +116,31 @@ RULES = {
     "gender": "F/M, else Unknown",
     "age_group": "anchor_age: <18, 18-44, 45-64, 65-79, 80+, missing->Unknown",
 }
+OUTCOME_RULES = {
+    "mortality": "hospital_expire_flag of the final admission, on that visit; earlier visits 0; "
+                 "patients whose final flag is missing or not 0/1 are dropped",
+    "readmission-30d": "1 if the final admission's admittime is <= 30 days after the previous admission's "
+                       "dischtime: the previous one is the index (the readmission is left out, counted); else "
+                       "the final admission is the index with 0; patients who died in it (flag 1) are dropped, "
+                       "as are those whose flag there is missing; deaths after discharge without readmission: 0",
+    "long-stay": "1 if dischtime - admittime of the final admission > 7 days, else 0 (deaths included); "
+                 "missing or negative length: patient dropped",
+}
+LAB_RULES = {
+    "mean": "top items by rows with a number in kept admissions; mean of valuenum per admission; bins from the "
+            "item's quantiles of admission means (linear interpolation, equal edges merged, a value on an edge "
+            "goes to the upper bin); token lab:<itemid>:<bin>",
+    "every": "top items by rows with a number in kept admissions; each valuenum binned by the item's quantiles "
+             "over all its measurements (linear interpolation, equal edges merged, a value on an edge goes to the "
+             "upper bin); one token lab:<itemid>:<bin> per bin the admission's measurements touched",
+}
+TIME_RULES = time_rules(age="anchor_age + year(admittime) - anchor_year",
+                        gap="days from the previous admission's dischtime to this admittime")
 
 
 def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int = 50,
-                     n_bins: int = 10, max_visits: int | None = None,
+                     n_bins: int | None = None, lab_tokens: LabTokenMode | None = None, time_bins: int | None = None,
+                     outcome: Outcome = "mortality", max_visits: int | None = None,
                      bins_from: str | os.PathLike | None = None, overwrite: bool = False,
                      progress: bool = True) -> PreparedDataset:
     """Prepare MIMIC-IV ``hosp`` tables under ``root`` into the folder ``out`` (see module rules).
@@ -109,9 +150,15 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
     root : folder holding ``hosp/`` (or the ``hosp`` tables themselves).
     out : output folder, written atomically; it must not exist unless ``overwrite``.
     n_lab_items : number of lab items kept (0: no lab tokens, ``labevents`` is not read).
-    n_bins : bins per lab item (deciles for 10).
+    n_bins : bins per lab item (``None``: 10, deciles, or the ``bins_from`` folder's; another value
+        than that folder's is an error).
+    lab_tokens : ``"mean"`` (one token per admission and item) or ``"every"`` (a token for every bin an
+        admission's measurements touched); ``None``: ``"mean"``, or the ``bins_from`` folder's.
+    time_bins : age and gap tokens in this many quantile bins (0: none); ``None``: 0, or the
+        ``bins_from`` folder's.
+    outcome : ``"mortality"``, ``"readmission-30d"`` or ``"long-stay"`` (see the module rules).
     max_visits : keep at most this many most recent admissions per patient.
-    bins_from : a prepared folder whose lab items, bin edges and vocabulary are reused.
+    bins_from : a prepared folder whose lab items, bin edges, lab mode, time bins and vocabulary are reused.
     overwrite : replace ``out`` if it exists.
     progress : show step progress on stderr.
 
@@ -119,15 +166,20 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
     -------
     The prepared dataset, already saved to ``out``.
     """
-    check_parameters(n_lab_items=n_lab_items, n_bins=n_bins, max_visits=max_visits)
+    check_parameters(n_lab_items=n_lab_items, n_bins=n_bins, max_visits=max_visits, time_bins=time_bins,
+                     lab_tokens=lab_tokens, outcome=outcome)
     check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from])
     reference = Reference.load(bins_from, source=SOURCE, lab_source=LAB_SOURCE) if bins_from else None
+    settings = token_settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, reference=reference)
+    n_bins, time_bins, lab_mode = settings.n_bins, settings.time_bins, settings.lab_mode
     roots = table_roots(Path(root), "hosp")
     with_labs = bool(reference.lab_items) if reference else n_lab_items > 0
     counts = Counts()
 
     tables = {
-        "patients": find_table(roots, "patients", PATIENTS_COLS),
+        "patients": find_table(roots, "patients", PATIENTS_COLS + (("anchor_year",) if time_bins else ()),
+                               column_fix="point --root at the unmodified patients table"
+                               + (" (time tokens read anchor_year), or pass --time-bins 0" if time_bins else "")),
         "admissions": find_table(roots, "admissions", ADMISSIONS_COLS),
         "diagnoses_icd": find_table(roots, "diagnoses_icd", DIAGNOSES_COLS),
         "d_icd_diagnoses": find_table(roots, "d_icd_diagnoses", D_ICD_COLS, required=False),
@@ -136,37 +188,50 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
         if with_labs else None,
         "d_labitems": find_table(roots, "d_labitems", D_LAB_COLS, required=False) if with_labs else None,
     }
-    with Progress(5 if with_labs else 4, desc="prepare MIMIC-IV", enabled=progress) as steps:
+    with Progress(4 + with_labs + bool(time_bins), desc="prepare MIMIC-IV", enabled=progress) as steps:
         with steps.step("patients and admissions"):
-            patients = _read_patients(tables["patients"], counts)
-            adm = _read_admissions(tables["admissions"], patients, max_visits, counts)
+            dod = outcome == "readmission-30d" and "dod" in tables["patients"].header
+            patients = _read_patients(tables["patients"], counts, anchor_year=bool(time_bins), dod=dod)
+            adm = _read_admissions(tables["admissions"], patients, max_visits, outcome, counts)
             people = _patient_groups(adm, patients, counts)
         with steps.step("diagnoses"):
             dx_tokens, dx_vocab = _diagnoses(tables["diagnoses_icd"], tables["d_icd_diagnoses"], adm, counts)
         labs = None
         if with_labs:
             labs = _labs(tables["labevents"], tables["d_labitems"], adm, counts, steps,
-                         n_items=n_lab_items, n_bins=n_bins, reference=reference)
+                         n_items=n_lab_items, n_bins=n_bins, reference=reference, mode=lab_mode)
+        kept = adm.filter(pl.col("fate") == "ok")
+        time = None
+        if time_bins:
+            with steps.step("time tokens"):
+                time = time_tokens(kept, n_bins=time_bins, reference=settings.time_reference, counts=counts)
         with steps.step("vocabulary and visits"):
-            kept = adm.filter(pl.col("fate") == "ok")
-            visits = kept.select(
-                patient_id=pl.col("subject_id").cast(pl.String), key="key", visit_index="visit_index",
-                label=pl.when(pl.col("is_final")).then(pl.col("flag")).otherwise(0).cast(pl.Int8))
+            visits = kept.select(patient_id=pl.col("subject_id").cast(pl.String), key="key",
+                                 visit_index="visit_index", label="label")
+            rules = {**RULES, "outcome": OUTCOME_RULES[outcome], "labs": LAB_RULES[lab_mode],
+                     **(TIME_RULES if time_bins else {})}
             ds = finish(source=SOURCE, module="data_prep.mimic_iv", root=Path(root), tables=tables,
-                        parameters={"n_lab_items": n_lab_items, "max_visits": max_visits}, rules=RULES,
+                        parameters={"n_lab_items": n_lab_items, "max_visits": max_visits}, rules=rules,
                         visits=visits, dx_tokens=dx_tokens, dx_vocab=dx_vocab, lab_source=LAB_SOURCE, labs=labs,
                         n_bins=n_bins, bins_from=bins_from, reference=reference, patients=people,
-                        canonical=CATEGORIES, counts=counts, extra_meta={"race_map": _race_map(adm)})
+                        canonical=CATEGORIES, counts=counts, extra_meta={"race_map": _race_map(adm)},
+                        outcome=OutcomeSpec(outcome, OUTCOME_NAMES[outcome], OUTCOME_RULES[outcome]),
+                        lab_mode=lab_mode, time=time)
         with steps.step(f"write {out}"):
             ds.save(out, overwrite=overwrite)
     return ds
 
 
 # ---------------------------------------------------------------------- patients and admissions
-def _read_patients(table: RawTable, counts: Counts) -> pl.DataFrame:
-    df = table.read(PATIENTS_COLS)
+def _read_patients(table: RawTable, counts: Counts, *, anchor_year: bool, dod: bool) -> pl.DataFrame:
+    """One row per subject; ``anchor_year`` (time tokens) and ``dod`` (a date) when asked for."""
+    year = ("anchor_year",) if anchor_year else ()
+    df = table.read(PATIENTS_COLS + year + (("dod",) if dod else ()))
     counts.rows_read["patients"] = df.height
-    df = parse_numbers(df, table, {"subject_id": pl.Int64, "anchor_age": pl.Float64}, counts)
+    df = parse_numbers(df, table, {"subject_id": pl.Int64, "anchor_age": pl.Float64,
+                                   **dict.fromkeys(year, pl.Float64)}, counts)
+    if dod:
+        df = df.with_columns(dod=text("dod").str.slice(0, 10).str.to_date("%Y-%m-%d", strict=False))
     counts.drop("patients_missing_subject_id", df.filter(pl.col("subject_id").is_null()).height)
     df = df.filter(pl.col("subject_id").is_not_null())
     dup = df.height - df["subject_id"].n_unique()
@@ -174,9 +239,10 @@ def _read_patients(table: RawTable, counts: Counts) -> pl.DataFrame:
     return df.unique("subject_id", keep="first", maintain_order=True)
 
 
-def _read_admissions(table: RawTable, patients: pl.DataFrame, max_visits: int | None,
+def _read_admissions(table: RawTable, patients: pl.DataFrame, max_visits: int | None, outcome: Outcome,
                      counts: Counts) -> pl.DataFrame:
-    """All usable admissions with a ``fate`` (``ok`` or why they are left out) and visit order."""
+    """All admissions with a ``fate`` (``ok`` or why they are left out), visit order, label and times
+    (:func:`data_prep.outcomes.select_visits`)."""
     df = table.read(ADMISSIONS_COLS)
     counts.rows_read["admissions"] = df.height
     df = parse_numbers(df, table, {"subject_id": pl.Int64, "hadm_id": pl.Int64,
@@ -203,20 +269,22 @@ def _read_admissions(table: RawTable, patients: pl.DataFrame, max_visits: int | 
     counts.drop("admissions_missing_admittime", df.filter(pl.col("fate") == "missing_admittime").height)
     counts.note("admissions_dischtime_missing", df.filter(pl.col("dischtime").is_null()).height)
 
-    ordered = order_visits(df.filter(pl.col("fate") == "ok").with_columns(patient_id=pl.col("subject_id")),
-                           by=["admittime", "hadm_id"], max_visits=max_visits, counts=counts,
-                           reason="admissions_beyond_max_visits")
-    no_outcome = ordered.filter(pl.col("is_final"), pl.col("flag").is_null())["subject_id"]
-    lost = pl.col("subject_id").is_in(no_outcome.implode())
-    counts.drop("patients_without_outcome", no_outcome.len())
-    counts.drop("admissions_of_patients_without_outcome", ordered.filter(pl.col("kept"), lost).height)
-    counts.note("patients_death_before_final_admission",
-                ordered.filter(pl.col("kept"), ~pl.col("is_final"), pl.col("flag") == 1)["subject_id"].n_unique())
-    ordered = ordered.with_columns(
-        fate=pl.when(~pl.col("kept")).then(pl.lit("beyond_max_visits"))
-        .when(lost).then(pl.lit("patient_without_outcome")).otherwise(pl.lit("ok")))
-    return pl.concat([ordered.drop("patient_id", "kept", "order"), df.filter(pl.col("fate") != "ok")],
-                     how="diagonal_relaxed")
+    usable = df.filter(pl.col("fate") == "ok").join(patients, on="subject_id", how="left")
+    start, end = pl.col("admittime").dt.epoch("s"), pl.col("dischtime").dt.epoch("s")
+    age = (pl.col("anchor_age") + pl.col("admittime").dt.year() - pl.col("anchor_year")
+           if "anchor_year" in patients.columns else pl.lit(None, dtype=pl.Float64))
+    ordered = select_visits(
+        usable.select(*df.columns, patient_id="subject_id", start=start, end=end, episode=pl.lit(0),
+                      mortality="flag", died_in_visit=pl.col("flag") == 1, los_days=(end - start) / SECONDS_PER_DAY,
+                      age_years=age),
+        by=["admittime", "hadm_id"], outcome=outcome, max_visits=max_visits, counts=counts, unit="admissions")
+    counts.note("patients_death_before_final_admission", ordered.filter(
+        pl.col("visit_index").is_not_null(), ~pl.col("is_final"), pl.col("flag") == 1)["subject_id"].n_unique())
+    if "dod" in patients.columns:  # readmission-30d: deaths soon after the index discharge are labelled 0
+        index = ordered.filter(pl.col("is_final"), pl.col("label") == 0).join(patients, on="subject_id")
+        counts.note("patients_died_within_30_days_of_index_discharge_labelled_0", index.filter(
+            (pl.col("dod") - pl.col("dischtime").dt.date()).dt.total_days() <= READMISSION_DAYS).height)
+    return pl.concat([ordered.drop("patient_id"), df.filter(pl.col("fate") != "ok")], how="diagonal_relaxed")
 
 
 def _race_group(col: str = "race") -> pl.Expr:
@@ -241,13 +309,13 @@ def _race_map(adm: pl.DataFrame) -> dict[str, dict[str, object]]:
 def _patient_groups(adm: pl.DataFrame, patients: pl.DataFrame, counts: Counts) -> pl.DataFrame:
     """One row per kept patient: ``patient_id``, ``label`` and the four group attributes."""
     kept = adm.filter(pl.col("fate") == "ok")
-    final = kept.filter(pl.col("is_final")).select("subject_id", label="flag", insurance_raw="insurance")
+    final = kept.filter(pl.col("is_final")).select("subject_id", "label", insurance_raw="insurance")
     race = (adm.filter(pl.col("admittime").is_not_null())
             .with_columns(race_group=_race_group())
             .sort("subject_id", "admittime", "hadm_id")
             .group_by("subject_id", maintain_order=True)
             .agg(pl.col("race_group").drop_nulls().last()))
-    with_adm = adm.filter(pl.col("fate").is_in(["ok", "beyond_max_visits", "patient_without_outcome"]))
+    with_adm = adm.filter(~pl.col("fate").is_in(["unknown_subject", "missing_admittime"]))
     counts.drop("patients_without_admissions",
                 patients.join(with_adm.select("subject_id").unique(), on="subject_id", how="anti").height)
     age = pl.col("anchor_age")
@@ -263,10 +331,7 @@ def _patient_groups(adm: pl.DataFrame, patients: pl.DataFrame, counts: Counts) -
                .when(ins == "private").then(pl.lit("Private")).otherwise(pl.lit("Other")),
                gender=pl.when(text("gender").str.to_uppercase().is_in(["F", "M"]))
                .then(text("gender").str.to_uppercase()).otherwise(pl.lit("Unknown")),
-               age_group=pl.when(age.is_null()).then(pl.lit("Unknown"))
-               .when(age < 18).then(pl.lit("<18")).when(age < 45).then(pl.lit("18-44"))
-               .when(age < 65).then(pl.lit("45-64")).when(age < 80).then(pl.lit("65-79"))
-               .otherwise(pl.lit("80+"))))
+               age_group=age_group(age, AGE_GROUPS)))
     counts.note("patients_race_unknown_mapped_to_other",
                 final.join(race, on="subject_id", how="left")["race_group"].null_count())
     return out
@@ -324,8 +389,8 @@ def _icd_titles(d_icd: RawTable | None) -> pl.DataFrame:
 
 # ---------------------------------------------------------------------- labs
 def _labs(table: RawTable, d_lab: RawTable | None, adm: pl.DataFrame, counts: Counts,
-          steps: Progress, *, n_items: int, n_bins: int,
-          reference: Reference | None) -> LabTokens:
+          steps: Progress, *, n_items: int, n_bins: int, reference: Reference | None,
+          mode: LabTokenMode) -> LabTokens:
     table.check_not_empty()
     reasons = Reasons()
     status = reasons.encode(row_status(adm, on=["subject_id", "hadm_id"], table="labevents",
@@ -362,7 +427,7 @@ def _labs(table: RawTable, d_lab: RawTable | None, adm: pl.DataFrame, counts: Co
     cand_stats = cand.group_by(bad_subject=pl.col("subject").is_null(), bad_time=t.is_null()).len()
     res = lab_tokens([has, matched], table=table, value_column="valuenum", reasons=reasons, n_items=n_items,
                      n_bins=n_bins, labels=_lab_labels(d_lab), counts=counts, progress=steps,
-                     reference=reference.lab_items if reference else None, extra=[cand_stats])
+                     reference=reference.lab_items if reference else None, extra=[cand_stats], mode=mode)
     cand_counts = {"labevents_no_hadm_id_bad_subject_id": 0, "labevents_no_hadm_id_bad_charttime": 0,
                    "labevents_no_admission_match": 0}
     for bad_subject, bad_time, n in res.extra[0].iter_rows():
@@ -394,8 +459,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m data_prep.mimic_iv", description=__doc__.split("\n\n")[0])
     add_common_arguments(p, root_help="MIMIC-IV folder (holding hosp/) or the hosp folder", visit="admissions")
     a = p.parse_args(argv)
-    ds = prepare_mimic_iv(a.root, a.out, n_lab_items=a.n_lab_items, n_bins=a.n_bins, max_visits=a.max_visits,
-                          bins_from=a.bins_from, overwrite=a.overwrite, progress=not a.quiet)
+    ds = prepare_mimic_iv(a.root, a.out, **common_options(a))
     print(summary(ds, a.out))
 
 

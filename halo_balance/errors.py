@@ -49,6 +49,25 @@ class IncompatibleModelError(HaloBalanceError, ValueError):
     """A trained model does not match a dataset (vocabulary or conditioning layout)."""
 
 
+class MissingDependencyError(HaloBalanceError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def import_optional(module: str, *, extra: str, needed_for: str, note: str = ""):
+    """Import and return ``module``, or raise :class:`MissingDependencyError` naming ``pip install -e ".[extra]"``.
+
+    ``note`` is added to the message (e.g. the package's licence).
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        text = (f"{needed_for}: the optional package {module.split('.')[0]!r} is not installed "
+                f"({exc.__class__.__name__}: {exc}). Install it with: pip install -e \".[{extra}]\"")
+        raise MissingDependencyError(text + (f". {note}" if note else "")) from exc
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """``" (did you mean 'x'?)"`` for the closest of ``choices`` to a mistyped ``value``, else ``""``."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)

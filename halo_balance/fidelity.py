@@ -109,22 +109,37 @@ def code_statistics(dataset: PreparedDataset, *, pairs: bool = True) -> CodeStat
     n_records, n_visits = len(records), X.shape[0]
     owner = np.repeat(np.arange(n_records), records.visit_counts())
     has_next = np.flatnonzero(owner[:-1] == owner[1:])  # visit t whose record has a visit t+1
-    probs = {
-        "unigram_per_visit": _from_counts(np.bincount(records.codes, minlength=V), n_visits),
-        "unigram_per_record": _from_counts(np.bincount(record_matrix(records, V).indices, minlength=V),
-                                           n_records),
-    }
+    probs = visit_statistics(X, pairs=pairs, record_ptr=records.visit_ptr)
+    probs["unigram_per_record"] = _from_counts(np.bincount(record_matrix(records, V).indices, minlength=V), n_records)
     if pairs:
         trans_ptr = np.concatenate([[0], np.cumsum(np.maximum(records.visit_counts() - 1, 0))])
         within = dict(left=X, right=X, group_ptr=records.visit_ptr, upper=True, vocab_size=V)
         seq = dict(left=X[has_next], right=X[has_next + 1], group_ptr=trans_ptr, upper=False, vocab_size=V)
-        probs["pair_per_visit"] = _scale(*pair_counts(**within, per_group=False), n_visits)
         probs["pair_per_record"] = _scale(*pair_counts(**within, per_group=True), n_records)
         probs["consecutive_per_visit"] = _scale(*pair_counts(**seq, per_group=False), len(has_next))
         probs["consecutive_per_record"] = _scale(*pair_counts(**seq, per_group=True), n_records)
     return CodeStatistics(vocab_size=V, n_records=n_records, n_visits=n_visits, n_transitions=len(has_next),
                           probabilities=probs, record_lengths=records.visit_counts(),
                           visit_sizes=np.diff(records.code_ptr))
+
+
+def visit_statistics(X: sp.csr_matrix, *, pairs: bool = True,
+                     record_ptr: np.ndarray | None = None) -> dict[str, Probabilities]:
+    """``unigram_per_visit`` and (with ``pairs``) ``pair_per_visit`` of the rows of a 0/1 visit matrix.
+
+    Works on any rows, e.g. a benchmark method's training rows. ``record_ptr`` (rows of record ``r``
+    are ``record_ptr[r]:record_ptr[r+1]``) only shapes the blocks of the pair count; default one
+    row per block unit.
+    """
+    X = sp.csr_matrix(X, dtype=np.int32, copy=True)
+    X.eliminate_zeros()
+    n, V = X.shape
+    out = {"unigram_per_visit": _from_counts(np.bincount(X.indices, minlength=V), n)}
+    if pairs:
+        ptr = np.arange(n + 1) if record_ptr is None else record_ptr
+        out["pair_per_visit"] = _scale(*pair_counts(left=X, right=X, group_ptr=ptr, upper=True, per_group=False,
+                                                    vocab_size=V), n)
+    return out
 
 
 def pair_counts(*, left: sp.csr_matrix, right: sp.csr_matrix, group_ptr: np.ndarray, upper: bool,

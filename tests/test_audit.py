@@ -43,11 +43,13 @@ def test_report_is_self_contained_html_with_every_part(report):
     # nothing to fetch: every image is inline and there are no external references
     assert not re.search(r'(src|href)="(?!data:|#)', text)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    # per attribute: rate bars, gap chart, calibration, sweep rates, sweep gap
-    assert len(images) == 5
+    # per attribute: rate bars, gap chart, calibration, sweep rates, sweep gap; the strategy chart over
+    # models and per model (logreg, rf)
+    assert len(images) == 5 + 3
     assert "Attribute: age_group" in text and "Attribute: gender" not in text  # --groups chose one
     for part in ("Changes against original", "Gaps to adult", "Calibration by group (logreg)",
-                 "Threshold sweep (logreg)", "percentile intervals", "Benjamini-Hochberg"):
+                 "Threshold sweep (logreg)", "percentile intervals", "Benjamini-Hochberg",
+                 "Min-max gaps by mitigation strategy", "UDR max - min [CI]"):
         assert part in text
     assert "threshold_optimizer: logreg" in text  # methods run with some models only are named
     # pediatric (about 10 patients, a couple of deaths) is flagged and kept out of the charts
@@ -63,6 +65,15 @@ def test_table_beside_the_report_matches_the_html(report):
                        & (pl.col("method") == "upsample")).row(0, named=True)
     assert audit.fmt_ci(row["estimate"], row["ci_low"], row["ci_high"]) in report.read_text()
     assert row["ci_low"] <= row["estimate"] <= row["ci_high"]
+    # the strategy chart's table: each method's min-max UDR gap and its paired change against original
+    for metric in ("equal_opportunity", "fpr_difference"):
+        spread = table.filter((pl.col("table") == "fairness") & (pl.col("model") == "mean")
+                              & (pl.col("method") == "upsample") & (pl.col("metric") == metric)).row(0, named=True)
+        change = table.filter((pl.col("table") == "comparisons") & (pl.col("model") == "mean")
+                              & (pl.col("method") == "upsample") & (pl.col("metric") == metric)).row(0, named=True)
+        cell = f"{change['estimate']:+.3f} (p {audit.fmt_p(change['p_value'])}, q {audit.fmt_p(change['q_value'])})"
+        assert audit.fmt_ci(spread["estimate"], spread["ci_low"], spread["ci_high"]) in report.read_text()
+        assert cell in report.read_text()
     sweep = table.filter(pl.col("table") == "threshold_sweep")
     assert sorted(sweep["threshold"].unique().to_list()) == [0.2, 0.5, 0.8]
 

@@ -266,3 +266,170 @@ def test_missing_lab_table_names_the_fix(tmp_path: Path) -> None:
                         "--out", str(tmp_path / "out"), "--quiet"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "--lab-source apache" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- patient unit, time tokens, outcomes
+def raw_stays() -> pl.DataFrame:
+    """patient rows with numeric offsets, the age in years and the hospital-stay patient id."""
+    p = raw("patient").with_columns(
+        pl.col("patientunitstayid", "patienthealthsystemstayid", "hospitaladmitoffset", "unitdischargeoffset",
+               "hospitaldischargeoffset", "unitvisitnumber").cast(pl.Int64),
+        age=pl.when(pl.col("age") == "> 89").then(pl.lit("90")).otherwise("age").cast(pl.Float64))
+    return p.with_columns(hosp_id=pl.col("uniquepid") + ":" + pl.col("patienthealthsystemstayid").cast(pl.String))
+
+
+def hospital_stay_order(p: pl.DataFrame) -> pl.DataFrame:
+    """Unit stays of each hospital stay in order (unit admission time, then unitvisitnumber), with
+    visit_index and the gap in days since the previous unit discharge."""
+    p = p.sort("hosp_id", -pl.col("hospitaladmitoffset"), "unitvisitnumber", "patientunitstayid")
+    start = -pl.col("hospitaladmitoffset")
+    end = start + pl.col("unitdischargeoffset")
+    return p.with_columns(visit_index=pl.int_range(pl.len()).over("hosp_id").cast(pl.Int32),
+                          gap=(start - end.shift(1).over("hosp_id")) / 1440)
+
+
+def test_demo_hospital_stay_unit(eicu_demo: Path, tmp_path: Path) -> None:
+    """The FairPlay paper's unit: one patient per hospital admission, its unit stays as visits."""
+    ds = prepare_eicu(eicu_demo, tmp_path / "h", lab_source="apache", patient_unit="hospital-stay",
+                      n_lab_items=0, progress=False)
+    p = raw_stays()
+    assert p["hosp_id"].n_unique() == 2174 and p["uniquepid"].n_unique() == 1841
+    unknown = p.filter(pl.col("hospitaldischargestatus").is_null())
+    assert unknown.height == 28 and unknown["hosp_id"].n_unique() == 25  # a status belongs to the hospital stay
+    assert (ds.n_patients, ds.n_visits) == (2174 - 25, 2520 - 28) == (2149, 2492)
+    d = ds.meta["counts"]["dropped"]
+    assert (d["patients_without_outcome"], d["stays_of_patients_without_outcome"]) == (25, 28)
+    expired = set(p.filter(pl.col("hospitaldischargestatus") == "Expired")["hosp_id"])
+    assert len(expired) == 182 and set(ds.patients.filter(pl.col("label") == 1)["patient_id"]) == expired
+    sizes = p.group_by(patient_id="hosp_id").len()
+    vis = ds.visits.group_by("patient_id").len().join(sizes, on="patient_id")
+    assert vis.height == 2149 and (vis["len"] == vis["len_right"]).all()
+    assert ds.meta["preprocessing"]["parameters"]["patient_unit"] == "hospital-stay"
+    assert "patienthealthsystemstayid" in ds.meta["preprocessing"]["rules"]["visit"]
+
+
+def test_demo_time_tokens_hospital_stays(eicu_demo: Path, tmp_path: Path) -> None:
+    """Age on each first unit stay; the gap since the previous unit discharge on every later one."""
+    ds = prepare_eicu(eicu_demo, tmp_path / "t", lab_source="apache", patient_unit="hospital-stay",
+                      n_lab_items=0, time_bins=10, progress=False)
+    p = hospital_stay_order(raw_stays()).filter(pl.col("hosp_id").is_in(ds.patients["patient_id"].implode()))
+    first, later = p.filter(pl.col("visit_index") == 0), p.filter(pl.col("visit_index") > 0)
+    assert later.height == 2492 - 2149 == 343 and later["gap"].null_count() == 0
+    bins = ds.meta["preprocessing"]["time_bins"]
+    q = np.arange(1, 10) / 10
+    np.testing.assert_allclose(bins["age_edges"], np.unique(np.quantile(first["age"].drop_nulls().to_numpy(), q)))
+    gaps = later["gap"].clip(lower_bound=0).to_numpy()
+    np.testing.assert_allclose(bins["gap_days_edges"], np.unique(np.quantile(gaps, q)), rtol=1e-8)
+    expected = {}
+    for pid, i, age, gap in p.select("hosp_id", "visit_index", "age", "gap").iter_rows():
+        if i == 0:
+            expected[(pid, i)] = set() if age is None else {
+                f"time:age:{np.searchsorted(bins['age_edges'], age, 'right')}"}
+        else:
+            expected[(pid, i)] = {f"time:gap:{np.searchsorted(bins['gap_days_edges'], max(gap, 0), 'right')}"}
+    time = {k: {t for t in v if t.startswith("time:")} for k, v in visit_tokens(ds).items()}
+    assert time == expected
+    info = ds.meta["counts"]["info"]
+    assert info["time_age_unknown"] == first["age"].null_count() > 0
+    assert info["time_gap_overlap_set_to_0"] == int((later["gap"] < 0).sum())
+
+
+def test_demo_time_gaps_stop_at_hospital_stays(demo: PreparedDataset, eicu_demo: Path, tmp_path: Path) -> None:
+    """By person, a stay that opens a later hospital stay cannot be timed (only its year is known)."""
+    ds = prepare_eicu(eicu_demo, tmp_path / "t", lab_source="apache", n_lab_items=0, time_bins=10, progress=False)
+    p = raw_stays().filter(pl.col("uniquepid").is_in(demo.patients["patient_id"].implode()))
+    new_hospital_stays = p["patienthealthsystemstayid"].n_unique() - p["uniquepid"].n_unique()
+    later = p.height - p["uniquepid"].n_unique()
+    info = ds.meta["counts"]["info"]
+    assert info["time_gap_undefined_new_episode"] == new_hospital_stays == 329
+    gaps = [t for v in visit_tokens(ds).values() for t in v if t.startswith("time:gap:")]
+    ages = [t for v in visit_tokens(ds).values() for t in v if t.startswith("time:age:")]
+    assert len(gaps) == later - new_hospital_stays and len(ages) == 1818 - info["time_age_unknown"]
+
+
+def test_demo_icu_readmission_matches_raw(eicu_demo: Path, tmp_path: Path) -> None:
+    """eICU cannot time hospital readmissions; the outcome is an ICU readmission within the hospital stay."""
+    ds = prepare_eicu(eicu_demo, tmp_path / "r", lab_source="apache", patient_unit="hospital-stay",
+                      n_lab_items=0, outcome="readmission-30d", progress=False)
+    p = hospital_stay_order(raw_stays())
+    last = p.group_by("hosp_id", maintain_order=True).agg(pl.all().last(), n=pl.len())
+    readmitted = last.filter(pl.col("gap") <= 30)
+    died = last.filter(pl.col("gap").is_null() | (pl.col("gap") > 30), pl.col("unitdischargestatus") == "Expired")
+    unknown = last.filter(pl.col("gap").is_null() | (pl.col("gap") > 30), pl.col("unitdischargestatus").is_null())
+    assert (readmitted.height, died.height, unknown.height) == (280, 109, 0)
+    assert set(ds.patients.filter(pl.col("label") == 1)["patient_id"]) == set(readmitted["hosp_id"])
+    assert ds.n_patients == 2174 - 109
+    d = ds.meta["counts"]["dropped"]
+    assert (d["patients_died_at_index"], d["patients_without_outcome"], d["stays_readmission_after_index"]) == (
+        109, 0, 280)
+    assert ds.meta["outcome"] == "icu_readmission_30d"
+    assert "ICU readmission" in ds.meta["preprocessing"]["outcome"]["rule"]
+    assert ds.meta["counts"]["info"]["patients_hospital_death_after_index_stay_labelled_0"] == last.filter(
+        pl.col("n") == 1, pl.col("hospitaldischargestatus") == "Expired", pl.col("unitdischargestatus") == "Alive"
+    ).height + last.filter(pl.col("n") > 1, pl.col("gap") > 30, pl.col("hospitaldischargestatus") == "Expired",
+                           pl.col("unitdischargestatus") == "Alive").height
+
+
+def test_demo_long_stay_matches_raw(eicu_demo: Path, tmp_path: Path) -> None:
+    ds = prepare_eicu(eicu_demo, tmp_path / "l", lab_source="apache", patient_unit="hospital-stay",
+                      n_lab_items=0, outcome="long-stay", progress=False)
+    p = raw_stays().with_columns(los=(pl.col("hospitaldischargeoffset") - pl.col("hospitaladmitoffset")) / 1440)
+    long = set(p.filter(pl.col("los") > 7)["hosp_id"])
+    assert len(long) == 627 and set(ds.patients.filter(pl.col("label") == 1)["patient_id"]) == long
+    assert ds.n_patients == 2174 and ds.meta["outcome"] == "long_stay_7d"
+
+
+def test_demo_long_stay_by_person_matches_raw(eicu_demo: Path, tmp_path: Path) -> None:
+    """By person, the final stay (the documented order) decides: its hospital stay over 7 days."""
+    ds = prepare_eicu(eicu_demo, tmp_path / "l", lab_source="apache", n_lab_items=0, outcome="long-stay",
+                      progress=False)
+    p = raw_stays().with_columns(los=(pl.col("hospitaldischargeoffset") - pl.col("hospitaladmitoffset")) / 1440,
+                                 died=(pl.col("hospitaldischargestatus") == "Expired").fill_null(False),
+                                 year=pl.col("hospitaldischargeyear").cast(pl.Int64))
+    final = (p.sort("uniquepid", "year", "died", "patienthealthsystemstayid", -pl.col("hospitaladmitoffset"),
+                    "unitvisitnumber", "patientunitstayid", nulls_last=True)
+             .group_by("uniquepid", maintain_order=True).last())
+    long = set(final.filter(pl.col("los") > 7)["uniquepid"])
+    assert len(long) == 534 and set(ds.patients.filter(pl.col("label") == 1)["patient_id"]) == long
+    assert ds.n_patients == 1841  # every stay has a length: nobody is dropped
+    deaths = final.filter(pl.col("died")).height
+    assert ds.meta["counts"]["info"]["patients_died_in_final_stays_labelled_by_length_of_stay"] == deaths
+
+
+def test_demo_every_lab_tokens_equal_mean_on_apache(demo: PreparedDataset, eicu_demo: Path, tmp_path: Path) -> None:
+    """apacheApsVar has one row per stay, so one value per (stay, variable): `every` changes nothing."""
+    aps = raw("apacheApsVar")
+    assert aps.height == aps["patientunitstayid"].n_unique() == 2205
+    every = prepare_eicu(eicu_demo, tmp_path / "e", lab_source="apache", lab_tokens="every", progress=False)
+    assert every.meta["preprocessing"]["labs"]["mode"] == "every"
+    assert every.visits.equals(demo.visits) and every.vocab.equals(demo.vocab)
+    strip = ("mode", "aggregate", "quantiles_of")
+    assert ({k: v for k, v in every.meta["preprocessing"]["labs"].items() if k not in strip}
+            == {k: v for k, v in demo.meta["preprocessing"]["labs"].items() if k not in strip})
+
+
+def test_raw_lab_path_every_value(tmp_path: Path) -> None:
+    """Stay 100's creatinine is 1.0 then 7.0: two tokens with `every`, one (its mean, 4) with `mean`."""
+    root = write_fixture(tmp_path / "raw")
+    write_gz(root / "lab.csv.gz", LAB_HEADER + "\n" + LAB_ROWS.replace("creatinine ,3.0,3.0", "creatinine ,7.0,7.0"))
+    every = prepare_eicu(root, tmp_path / "every", n_lab_items=2, n_bins=2, lab_tokens="every", progress=False)
+    # kept creatinine values 1, 7 (100), 4 (101), 6 (102), 8 (200): median 6; sodium 140, 150: 145
+    assert [it["edges"] for it in every.meta["preprocessing"]["labs"]["items"]] == [[6.0], [145.0]]
+    labs = {k: {t for t in v if t.startswith("lab:")} for k, v in visit_tokens(every).items()}
+    assert labs == {("A", 0): {"lab:creatinine:1", "lab:creatinine:2", "lab:sodium:1"},
+                    ("A", 1): {"lab:creatinine:1"}, ("A", 2): {"lab:creatinine:2", "lab:sodium:2"},
+                    ("B", 0): {"lab:creatinine:2"}, ("D", 0): set()}
+    mean = prepare_eicu(root, tmp_path / "mean", n_lab_items=2, n_bins=2, progress=False)
+    assert {t for t in visit_tokens(mean)[("A", 0)] if t.startswith("lab:creatinine")} == {"lab:creatinine:1"}
+    d = {k: v for k, v in every.meta["counts"]["dropped"].items() if k.startswith("lab_") and v}
+    assert d == {k: v for k, v in mean.meta["counts"]["dropped"].items() if k.startswith("lab_") and v}
+    assert every.meta["counts"]["info"]["lab_rows_used"] == mean.meta["counts"]["info"]["lab_rows_used"] == 7
+
+
+def test_eicu_options_need_their_columns(tmp_path: Path) -> None:
+    root = write_fixture(tmp_path / "raw")
+    pl.DataFrame(STAYS, schema=dict.fromkeys(PATIENT_COLS, pl.String), orient="row").drop(
+        "hospitaldischargeoffset").write_csv(root / "patient.csv")
+    prepare_eicu(root, tmp_path / "ok", n_lab_items=0, progress=False)  # mortality does not read it
+    with pytest.raises(DatasetError, match=r"patient\.csv, column 'hospitaldischargeoffset': required"):
+        prepare_eicu(root, tmp_path / "x", n_lab_items=0, outcome="long-stay", progress=False)

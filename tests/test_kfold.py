@@ -185,21 +185,29 @@ def test_upsample_and_downsample_resample_whole_patients(cohort):
         assert int(rows.y.sum()) == positives  # one positive visit per positive patient drawn
 
 
-@pytest.mark.parametrize("method", ["smote", "smoten"])
-def test_smote_family_fills_visit_cells_with_rows_of_their_cell(cohort, method):
-    groups = ["gender", "age_group"]
-    base = build_training_set("original", cohort, groups=groups)
-    rows = build_training_set(method, cohort, groups=groups, seed=0)
+def assert_visit_cells_topped_up(base, rows) -> np.ndarray:
+    """Every (visit label, group) cell of at least 5 rows is as full as the largest; the real rows come
+    first, unchanged, and the added rows are synthetic. Returns, per synthetic row, whether it
+    holds a telling code (0-3)."""
     before = Counter(zip(base.y.tolist(), base.group.tolist(), strict=True))
     after = Counter(zip(rows.y.tolist(), rows.group.tolist(), strict=True))
     largest = max(before.values())
     for cell, n in before.items():
         assert after[cell] == (n if n < 5 else largest), cell
-    assert (rows.X[: len(base)] != base.X).nnz == 0  # the real rows come first, unchanged
+    assert (rows.X[: len(base)] != base.X).nnz == 0
     new = rows.synthetic
     assert new.sum() == len(rows) - len(base) and (rows.source[new] == "").all()
+    return np.asarray(rows.X[new][:, :4].sum(axis=1)).ravel() > 0
+
+
+@pytest.mark.parametrize("method", ["smote", "smoten"])
+def test_smote_family_fills_visit_cells_with_rows_of_their_cell(cohort, method):
+    groups = ["gender", "age_group"]
+    base = build_training_set("original", cohort, groups=groups)
+    rows = build_training_set(method, cohort, groups=groups, seed=0)
+    telling = assert_visit_cells_topped_up(base, rows)
     # synthetic positives of a cell look like that cell's positives (telling codes 0-3)
-    telling = np.asarray(rows.X[new][:, :4].sum(axis=1)).ravel() > 0
+    new = rows.synthetic
     assert telling[rows.y[new] == 1].mean() > 0.5 > telling[rows.y[new] == 0].mean()
     if method == "smoten":
         assert set(np.unique(rows.X.data)) == {1.0}  # binary codes stay binary
@@ -251,14 +259,15 @@ def test_no_synthetic_or_resampled_row_comes_from_a_test_patient(monkeypatch, tm
         assert not set(train_ids) & set(test_ids)
         test_tokens = [marker[p] for p in test_ids]
         train = ds.select(train_ids)
-        for method in ("original", "upsample", "downsample", "smote", "smoten", "group_resample", "fairplay"):
+        for method in ("original", "upsample", "downsample", "smote", "smoten", "group_resample",
+                       "adversarial_debiasing", "fairplay"):
             if method == "fairplay":
                 balanced, _, _ = methods.fairplay_dataset(
                     train, groups=groups, fold=fold, seed=fold, settings=FairPlaySettings(),
                     generator_dir=tmp_path / "gen", data_fingerprint="test", progress=False)
                 assert balanced.patients["synthetic"].any()
                 rows = methods.training_rows(balanced, groups)
-            elif method == "group_resample":
+            elif method in fairness_methods.METHODS:
                 rows = fairness_methods.training_set(method, train, groups=groups, seed=fold)
             else:
                 rows = build_training_set(method, train, groups=groups, seed=fold)
@@ -341,7 +350,7 @@ def test_mitigation_methods_run_in_the_harness_with_the_models_they_support(monk
     units = pl.read_parquet(out / "units.parquet")
     ran = {(m, x) for m, x in units.select("method", "model").unique().rows()}
     assert ran == {(m, x) for m in ("original", *fairness_methods.METHODS) for x in ("knn", "logreg")} - {
-        ("exponentiated_gradient", "knn")}
+        ("exponentiated_gradient", "knn"), ("adversarial_debiasing", "knn"), ("adversarial_debiasing", "logreg")}
     by_method = {m: part for (m,), part in units.group_by("method")}
     assert (by_method["fairplay_threshold"]["n_synthetic_rows"] > 0).all()  # trained on FairPlay's data
     assert (by_method["group_resample"]["n_copied_rows"] > 0).all()

@@ -170,8 +170,8 @@ def test_demo_groups(demo: PreparedDataset) -> None:
 def test_demo_bins_from_reuses_edges_and_vocab(demo: PreparedDataset, tmp_path: Path) -> None:
     first = tmp_path / "first"
     demo.save(first)
-    again = prepare_mimic_iv(MIMIC_DEMO, tmp_path / "again", bins_from=first, n_bins=4, progress=False)
-    assert again.vocab.equals(demo.vocab)
+    again = prepare_mimic_iv(MIMIC_DEMO, tmp_path / "again", bins_from=first, n_bins=10, progress=False)
+    assert again.vocab.equals(demo.vocab)  # the reference's own --n-bins given again is fine
     assert again.meta["preprocessing"]["labs"]["items"] == demo.meta["preprocessing"]["labs"]["items"]
     assert again.visits.equals(demo.visits)
     ids = demo.patients["patient_id"].to_list()
@@ -183,6 +183,145 @@ def test_demo_max_visits_keeps_most_recent(demo: PreparedDataset, tmp_path: Path
     assert ds.n_visits == 100 and ds.meta["counts"]["dropped"]["admissions_beyond_max_visits"] == 175
     assert int(ds.patients["label"].sum()) == 15  # the final admission is always kept
     assert set(ds.vocab["kind"]) == {"diagnosis"} and "labevents" not in ds.meta["preprocessing"]["tables"]
+
+
+# ---------------------------------------------------------------------- time tokens, every lab value, outcomes
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
+    """The demo with time tokens (deciles) and a lab token for every bin a measurement touched."""
+    out = tmp_path_factory.mktemp("mimic_rich") / "prepared"
+    prepare_mimic_iv(require(MIMIC_DEMO), out, time_bins=10, lab_tokens="every", progress=False)
+    return PreparedDataset.load(out)
+
+
+def raw_timeline() -> pl.DataFrame:
+    """Admissions in order with visit_index, the age at the first one and the gap (days) since the last."""
+    adm = read("admissions", try_parse_dates=True).sort("subject_id", "admittime", "hadm_id")
+    pts = read("patients").select("subject_id", "anchor_age", "anchor_year")
+    return adm.join(pts, on="subject_id").select(
+        patient_id=pl.col("subject_id").cast(pl.String),
+        visit_index=pl.int_range(pl.len()).over("subject_id").cast(pl.Int32),
+        age=(pl.col("anchor_age") + pl.col("admittime").dt.year() - pl.col("anchor_year")).cast(pl.Float64),
+        gap=((pl.col("admittime") - pl.col("dischtime").shift(1).over("subject_id")).dt.total_seconds() / 86400)
+        .clip(lower_bound=0))
+
+
+def test_demo_time_tokens_match_raw(rich: PreparedDataset) -> None:
+    """One age token on each first visit, one gap token on each later visit, bins from the deciles."""
+    bins = rich.meta["preprocessing"]["time_bins"]
+    assert bins["n_bins"] == 10 and rich.meta["preprocessing"]["parameters"]["time_bins"] == 10
+    raw = raw_timeline()
+    first, later = raw.filter(pl.col("visit_index") == 0), raw.filter(pl.col("visit_index") > 0)
+    assert first.height == 100 and later.height == 175
+    q = np.arange(1, 10) / 10
+    for values, edges in ((first["age"], bins["age_edges"]), (later["gap"], bins["gap_days_edges"])):
+        np.testing.assert_allclose(edges, np.unique(np.quantile(values.to_numpy(), q)), rtol=1e-8)
+        assert len(edges) >= 8  # deciles, few ties
+    time = {k: {t for t in v if t.startswith("time:")} for k, v in visit_tokens(rich).items()}
+    expected = {}
+    for (pid, i, age, gap) in raw.select("patient_id", "visit_index", "age", "gap").iter_rows():
+        name, value, edges = ("age", age, bins["age_edges"]) if i == 0 else ("gap", gap, bins["gap_days_edges"])
+        expected[(pid, i)] = {f"time:{name}:{expected_bins(edges, np.array([value]))[0] - 1}"}
+    assert time == expected
+    counts = pl.Series([t.split(":")[2] for v in time.values() for t in v if t.startswith("time:gap")]).value_counts()
+    assert counts.height == 10 and counts["count"].min() >= 10  # every decile bin is used
+    vocab = rich.vocab.filter(pl.col("kind") == "time")
+    assert vocab.height == 20 and vocab["token"].to_list()[:2] == ["time:age:0", "time:age:1"]
+
+
+def test_demo_every_lab_tokens_match_raw(rich: PreparedDataset, demo: PreparedDataset) -> None:
+    """A visit holds a token for every bin its measurements touched; edges are deciles of all values."""
+    labs = rich.meta["preprocessing"]["labs"]
+    assert labs["mode"] == "every" and labs["quantiles_of"] == "measurements"
+    mean_items = demo.meta["preprocessing"]["labs"]["items"]
+    assert [(it["item"], it["rows"]) for it in labs["items"]] == [(it["item"], it["rows"]) for it in mean_items]
+    rows = lab_rows_in_admissions().drop_nulls("valuenum")
+    expect: dict[tuple[int, str], set[str]] = {}
+    q = np.arange(1, 10) / 10
+    for it in labs["items"]:
+        values = rows.filter(pl.col("itemid") == int(it["item"]))
+        np.testing.assert_allclose(it["edges"], np.unique(np.quantile(values["valuenum"].to_numpy(), q)), rtol=1e-8)
+        bins = expected_bins(it["edges"], values["valuenum"].to_numpy())
+        for hadm, b in zip(values["hadm_id"], bins):
+            expect.setdefault((hadm, it["item"]), set()).add(f"lab:{it['item']}:{b}")
+    visits = hadm_of_visits(rich)
+    hadm = dict(zip(zip(visits["patient_id"], visits["visit_index"]), visits["hadm_id"]))
+    ours: dict[tuple[int, str], set[str]] = {}
+    for key, tokens in visit_tokens(rich).items():
+        for t in tokens:
+            if t.startswith("lab:"):
+                ours.setdefault((hadm[key], t.split(":")[1]), set()).add(t)
+    assert ours == expect
+    several = {k: v for k, v in ours.items() if len(v) > 1}
+    assert len(several) > 1000  # labs that rose and fell: several tokens of one item in one admission
+    # one admission in detail: potassium (50971) of hadm 20626031, every value and its decile
+    k = rows.filter(pl.col("hadm_id") == 20626031, pl.col("itemid") == 50971)["valuenum"].to_list()
+    edges = next(it["edges"] for it in labs["items"] if it["item"] == "50971")
+    assert len(k) >= 3 and ours[(20626031, "50971")] == {f"lab:50971:{np.searchsorted(edges, v, 'right') + 1}"
+                                                           for v in k}
+
+
+def raw_final_admissions() -> pl.DataFrame:
+    """Each subject's last admission, the gap (days) since the one before it and the count."""
+    adm = read("admissions", try_parse_dates=True).sort("subject_id", "admittime", "hadm_id")
+    adm = adm.with_columns(
+        gap=(pl.col("admittime") - pl.col("dischtime").shift(1).over("subject_id")).dt.total_seconds() / 86400,
+        los=(pl.col("dischtime") - pl.col("admittime")).dt.total_seconds() / 86400)
+    return adm.group_by("subject_id", maintain_order=True).agg(pl.all().last(), n=pl.len()).with_columns(
+        patient_id=pl.col("subject_id").cast(pl.String))
+
+
+def test_demo_readmission_outcome_matches_raw(tmp_path: Path) -> None:
+    ds = prepare_mimic_iv(require(MIMIC_DEMO), tmp_path / "r", outcome="readmission-30d", n_lab_items=0,
+                          progress=False)
+    final = raw_final_admissions()
+    readmitted = final.filter(pl.col("gap") <= 30)
+    died = final.filter(~pl.col("patient_id").is_in(readmitted["patient_id"].implode()),
+                        pl.col("hospital_expire_flag") == 1)
+    assert (readmitted.height, died.height) == (16, 14)
+    assert set(ds.patients.filter(pl.col("label") == 1)["patient_id"]) == set(readmitted["patient_id"])
+    assert ds.n_patients == 100 - 14 and not set(died["patient_id"]) & set(ds.patients["patient_id"])
+    d = ds.meta["counts"]["dropped"]
+    assert d["patients_died_at_index"] == 14 and d["admissions_of_patients_died_at_index"] == died["n"].sum()
+    assert d["admissions_readmission_after_index"] == 16  # the readmissions themselves are left out
+    n_visits = dict(ds.visits.group_by("patient_id").len().iter_rows())
+    assert all(n_visits[p] == n - 1 for p, n in readmitted.select("patient_id", "n").iter_rows())
+    assert ds.meta["outcome"] == "readmission_30d" and ds.meta["preprocessing"]["outcome"]["window_days"] == 30
+    assert ds.visits.filter(pl.col("label") == 1).height == 16
+    # 15 in-hospital deaths: 14 dropped at the index, one is itself the readmission of a positive patient
+    assert readmitted.filter(pl.col("hospital_expire_flag") == 1).height == 1
+    # deaths within 30 days of the index discharge without a readmission are labelled 0, and counted
+    dod = read("patients", try_parse_dates=True).select(patient_id=pl.col("subject_id").cast(pl.String), dod="dod")
+    soon = final.filter(~(pl.col("gap") <= 30).fill_null(False), pl.col("hospital_expire_flag") == 0).join(
+        dod, on="patient_id").filter((pl.col("dod") - pl.col("dischtime").dt.date()).dt.total_days() <= 30)
+    assert ds.meta["counts"]["info"]["patients_died_within_30_days_of_index_discharge_labelled_0"] == soon.height == 3
+    assert set(soon["patient_id"]) <= set(ds.patients.filter(pl.col("label") == 0)["patient_id"])
+
+
+def test_demo_long_stay_outcome_matches_raw(tmp_path: Path) -> None:
+    ds = prepare_mimic_iv(require(MIMIC_DEMO), tmp_path / "l", outcome="long-stay", n_lab_items=0, progress=False)
+    final = raw_final_admissions()
+    long = set(final.filter(pl.col("los") > 7)["patient_id"])
+    assert len(long) == 35 and set(ds.patients.filter(pl.col("label") == 1)["patient_id"]) == long
+    assert ds.n_patients == 100 and ds.meta["outcome"] == "long_stay_7d"
+    deaths = final.filter(pl.col("hospital_expire_flag") == 1).height
+    assert ds.meta["counts"]["info"]["patients_died_in_final_admissions_labelled_by_length_of_stay"] == deaths == 15
+
+
+def test_demo_bins_from_reuses_time_bins_and_lab_mode(rich: PreparedDataset, tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    rich.save(ref)
+    again = prepare_mimic_iv(MIMIC_DEMO, tmp_path / "again", bins_from=ref, progress=False)
+    assert again.meta["preprocessing"]["time_bins"] == rich.meta["preprocessing"]["time_bins"]
+    assert again.meta["preprocessing"]["labs"]["mode"] == "every"
+    assert again.vocab.equals(rich.vocab) and again.visits.equals(rich.visits)
+    with pytest.raises(DatasetError, match=r"--lab-tokens mean differs from the --bins-from folder's every"):
+        prepare_mimic_iv(MIMIC_DEMO, tmp_path / "x", bins_from=ref, lab_tokens="mean", progress=False)
+    with pytest.raises(DatasetError, match=r"--time-bins 5 differs .* 10.*leave --time-bins out"):
+        prepare_mimic_iv(MIMIC_DEMO, tmp_path / "x", bins_from=ref, time_bins=5, progress=False)
+    with pytest.raises(DatasetError, match=r"--n-bins 4 differs from the --bins-from folder's 10.*leave --n-bins out"):
+        prepare_mimic_iv(MIMIC_DEMO, tmp_path / "x", bins_from=ref, n_bins=4, progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------- a hand-made cohort
@@ -308,6 +447,42 @@ def test_mini_death_before_final_admission_is_reported(tmp_path: Path) -> None:
                           progress=False)
     assert ds.meta["counts"]["info"]["patients_death_before_final_admission"] == 1
     assert ds.visits.filter(pl.col("label") == 1).height == 1
+
+
+def test_mini_time_tokens(tmp_path: Path) -> None:
+    """Ages 30, 70, 85 at the first visits: median edge 70; gaps 27 days and an overlap (0): edge 13.5."""
+    pats = [dict(p, anchor_year="2100") for p in PATIENTS]
+    ds = prepare_mimic_iv(write_mini(tmp_path / "raw", patients=pats), tmp_path / "out", n_lab_items=0, time_bins=2,
+                          progress=False)
+    assert ds.meta["preprocessing"]["time_bins"] == {"n_bins": 2, "age_edges": [70.0], "gap_days_edges": [13.5]}
+    time = {k: {t for t in v if t.startswith("time:")} for k, v in visit_tokens(ds).items()}
+    assert time == {("1", 0): {"time:age:0"}, ("1", 1): {"time:gap:1"}, ("2", 0): {"time:age:1"},
+                    ("2", 1): {"time:gap:0"}, ("3", 0): {"time:age:1"}}
+    assert ds.meta["counts"]["info"]["time_gap_overlap_set_to_0"] == 1
+    with pytest.raises(DatasetError, match=r"patients\.csv\.gz, column 'anchor_year'.*--time-bins 0"):
+        prepare_mimic_iv(write_mini(tmp_path / "raw2"), tmp_path / "out2", n_lab_items=0, time_bins=2, progress=False)
+
+
+def test_mini_readmission(tmp_path: Path) -> None:
+    """Patient 1 is readmitted 27 days after the first discharge (and dies there), patient 2 while the
+    first admission still runs: both end at their first admission with 1; patient 3 has one admission."""
+    ds = prepare_mimic_iv(write_mini(tmp_path / "raw"), tmp_path / "out", n_lab_items=0, outcome="readmission-30d",
+                          progress=False)
+    assert ds.patients.select("patient_id", "label").rows() == [("1", 1), ("2", 1), ("3", 0)]
+    assert visit_tokens(ds) == {("1", 0): {"dx9:428", "dx9:E849"}, ("2", 0): {"dx9:V70"}, ("3", 0): set()}
+    d = {k: v for k, v in ds.meta["counts"]["dropped"].items() if v and not k.startswith("diagnoses")}
+    assert d == {"admissions_readmission_after_index": 2, "patients_without_outcome": 1,
+                 "admissions_of_patients_without_outcome": 1, "patients_without_admissions": 1,
+                 "admissions_unknown_subject": 1}
+    assert ds.meta["counts"]["dropped"]["diagnoses_icd_admission_after_index"] == 2
+    rows = [dict(a) for a in ADMISSIONS]
+    rows[1]["admittime"] = "2100-03-01 00:00:00"  # 55 days after the first discharge: not a readmission
+    rows[1]["dischtime"] = "2100-03-10 00:00:00"
+    ds = prepare_mimic_iv(write_mini(tmp_path / "raw2", admissions=rows), tmp_path / "out2", n_lab_items=0,
+                          outcome="readmission-30d", progress=False)
+    assert ds.patients.select("patient_id", "label").rows() == [("2", 1), ("3", 0)]  # 1 died at the index
+    assert ds.meta["counts"]["dropped"]["patients_died_at_index"] == 1
+    assert ds.meta["counts"]["dropped"]["admissions_of_patients_died_at_index"] == 2
 
 
 def test_mini_plain_csv_and_hosp_folder(tmp_path: Path) -> None:

@@ -1,14 +1,16 @@
 """Full-scale MIMIC-IV preprocessing: wall time and peak memory on the simulator's cohort.
 
-``python -m benchmarks.speed.prepare_scale [--patients 300000] [--baseline-patients 30000]``
+``python -m benchmarks.speed.prepare_scale [--patients 300000] [--baseline-patients 30000]
+[--time-bins N] [--lab-tokens mean|every] [--outcome ...]``
 
 Prepares a simulated cohort in the raw MIMIC-IV layout (``data_prep.simulate``; an existing cohort
 in ``--sim`` with the same size and seed is reused) with ``python -m data_prep.mimic_iv`` in a child
 process, and prints its wall time, CPU time (user + system; the fairer figure on a shared machine,
 whose 1-minute load average is printed beside it) and peak resident memory (``ru_maxrss``). A smaller
 baseline cohort is prepared in the same run, so the figures come with ratios: memory that stays
-flat while the rows grow tenfold is what "bounded regardless of input size" means. Targets for
-the 300,000-patient cohort (~118M lab rows) on 2 cores / 24 GB: under 8 GB and under 15 minutes.
+flat while the rows grow tenfold is what "bounded regardless of input size" means. ``--time-bins``,
+``--lab-tokens`` and ``--outcome`` are passed to the preparer. Targets for the 300,000-patient
+cohort (~118M lab rows) on 2 cores / 24 GB: under 8 GB and under 15 minutes.
 """
 
 from __future__ import annotations
@@ -53,18 +55,25 @@ def cohort(folder: Path, patients: int, seed: int) -> dict:
     return json.loads(info.read_text())
 
 
-def prepare(sim: Path, out: Path, patients: int, seed: int) -> dict:
+def prepare(sim: Path, out: Path, patients: int, seed: int, options: Sequence[str] = ()) -> dict:
     meta = cohort(sim, patients, seed)
-    print(f"preparing {sim} -> {out} ...", flush=True)
+    print(f"preparing {sim} -> {out} {' '.join(options)} ...", flush=True)
     load = os.getloadavg()[0]
     wall, cpu, rss = run_child([sys.executable, "-m", "data_prep.mimic_iv", "--root", str(sim), "--out", str(out),
-                           "--overwrite", "--quiet"])
+                                "--overwrite", "--quiet", *options])
     prepared = json.loads((out / "meta.json").read_text())
     return {"patients_in": meta["patients"], "admissions_in": meta["admissions"],
             "lab_rows": meta["rows"]["labevents"], "input_gb": meta["bytes_total"] / 1e9,
             "patients_out": prepared["counts"]["patients"], "visits_out": prepared["counts"]["visits"],
-            "vocab": prepared["vocab_size"], "wall_s": wall, "cpu_s": cpu, "peak_rss_gb": rss,
+            "vocab": prepared["vocab_size"], "tokens": _token_count(out), "wall_s": wall, "cpu_s": cpu,
+            "peak_rss_gb": rss,
             "load_before": load, "load_after": os.getloadavg()[0]}
+
+
+def _token_count(prepared: Path) -> int:
+    import polars as pl
+
+    return int(pl.scan_parquet(prepared / "visits.parquet").select(pl.col("codes").list.len().sum()).collect().item())
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -77,19 +86,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help="simulated cohort folder (default: halo_sim_full in the system's temporary folder)")
     p.add_argument("--work", type=Path, default=tmp / "halo_prepare_scale",
                    help="folder for the baseline cohort and the prepared outputs (default: in the temporary folder)")
+    p.add_argument("--time-bins", type=int, default=0, help="passed to the preparer (default 0: no time tokens)")
+    p.add_argument("--lab-tokens", choices=["mean", "every"], default="mean", help="passed to the preparer")
+    p.add_argument("--outcome", default="mortality", help="passed to the preparer")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
+    options = ["--time-bins", str(a.time_bins), "--lab-tokens", a.lab_tokens, "--outcome", a.outcome]
+    tag = f"_{a.lab_tokens}_t{a.time_bins}_{a.outcome}"
     runs = []
     if a.baseline_patients:
-        runs.append(prepare(a.work / f"sim_{a.baseline_patients}", a.work / f"prepared_{a.baseline_patients}",
-                            a.baseline_patients, a.seed))
-    runs.append(prepare(a.sim, a.work / f"prepared_{a.patients}", a.patients, a.seed))
+        runs.append(prepare(a.work / f"sim_{a.baseline_patients}", a.work / f"prepared_{a.baseline_patients}{tag}",
+                            a.baseline_patients, a.seed, options))
+    runs.append(prepare(a.sim, a.work / f"prepared_{a.patients}{tag}", a.patients, a.seed, options))
 
-    print(f"\n{'patients':>9} {'admissions':>10} {'lab rows':>12} {'input':>8} {'visits out':>10} "
-          f"{'vocab':>6} {'wall':>9} {'CPU':>9} {'peak RSS':>9} {'lab rows/s':>11} {'load':>9}")
+    print(f"\noptions: {' '.join(options)}")
+    print(f"{'patients':>9} {'admissions':>10} {'lab rows':>12} {'input':>8} {'visits out':>10} "
+          f"{'vocab':>6} {'tokens':>11} {'wall':>9} {'CPU':>9} {'peak RSS':>9} {'lab rows/s':>11} {'load':>9}")
     for r in runs:
         print(f"{r['patients_in']:>9,} {r['admissions_in']:>10,} {r['lab_rows']:>12,} {r['input_gb']:>6.2f}GB "
-              f"{r['visits_out']:>10,} {r['vocab']:>6,} {r['wall_s'] / 60:>7.2f}min {r['cpu_s'] / 60:>6.2f}min "
+              f"{r['visits_out']:>10,} {r['vocab']:>6,} {r['tokens']:>11,} {r['wall_s'] / 60:>7.2f}min "
+              f"{r['cpu_s'] / 60:>6.2f}min "
               f"{r['peak_rss_gb']:>7.2f}GB {r['lab_rows'] / r['wall_s']:>11,.0f} "
               f"{r['load_before']:>4.1f}-{r['load_after']:<4.1f}")
     if len(runs) == 2:

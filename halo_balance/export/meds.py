@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 from ..data import PreparedDataset
 from ..errors import HaloBalanceError
 from ..io import atomic_write_bytes, write_json
-from .decode import Decoded, TimeRules, as_float32, decode
+from .decode import Decoded, Layout, as_float32, decode
 from .tables import dotted, icd_codes
 
-RULES = TimeRules()
+#: Admissions, each timed against the one before; groups are static codes, so ages are free; every
+#: visit needs its discharge event, so no end time can be left out.
+LAYOUT = Layout(episodes="visit", gaps="always", age_group_at=None, blank_ends=False)
 HADM_START = 30_000_000
 #: The codes the MIMIC-IV MEDS extraction gives admissions, discharges and diagnoses; ``UNK`` stands
 #: for an empty part, as there.
@@ -43,7 +45,7 @@ def write_meds(ds: PreparedDataset, folder: Path, *, seed: int,
                dictionary: str | os.PathLike | None) -> tuple[Decoded, dict[str, int]]:
     """Write ``folder/data/train/0.parquet``, ``folder/metadata/*`` and ``folder/labels/<outcome>.parquet``."""
     meds = meds_schemas()
-    dec = decode(ds, seed=seed, numeric_ids=True, rules=RULES, stored=as_float32)
+    dec = decode(ds, seed=seed, numeric_ids=True, layout=LAYOUT, stored=as_float32)
     p, v = dec.patients, dec.visits
     groups = ds.group_attributes
     first = v.filter(pl.col("visit_index") == 0).select("patient_id", first_admit="admit")
@@ -59,8 +61,7 @@ def write_meds(ds: PreparedDataset, folder: Path, *, seed: int,
             hours=((pl.col("age") + 0.5) * 365.25 * 24).cast(pl.Int64))).dt.truncate("1d"), code=pl.lit(meds.birth_code), numeric_value=pl.lit(None, pl.Float32),
         hadm_id=pl.lit(None, pl.Int64))
     frames.append(birth)
-    vis = v.with_columns(hadm_id=pl.col("visit_no") + HADM_START,
-                         died=pl.col("is_final") & (pl.col("label") == 1))
+    vis = v.with_columns(hadm_id=pl.col("visit_no") + HADM_START)
     frames.append(vis.select(subject_id="out_id", time="admit", code=pl.lit(f"{ADMISSION}//UNK//UNK"),
                              numeric_value=pl.lit(None, pl.Float32), hadm_id="hadm_id"))
     frames.append(vis.select(subject_id="out_id", time="discharge",

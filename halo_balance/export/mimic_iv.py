@@ -12,10 +12,11 @@ import polars as pl
 from data_prep.simulate import DATETIME_FORMAT, TABLE_COLUMNS  # the hosp layout, defined once
 
 from ..data import PreparedDataset
-from .decode import Decoded, TimeRules, decode
+from .decode import Decoded, Layout, decode
 from .tables import icd_codes, number_text, split_label, write_csv_gz
 
-RULES = TimeRules()  # shifted years 2110-2179, like MIMIC-IV's
+#: Admissions, each timed against the one before; the age group from anchor_age, whose anchor_year is free.
+LAYOUT = Layout(episodes="visit", gaps="always", age_group_at="first")
 #: New hadm_ids count up from here, above MIMIC-IV's 2xxxxxxx range: the original ids are not in
 #: the prepared data, and these can never be taken for them.
 HADM_START = 30_000_000
@@ -28,39 +29,44 @@ ANCHOR_YEAR_GROUPS = ("2008 - 2010", "2011 - 2013", "2014 - 2016", "2017 - 2019"
 def write_mimic_iv(ds: PreparedDataset, folder: Path, *, seed: int,
                    dictionary: str | os.PathLike | None) -> tuple[Decoded, dict[str, int]]:
     """Write ``folder/hosp/*.csv.gz``; return the decoded records and rows per table."""
-    dec = decode(ds, seed=seed, numeric_ids=True, rules=RULES)
+    dec = decode(ds, seed=seed, numeric_ids=True, layout=LAYOUT)
     rng = np.random.default_rng([seed, 1])
     hosp = folder / "hosp"
     hosp.mkdir(parents=True, exist_ok=True)
     p, v = dec.patients, dec.visits
-    final = v.filter(pl.col("is_final")).select("patient_id", final_discharge="discharge")
+    death = v.filter(pl.col("died")).select("patient_id", death="discharge")
     first = v.filter(pl.col("visit_index") == 0).select("patient_id", first_admit="admit")
     p = p.join(first, on="patient_id", how="left", maintain_order="left").join(
-        final, on="patient_id", how="left", maintain_order="left")
-    dead = pl.col("label") == 1
+        death, on="patient_id", how="left", maintain_order="left")
+    timed = bool(ds.meta.get("preprocessing", {}).get("time_bins"))
+    first_year = pl.col("first_admit").dt.year()
+    # the age at the first admission is anchor_age + year(admittime) - anchor_year (data_prep.mimic_iv)
+    anchor_year = (pl.when(pl.col("age").is_not_null() & pl.col("group_age").is_not_null())
+                   .then(first_year - (pl.col("age") - pl.col("group_age")).cast(pl.Int32))
+                   .when(pl.col("age").is_null() & pl.lit(timed)).then(None).otherwise(first_year))
 
     patients = p.select(
         subject_id="out_id",
         gender=_column(p, "gender").replace({"Unknown": None}),
-        anchor_age=pl.col("age").cast(pl.Int64),
-        anchor_year=pl.col("first_admit").dt.year(),
+        anchor_age=pl.col("group_age").cast(pl.Int64),
+        anchor_year=anchor_year.cast(pl.Int64),
         anchor_year_group=pl.Series(rng.choice(ANCHOR_YEAR_GROUPS, p.height)),
-        dod=pl.when(dead).then(pl.col("final_discharge").dt.date()))
+        dod=pl.col("death").dt.date())
 
     race = _race_strings(ds.meta)
     people = p.select("patient_id", race=_column(p, "race").replace_strict(race, default=None),
                       insurance=_column(p, "insurance"))
     adm = (v.join(people, on="patient_id", how="left", maintain_order="left")
-           .with_columns(hadm_id=pl.col("visit_no") + HADM_START,
-                         died=pl.col("is_final") & (pl.col("label") == 1)))
+           .with_columns(hadm_id=pl.col("visit_no") + HADM_START))
     admissions = adm.select(
-        subject_id="out_id", hadm_id="hadm_id", admittime="admit", dischtime="discharge",
+        subject_id="out_id", hadm_id="hadm_id", admittime="admit",
+        dischtime=pl.when("discharge_known").then("discharge"),
         deathtime=pl.when("died").then("discharge"), admission_type=pl.lit(None, pl.String),
         admit_provider_id=pl.lit(None, pl.String), admission_location=pl.lit(None, pl.String),
         discharge_location=pl.when("died").then(pl.lit("DIED")), insurance="insurance",
         language=pl.lit(None, pl.String), marital_status=pl.lit(None, pl.String), race="race",
         edregtime=pl.lit(None, pl.Datetime("us")), edouttime=pl.lit(None, pl.Datetime("us")),
-        hospital_expire_flag=pl.when("is_final").then(pl.col("label")).otherwise(0).cast(pl.Int64))
+        hospital_expire_flag=pl.col("died").cast(pl.Int64))
 
     keys = adm.select("visit_no", "out_id", "hadm_id")
     codes, d_icd = icd_codes(dec.diagnoses, dictionary)
