@@ -457,7 +457,7 @@ class PrivateSteps:
     optimizer : torch.optim.Optimizer
         Wrapped in Opacus' ``DPOptimizer``.
     plan : PrivacyPlan
-        Its ``history`` grows by one entry per step.
+        Its ``history`` (the accountant's state) counts every step.
     device : torch.device
     noise_seed, sampling_seed : int, optional
         For tests only; by default both generators are seeded from ``secrets`` (never saved).
