@@ -61,7 +61,8 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
               min_cell_size: int = 5, include_empty_cells: bool = False, allow_copies: bool = False,
               max_rounds: int = 10, seed: int = 0, batch_size: int = 256, device: str = "auto",
               train_options: Any = None, model_dir: str | os.PathLike | None = None,
-              progress: bool = True, targets: Mapping[tuple, int] | None = None) -> BalanceResult:
+              progress: bool = True, targets: Mapping[tuple, int] | None = None, shards: int = 1,
+              backend: str = "local", ray_address: str = "auto", gpus_per_shard: float | None = None) -> BalanceResult:
     """Balance ``train`` on outcome x ``groups`` with a conditional HALO generator.
 
     Parameters
@@ -91,9 +92,12 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
         Where a newly trained model is saved (default: a temporary folder, deleted afterwards;
         ``python -m halo_balance.generate`` trains in ``OUT/model``).
     progress : bool
+    shards, backend, ray_address, gpus_per_shard
+        Each round's sampling in shards, here or on a Ray cluster
+        (:func:`halo_balance.sample.sample_shards`); the result does not depend on them.
     """
     from .model import HaloModel
-    from .sample import sample_records
+    from .sample import sample_shards
 
     groups = list(groups)
     if max_rounds < 1:
@@ -120,8 +124,9 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
     for round_ in range(max_rounds):
         if len(todo) == 0:
             break
-        drawn = sample_records(model, conditions[todo], batch_size=batch_size, seed=seed + round_,
-                               device=device, id_prefix=f"syn-r{round_}", progress=progress)
+        drawn = sample_shards(model, conditions[todo], shards=shards, backend=backend, ray_address=ray_address,
+                              gpus=gpus_per_shard, batch_size=batch_size, seed=seed + round_, device=device,
+                              id_prefix=f"syn-r{round_}", progress=progress)
         if train_keys is None:
             keep_parts.append(drawn)
             todo = todo[:0]
