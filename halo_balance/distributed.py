@@ -18,6 +18,7 @@ or write files (the k-fold harness), see the same paths (a shared filesystem).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -51,19 +52,61 @@ def ray_session(address: str = "auto") -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
-    try:
+    with contextlib.ExitStack() as stack:
         if address == "local":
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
-        else:
+            address = stack.enter_context(local_cluster(node_cpus=(os.cpu_count() or 1,))).address
+        try:
             ray.init(address=address, logging_level="warning")
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        hint = ("start one with `ray start --head --node-ip-address 127.0.0.1` (this machine), pass its head's "
-                "HOST:PORT, or pass --ray-address local for a private one-machine Ray")
-        raise HaloBalanceError(f"cannot reach a Ray cluster at --ray-address {address} ({exc}); {hint}") from None
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            hint = ("start one with `ray start --head` (on this machine), pass its head's HOST:PORT, or pass "
+                    "--ray-address local for a private one-machine Ray")
+            raise HaloBalanceError(f"cannot reach a Ray cluster at --ray-address {address} ({exc}); {hint}") from None
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def local_cluster(*, node_cpus: Sequence[int] = (1, 1)) -> Iterator[Any]:
+    """A Ray cluster of several node processes on this machine, for tests and measurements.
+
+    The first node is the head, the others join it as workers; ``node_cpus[i]`` is node i's CPU
+    count. Every process listens on the loopback interface only, and every process is stopped at
+    the end of the block, on failure too. Yields ``ray.cluster_utils.Cluster``: ``.address`` to
+    pass as ``--ray-address``, ``.worker_nodes`` and ``.remove_node(node)`` to kill a node.
+    """
+    ray = import_ray()
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    # Ray replaces a loopback address by the machine's network address before connecting, where a
+    # loopback-only cluster does not listen; with this flag off it keeps the loopback address.
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    cluster = None
     try:
-        yield ray
+        node = {"include_dashboard": False, "node_ip_address": "127.0.0.1"}
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": node_cpus[0]},
+                          shutdown_at_exit=True)
+        for cpus in node_cpus[1:]:
+            cluster.add_node(**node, num_cpus=cpus)
+        cluster.wait_for_nodes()
+        yield cluster
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def check_reachable(address: str) -> None:
+    """Fail early, with the fix, unless Ray is installed and the cluster at ``address`` answers."""
+    ray = import_ray()
+    if address != "local" and not ray.is_initialized():
+        with ray_session(address):
+            pass
 
 
 def cluster_gpus(ray) -> float:
