@@ -131,14 +131,15 @@ class RayExecutor:
         with ray_session(self.address) as ray:
             self.resources = dict(ray.cluster_resources())
             gpus = resolve_gpus(ray, self.generator_gpus)
-            call = ray.remote(_call).options(max_retries=TASK_RETRIES, retry_exceptions=False)
+            call = ray.remote(_call)
             refs: dict[str, Any] = {}
             for job in jobs:
                 cpus = job.threads if job.generator else 1
                 if cpus > self.resources.get("CPU", 0):
                     raise HaloBalanceError(f"{job.name} needs {cpus} CPUs but the Ray cluster has "
                                            f"{self.resources.get('CPU', 0):g}; pass a smaller --generator-threads")
-                options = {"num_cpus": cpus, "num_gpus": gpus if job.generator else 0, "name": job.name}
+                options = {"num_cpus": cpus, "num_gpus": gpus if job.generator else 0, "name": job.name,
+                           "max_retries": TASK_RETRIES, "retry_exceptions": False}
                 refs[job.name] = call.options(**options).remote(job.fn, job.args,
                                                                 *(refs[d] for d in job.after if d in refs))
             gather(ray, list(refs.values()), on_done=lambda i, result: on_done(jobs[i], result))
