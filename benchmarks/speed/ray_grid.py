@@ -12,8 +12,8 @@ its own FairPlay generators. Printed: the wall time of each; the busy seconds of
 (downstream fits, method rows, generators and balancing, from ``units.parquet``); the overhead per
 task, (CPUs x wall - busy) / tasks, i.e. the CPU time a task slot spent on anything but its job
 (scheduling, process start-up, data loading, idle slots at the end); the round trip of an empty
-Ray task on the cluster; and whether ``metrics.parquet`` and ``predictions.parquet`` of the two
-runs are identical. Give both runs the same cores (``/work/bin/heavy --cores 2``); the per-unit
+Ray task on the cluster; and whether ``metrics.parquet``, ``predictions.parquet`` and
+``summary.parquet`` of the two runs are identical. Give both runs the same cores (``/work/bin/heavy --cores 2``); the per-unit
 costs it prints are the input of the full-size estimate in ``benchmarks/RESULTS.md``.
 """
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {wall:.1f} | {busy['tasks']} | {busy['total']:.1f} ({busy['fits']:.1f} / {busy['rows']:.1f}"
               f" / {busy['generators']:.1f}) | {overhead:.2f} |")
     identical = {name: pl.read_parquet(a.out / "local" / name).equals(pl.read_parquet(a.out / "ray" / name))
-                 for name in ("metrics.parquet", "predictions.parquet")}
+                 for name in ("metrics.parquet", "predictions.parquet", "summary.parquet")}
     print(f"identical outputs: {identical}")
     units = pl.read_parquet(a.out / "ray" / "units.parquet")
     per_unit = units.group_by("method", "model").agg(fit=pl.col("fit_seconds").mean(),
