@@ -15,6 +15,10 @@ the very last: a ``DIR`` without it is an unfinished run. With ``--model`` the w
 written atomically. ``--overwrite`` replaces only a folder this package wrote, never an input;
 input that already holds synthetic rows is refused.
 
+``--shards N`` (with ``--backend ray`` and ``--ray-address``) splits each sampling round into shards
+run one after another or as Ray tasks (:func:`halo_balance.sample.sample_shards`); the output is the
+same whatever they are.
+
 ``python -m halo_balance.generate --demo [--out DIR]`` runs the whole pipeline on the built-in
 simulated cohort: simulate MIMIC-IV-layout tables, prepare them, train a ``tiny`` model, balance on
 race, evaluate the synthetic patients, and print where everything is.
