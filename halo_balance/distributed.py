@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
-from .errors import HaloBalanceError
+from .errors import HaloBalanceError, import_optional
 
 BackendName = Literal["local", "ray"]
 BACKENDS: tuple[str, ...] = ("local", "ray")
@@ -32,13 +32,9 @@ TASK_RETRIES = 3
 
 
 def import_ray():
-    """The ``ray`` module, or a :class:`HaloBalanceError` naming the install command."""
-    try:
-        import ray
-    except ImportError:
-        raise HaloBalanceError(f"--backend ray needs Ray, an optional dependency: install it with {RAY_INSTALL} "
-                               "(or pip install ray), or use --backend local") from None
-    return ray
+    """The ``ray`` module, or a :class:`MissingDependencyError` naming the install command."""
+    return import_optional("ray", extra="ray", needed_for="--backend ray",
+                           note="Or run with --backend local (this machine)")
 
 
 @contextlib.contextmanager
