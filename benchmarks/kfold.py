@@ -9,6 +9,8 @@
         [--train-options JSON] [--batch-size 256] [--allow-copies] [--generator-cache DIR]
         [--adversary-attribute ATTR ...] [--generator-options JSON] [--fairness-min-share 0.01]
         [--overwrite] [--no-progress]
+        [--backend local|ray] [--ray-address auto|HOST:PORT|local] [--generator-gpus G]
+        [--generator-threads 1]
 
 Folds are patient-level and stratified by outcome x the ``--stratify`` attributes (default: the
 ``--groups``; :meth:`PreparedDataset.kfold`). Pass the same ``--stratify`` to several experiments
@@ -35,6 +37,14 @@ the number of patients with the rarer outcome, an ``--out`` that cannot be creat
 one balances it), with an ETA. Ctrl-C says how many finished units and FairPlay generators were
 kept for a rerun. The run ends by printing the report's headline table
 (``benchmarks.report.headline``).
+
+Where the work runs (``benchmarks.executors``): ``--backend local`` (default) runs it in ``--jobs``
+processes here; ``--backend ray`` makes every unit batch and every fold's generator a Ray task on
+the cluster at ``--ray-address``, the generators asking for ``--generator-gpus`` GPUs (default one
+where the cluster has GPUs) and the FairPlay units of a fold depending on its generator. Both
+write the same files, so a run started on one backend resumes on the other. A generator runs with
+``--generator-threads`` torch threads (default 1) and each unit with one thread wherever it runs,
+so that the outputs do not depend on the backend or the machine's cores.
 
 The output folder::
 
@@ -78,16 +88,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
 from halo_balance.data import META_FILE, PATIENTS_FILE, VISITS_FILE, VOCAB_FILE, PreparedDataset, VisitMatrix
+from halo_balance.distributed import BACKENDS, RAY_INSTALL, check_reachable
 from halo_balance.errors import DatasetError, HaloBalanceError, unknown_choice
 from halo_balance.io import atomic_write_bytes, check_output_dir, check_writable, read_json, write_json
 
 from . import downstream, fairness_methods
+from .executors import Job, limit_threads, make_executor
 from .generative import check_options, result_options
 from .methods import GENERATIVE_METHODS, METHODS, FairPlaySettings, SeparateModels, SingleModel, build_training_set, \
     check_train_options, fairplay_dataset, generator_key, settings_hash, training_rows
@@ -137,6 +149,9 @@ class _Config:
     overwrite: bool
     progress: bool
     adversary_attribute: tuple[str, ...] | None = None
+    backend: str = "local"
+    ray_address: str = "auto"
+    generator_gpus: float | None = None
     generator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -187,7 +202,9 @@ def run_kfold(*, data: str | os.PathLike, groups: Sequence[str], out: str | os.P
               fairplay: FairPlaySettings | None = None, generator_cache: str | os.PathLike | None = None,
               fairness_min_share: float = 0.01, adversary_attribute: Sequence[str] | None = None,
               generator_options: dict[str, dict[str, Any]] | None = None,
-              overwrite: bool = False, progress: bool = True, argv: Sequence[str] | None = None) -> Path:
+              overwrite: bool = False, progress: bool = True,
+              backend: Literal["local", "ray"] = "local", ray_address: str = "auto",
+              generator_gpus: float | None = None, argv: Sequence[str] | None = None) -> Path:
     """Run (or resume) the benchmark and write every output into ``out``; returns ``out``.
 
     The keyword arguments are the command-line options (see the module docstring); ``argv``, when
@@ -200,7 +217,8 @@ def run_kfold(*, data: str | os.PathLike, groups: Sequence[str], out: str | os.P
                   generator_cache=None if generator_cache is None else str(Path(generator_cache).resolve()),
                   fairness_min_share=fairness_min_share, overwrite=overwrite, progress=progress,
                   adversary_attribute=tuple(adversary_attribute) if adversary_attribute else None,
-                  generator_options={} if generator_options is None else generator_options)
+                  generator_options={} if generator_options is None else generator_options,
+                  backend=backend, ray_address=ray_address, generator_gpus=generator_gpus)
     return _run(cfg, argv=argv)
 
 
@@ -218,12 +236,14 @@ def _run(cfg: _Config, *, argv: Sequence[str] | None) -> Path:
         baseline = [u for u in pending if not uses_fairplay_data(u[1])]
         fair = [u for u in pending if uses_fairplay_data(u[1])]
         steps = _fairplay_steps(cfg, ds, splits, sorted({u[0] for u in fair}), run["data_fingerprint"])
+        prepared = {k: _fairplay_path(cfg, k) for k in sorted({u[0] for u in fair})}
+        jobs = [Job(_generator_job(k), _prepare_fairplay, (cfg, k, splits[k][0], run["data_fingerprint"]),
+                    generator=True, threads=cfg.fairplay.threads) for k in steps]
+        jobs += [Job(f"{t.method} fold {t.fold}", _run_task, (t,),
+                     after=(_generator_job(t.fold),) if t.fairplay_data else ())
+                 for t in (*_tasks(cfg, baseline, splits), *_tasks(cfg, fair, splits, fairplay_data=prepared))]
         with _Progress(cfg.progress, n_units=len(pending), steps=steps) as bar:
-            _execute(cfg, _tasks(cfg, baseline, splits), bar)
-            if fair:
-                prepared = {k: _prepare_fairplay(cfg, ds, k, splits[k][0], run["data_fingerprint"], bar)
-                            for k in sorted({u[0] for u in fair})}
-                _execute(cfg, _tasks(cfg, fair, splits, fairplay_data=prepared), bar)
+            _execute(cfg, jobs, bar)
         _assemble(cfg, ds, splits, out)
     except KeyboardInterrupt as exc:
         # cli.run prints exc.kept; it replaces a generator training's own note (its checkpoint),
@@ -297,6 +317,12 @@ def _check_config(cfg: _Config) -> tuple[PreparedDataset, list[tuple[np.ndarray,
     if cfg.fairplay.device not in ("auto", "cpu", "cuda"):
         raise unknown_choice("--device", [cfg.fairplay.device], ("auto", "cpu", "cuda"))
     check_train_options(cfg.fairplay.train_options)
+    if cfg.fairplay.threads < 1:
+        raise HaloBalanceError(f"--generator-threads must be at least 1, got {cfg.fairplay.threads}")
+    if cfg.backend not in BACKENDS:
+        raise unknown_choice("--backend", [cfg.backend], BACKENDS)
+    if cfg.backend == "ray":
+        check_reachable(cfg.ray_address)  # a missing extra or cluster is reported before any work
     _check_paths(cfg)
 
     ds = PreparedDataset.load(cfg.data)
@@ -388,7 +414,8 @@ def _open_run(cfg: _Config, out: Path, fingerprint: str, argv: Sequence[str] | N
                fairness_min_share=cfg.fairness_min_share, adversary_attribute=list(cfg.adversary),
                downstream_threshold=downstream.THRESHOLD, versions=_versions())
     run["invocations"].append({"started": _now(), "argv": list(argv) if argv is not None else None,
-                               "jobs": cfg.jobs, "device": cfg.fairplay.device, "machine": _machine()})
+                               "jobs": cfg.jobs, "device": cfg.fairplay.device, "machine": _machine(),
+                               "backend": cfg.backend, "generator_threads": cfg.fairplay.threads})
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_file, run)
     return run
@@ -465,10 +492,6 @@ class _Progress:
             counts += f", generators {self.generators}/{self.n_generators}"
         self.bar.set_postfix_str(f"{counts}{'; ' + doing if doing else ''}", refresh=refresh)
 
-    def doing(self, what: str) -> None:
-        if self.bar is not None:
-            self._show(what)
-
     def units_done(self, n: int, what: str = "") -> None:
         self.units += n
         if self.bar is not None:  # the counts first, so that the bar never shows stale ones
@@ -489,15 +512,24 @@ class _Progress:
             tqdm.write(text, file=sys.stderr)
 
 
-def _execute(cfg: _Config, tasks: list[_Task], bar: _Progress) -> None:
-    """Run tasks in parallel (joblib), advancing the bar per finished unit batch."""
-    if not tasks:
+def _execute(cfg: _Config, jobs: list[Job], bar: _Progress) -> None:
+    """Run the jobs on the chosen backend (``benchmarks.executors``), advancing the bar as each ends."""
+    if not jobs:
         return
-    from joblib import Parallel, delayed
+    folds = {_generator_job(k): k for k in bar.steps}
+    for name, k in folds.items():
+        bar.write(f"{name}: {'training a generator and ' if bar.steps[k] == GENERATOR_WEIGHT else ''}balancing "
+                  f"its training patients ({cfg.backend} backend)")
 
-    for infos in Parallel(n_jobs=min(cfg.jobs, len(tasks)), return_as="generator_unordered")(
-            delayed(_run_task)(t) for t in tasks):
-        bar.units_done(len(infos), f"{infos[0]['method']} fold {infos[0]['fold']}")
+    def done(job: Job, result: Any) -> None:
+        if job.generator:
+            bar.fold_prepared(folds[job.name])
+            bar.write(f"{job.name}: done in {result['generator_seconds'] + result['balance_seconds']:.0f} s")
+        else:
+            bar.units_done(len(result), job.name)
+
+    make_executor(cfg.backend, jobs=cfg.jobs, ray_address=cfg.ray_address,
+                  generator_gpus=cfg.generator_gpus).run(jobs, done)
 
 
 _DATA_CACHE: dict[str, tuple[PreparedDataset, VisitMatrix]] = {}
@@ -514,6 +546,11 @@ def _load_data(path: str) -> tuple[PreparedDataset, VisitMatrix]:
 
 def _run_task(task: _Task) -> list[dict[str, Any]]:
     """Build the method's training rows for one fold, then fit, score and save each model's unit."""
+    with limit_threads(1):
+        return _run_units(task)
+
+
+def _run_units(task: _Task) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     ds, vm = _load_data(task.data)
     extra: dict[str, Any] = {}
@@ -596,6 +633,10 @@ def _generator_dir(cfg: _Config) -> Path:
     return Path(cfg.generator_cache or Path(cfg.out) / "generators")
 
 
+def _generator_job(fold: int) -> str:
+    return f"FairPlay fold {fold}"
+
+
 def _fairplay_path(cfg: _Config, fold: int) -> Path:
     return Path(cfg.out) / "fairplay" / f"fold{fold}-{cfg.unit_settings('fairplay-data', '')}"
 
@@ -617,26 +658,22 @@ def _fairplay_steps(cfg: _Config, ds: PreparedDataset, splits: list[tuple[np.nda
     return steps
 
 
-def _prepare_fairplay(cfg: _Config, ds: PreparedDataset, fold: int, train_ids: np.ndarray,
-                      fingerprint: str, bar: _Progress) -> Path:
-    """Balance fold ``fold``'s training patients with FairPlay once; later runs reuse the saved result."""
+def _prepare_fairplay(cfg: _Config, fold: int, train_ids: np.ndarray, fingerprint: str) -> dict[str, Any]:
+    """Balance fold ``fold``'s training patients with FairPlay once (a job: any process, any
+    machine); later runs reuse the saved result. Returns the timings."""
     path = _fairplay_path(cfg, fold)
     if _fairplay_done(path):
-        return path
-    train = ds.select(train_ids)
-    training = bar.steps.get(fold) == GENERATOR_WEIGHT
-    bar.doing(f"FairPlay fold {fold}: {'generator and ' if training else ''}balancing")
-    bar.write(f"FairPlay fold {fold}: {'training a generator and ' if training else ''}balancing "
-              f"{train.n_patients} training patients")
-    balanced, plan, timings = fairplay_dataset(
-        train, groups=cfg.groups, fold=fold, seed=cfg.seed + fold, settings=cfg.fairplay,
-        generator_dir=_generator_dir(cfg), data_fingerprint=fingerprint,
-        ratio=cfg.ratio, min_cell_size=cfg.min_cell_size, progress=cfg.progress)
+        return read_json(path / TIMING_FILE)
+    train = _load_data(cfg.data)[0].select(train_ids)
+    with limit_threads(cfg.fairplay.threads):
+        balanced, plan, timings = fairplay_dataset(
+            train, groups=cfg.groups, fold=fold, seed=cfg.seed + fold, settings=cfg.fairplay,
+            generator_dir=_generator_dir(cfg), data_fingerprint=fingerprint,
+            ratio=cfg.ratio, min_cell_size=cfg.min_cell_size, progress=False)
     balanced.save(path, overwrite=True)
     _write_parquet(path / "plan.parquet", plan)
     write_json(path / TIMING_FILE, timings)  # written last: marks the folder complete
-    bar.fold_prepared(fold)
-    return path
+    return timings
 
 
 # ---------------------------------------------------------------------- assembly
@@ -707,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_csv, default=downstream.MODELS,
                    help=f"comma-separated, from {','.join(downstream.MODELS)}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=1, help="parallel (fold, method) tasks")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="local backend: parallel processes for (fold, method) unit batches and FairPlay generators")
     p.add_argument("--device", default="auto", help="FairPlay's torch device: auto, cpu or cuda")
     p.add_argument("--stratify", nargs="+", metavar="ATTR", default=None,
                    help="attributes that stratify the folds with the outcome (default: --groups)")
@@ -730,6 +768,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "measures (default 0.01, the paper's 1%%; 0 keeps every group)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("where the work runs (benchmarks.executors)")
+    g.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="local: --jobs processes here; ray: every generator and unit batch a Ray task "
+                        f"(needs {RAY_INSTALL}; default %(default)s)")
+    g.add_argument("--ray-address", default="auto", help="the Ray cluster: auto, HOST:PORT or local (default auto)")
+    g.add_argument("--generator-gpus", type=float, default=None,
+                   help="GPUs each FairPlay generator task asks for on Ray (default: 1 where the cluster has GPUs)")
+    g.add_argument("--generator-threads", type=int, default=1,
+                   help="torch threads of each FairPlay generator, on either backend (default %(default)s)")
     return p
 
 
@@ -737,13 +784,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     fairplay = FairPlaySettings(allow_copies=args.allow_copies, batch_size=args.batch_size, device=args.device,
-                                train_options=args.train_options)
+                                train_options=args.train_options, threads=args.generator_threads)
     out = run_kfold(data=args.data, groups=args.groups, out=args.out, folds=args.folds, methods=args.methods,
                     models=args.models, seed=args.seed, jobs=args.jobs, stratify=args.stratify, ratio=args.ratio,
                     min_cell_size=args.min_cell_size, fairplay=fairplay, generator_cache=args.generator_cache,
                     fairness_min_share=args.fairness_min_share, adversary_attribute=args.adversary_attribute,
                     generator_options=args.generator_options, overwrite=args.overwrite,
-                    progress=not args.no_progress, argv=argv)
+                    progress=not args.no_progress, backend=args.backend, ray_address=args.ray_address,
+                    generator_gpus=args.generator_gpus, argv=argv)
     from .report import headline
     print(headline(out))
     print(f"\nreport: {out / 'report.md'}")

@@ -414,13 +414,15 @@ class FairPlaySettings:
 
     ``train_options`` are keyword arguments of ``halo_balance.train.TrainOptions``; ``seed`` (the
     run's seed + fold), ``device`` and ``resume`` / ``overwrite`` (of an interrupted training) are
-    filled in unless given.
+    filled in unless given. ``threads`` is the number of torch threads the harness trains and
+    samples with (like the device, it changes the last bits of the results, not their settings).
     """
 
     allow_copies: bool = False
     batch_size: int = 256
     device: str = "auto"
     train_options: dict[str, Any] = field(default_factory=dict)
+    threads: int = 1
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change results (not ``device`` or ``batch_size``)."""

@@ -350,11 +350,13 @@ def summarise(metrics: pl.DataFrame, *, model_mean_label: str = "mean") -> pl.Da
     """
     keys = ["method", "attribute", "group", "metric"]
     defined = metrics.filter(pl.col("value").is_not_nan())
-    averaged = (defined.group_by("fold", *keys).agg(pl.col("value").mean())
+    # groups in order of appearance, so that every sum adds the same values in the same order and
+    # a rerun (on any backend) writes identical bits
+    averaged = (defined.group_by("fold", *keys, maintain_order=True).agg(pl.col("value").mean())
                 .with_columns(model=pl.lit(model_mean_label)))
     both = pl.concat([defined.select("fold", "model", *keys, "value"),
                       averaged.select("fold", "model", *keys, "value")])
-    return (both.group_by("method", "model", "attribute", "group", "metric")
+    return (both.group_by("method", "model", "attribute", "group", "metric", maintain_order=True)
             .agg(mean=pl.col("value").mean(), n_folds=pl.len().cast(pl.Int32),
                  se=pl.col("value").std(ddof=1) / pl.len().sqrt())
             .select("method", "model", "attribute", "group", "metric", "mean", "se", "n_folds")

@@ -65,7 +65,8 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
               min_cell_size: int = 5, include_empty_cells: bool = False, allow_copies: bool = False,
               copy_k: int = COPY_K, max_rounds: int = 10, seed: int = 0, batch_size: int = 256, device: str = "auto",
               train_options: Any = None, model_dir: str | os.PathLike | None = None,
-              progress: bool = True, targets: Mapping[tuple, int] | None = None) -> BalanceResult:
+              progress: bool = True, targets: Mapping[tuple, int] | None = None, shards: int = 1,
+              backend: str = "local", ray_address: str = "auto", gpus_per_shard: float | None = None) -> BalanceResult:
     """Balance ``train`` on outcome x ``groups`` with a conditional HALO generator.
 
     Parameters
@@ -98,6 +99,9 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
         Where a newly trained model is saved (default: a temporary folder, deleted afterwards;
         ``python -m halo_balance.generate`` trains in ``OUT/model``).
     progress : bool
+    shards, backend, ray_address, gpus_per_shard
+        Each round's sampling in shards, here or on a Ray cluster
+        (:func:`halo_balance.sample.sample_shards`); the result does not depend on them.
     """
     from .model import HaloModel
 
@@ -124,7 +128,8 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
         copy_filter.references = [RecordCounts.from_dataset(real)] + (
             [model.record_counts] if getattr(model, "record_counts", None) is not None else [])
     draw = draw_without_copies(model, conditions, copy_filter=copy_filter, max_rounds=max_rounds, seed=seed,
-                               batch_size=batch_size, device=device, id_prefix="syn", progress=progress)
+                               batch_size=batch_size, device=device, id_prefix="syn", progress=progress,
+                               shards=shards, backend=backend, ray_address=ray_address, gpus_per_shard=gpus_per_shard)
     if len(draw.unfilled):
         short = plan.with_row_index("_i").filter(pl.col("_i").is_in(np.unique(cell_of[draw.unfilled]).tolist()))
         raise HaloBalanceError(

@@ -178,7 +178,7 @@ class Draw:
     """What :func:`draw_without_copies` returns.
 
     ``dataset`` holds one record per condition row that could be filled, in row order, with ids
-    ``{id_prefix}-{seed}-{row}``; ``rows`` the condition row of each of its patients; ``rejected``
+    ``{id_prefix}-{seed}-{first_row + row}``; ``rows`` the condition row of each of its patients; ``rejected``
     per condition row the rare copies re-drawn; ``kept_copies`` per row whether its record is a
     copy of a shared training record; ``unfilled`` the rows still a rare copy after the last round.
     """
@@ -196,23 +196,49 @@ class Draw:
 
 def draw_without_copies(model, conditions: pl.DataFrame, *, copy_filter: CopyFilter | None, max_rounds: int = 10,
                         seed: int = 0, batch_size: int = 256, device: str = "auto", id_prefix: str = "syn",
-                        progress: bool = True) -> Draw:
+                        progress: bool = True, first_row: int = 0, shards: int = 1, backend: str = "local",
+                        ray_address: str = "auto", gpus_per_shard: float | None = None) -> Draw:
     """Sample one record per row of ``conditions``, re-drawing rare copies (``copy_filter``) in up to
-    ``max_rounds`` rounds (round r uses seed ``seed + r``); ``copy_filter=None`` keeps every record."""
-    from .sample import sample_records
+    ``max_rounds`` rounds; ``copy_filter=None`` keeps every record.
+
+    Round 0 draws every row as :func:`~halo_balance.sample.sample_records` does (in ``shards`` on
+    ``backend``: :func:`~halo_balance.sample.sample_shards`). Round r >= 1 re-draws the rows still
+    to fill batch by batch: the rows of request batch b together, from the generator of seed
+    ``seed + r`` and batch b (:func:`~halo_balance.sample.batch_seed`). A row's record thus depends
+    on its own batch only, so a shard of the request (whole batches; ``first_row`` = its first row
+    in the whole request, e.g. ``sample --shard-index``) fills its rows exactly as the whole request
+    does, re-drawn copies included, and the result does not depend on ``shards`` or ``backend``.
+    Re-draw rounds run here, one batch at a time (they hold the few rejected rows only).
+    """
+    from .sample import sample_records, sample_shards
+    from .train import _bar
 
     if max_rounds < 1:
         raise HaloBalanceError(f"max_rounds must be >= 1, got {max_rounds}")
+    if first_row and (shards != 1 or backend != "local"):
+        raise HaloBalanceError("first_row is for one shard of a request, sampled here: pass shards=1, backend='local'")
     n = conditions.height
     todo = np.arange(n)
     rejected = np.zeros(n, dtype=np.int64)
     kept_copies = np.zeros(n, dtype=bool)
     parts: list[tuple[PreparedDataset, np.ndarray]] = []
+    options = {"batch_size": batch_size, "device": device}
     for round_ in range(max_rounds):
         if not len(todo):
             break
-        drawn = sample_records(model, conditions[todo], batch_size=batch_size, seed=seed + round_, device=device,
-                               id_prefix=f"{id_prefix}-r{round_}", progress=progress)
+        prefix = f"{id_prefix}-r{round_}"
+        if round_ == 0 and (shards != 1 or backend != "local"):
+            drawn = sample_shards(model, conditions, shards=shards, backend=backend, ray_address=ray_address,
+                                  gpus=gpus_per_shard, seed=seed, id_prefix=prefix, progress=progress, **options)
+        elif round_ == 0:
+            drawn = sample_records(model, conditions, seed=seed, first_row=first_row, id_prefix=prefix,
+                                   progress=progress, **options)
+        else:
+            batch_of = (first_row + todo) // batch_size
+            drawn = PreparedDataset.concat([
+                sample_records(model, conditions[todo[batch_of == b]], seed=seed + round_, first_row=int(b) * batch_size,
+                               id_prefix=prefix, progress=False, **options)
+                for b in _bar(np.unique(batch_of).tolist(), progress, f"re-draw round {round_}")])
         if copy_filter is None:
             parts.append((drawn, todo))
             todo = todo[:0]
@@ -226,15 +252,17 @@ def draw_without_copies(model, conditions: pl.DataFrame, *, copy_filter: CopyFil
     if not parts:  # nothing drawn: an empty dataset of the model's format
         parts.append((sample_records(model, conditions.clear(), seed=seed, device=device, progress=False),
                       np.zeros(0, dtype=np.int64)))
-    return Draw(dataset=_in_row_order(parts, id_prefix, seed), rows=np.sort(np.concatenate([r for _, r in parts])),
-                rejected=rejected, kept_copies=kept_copies, unfilled=todo)
+    return Draw(dataset=_in_row_order(parts, id_prefix, seed, first_row),
+                rows=np.sort(np.concatenate([r for _, r in parts])), rejected=rejected, kept_copies=kept_copies,
+                unfilled=todo)
 
 
-def _in_row_order(parts: list[tuple[PreparedDataset, np.ndarray]], id_prefix: str, seed: int) -> PreparedDataset:
-    """The drawn parts as one dataset in condition-row order, ids ``{id_prefix}-{seed}-{row}``."""
+def _in_row_order(parts: list[tuple[PreparedDataset, np.ndarray]], id_prefix: str, seed: int,
+                  first_row: int = 0) -> PreparedDataset:
+    """The drawn parts as one dataset in condition-row order, ids ``{id_prefix}-{seed}-{first_row + row}``."""
     data = PreparedDataset.concat([d for d, _ in parts])
     rows = np.concatenate([r for _, r in parts])
-    new_ids = [f"{id_prefix}-{seed}-{r}" for r in rows.tolist()]
+    new_ids = [f"{id_prefix}-{seed}-{first_row + r}" for r in rows.tolist()]
     mapping = pl.DataFrame({"patient_id": data.patients["patient_id"], "_new": new_ids, "_row": rows})
     patients = (data.patients.join(mapping, on="patient_id", how="left")
                 .sort("_row").with_columns(patient_id=pl.col("_new")).drop("_new", "_row"))

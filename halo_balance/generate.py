@@ -16,6 +16,10 @@ the very last: a ``DIR`` without it is an unfinished run. With ``--model`` the w
 written atomically. ``--overwrite`` replaces only a folder this package wrote, never an input;
 input that already holds synthetic rows is refused.
 
+``--shards N`` (with ``--backend ray`` and ``--ray-address``) splits each sampling round into shards
+run one after another or as Ray tasks (:func:`halo_balance.sample.sample_shards`); the output is the
+same whatever they are.
+
 ``python -m halo_balance.generate --demo [--out DIR]`` runs the whole pipeline on the built-in
 simulated cohort: simulate MIMIC-IV-layout tables, prepare them, train a ``tiny`` model, balance on
 race, evaluate the synthetic patients, and print where everything is.
@@ -89,6 +93,7 @@ def summary_table(plan: pl.DataFrame, groups: Sequence[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sample import add_shard_arguments
     from .train import add_train_arguments
 
     p = argparse.ArgumentParser(prog="python -m halo_balance.generate", description=__doc__.split("\n\n")[0])
@@ -113,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the built-in demo: simulate, prepare, train a tiny model, balance on race, evaluate")
     p.add_argument("--demo-patients", type=int, default=DEMO_PATIENTS,
                    help="patients in the demo cohort (default %(default)s)")
+    add_shard_arguments(p, shard_index=False)
     add_train_arguments(p)
     p.set_defaults(preset=None)  # "small" for --data, "tiny" for --demo
     for action in p._actions:  # the help shows both defaults
@@ -160,6 +166,9 @@ class _Job:
             raise HaloBalanceError(f"--copy-k must be >= 1 (got {args.copy_k}); --allow-copies keeps every copy")
         if args.sample_batch_size < 1:
             raise HaloBalanceError(f"--sample-batch-size must be >= 1 (got {args.sample_batch_size})")
+        from .sample import check_shard_arguments
+
+        check_shard_arguments(args)
         out = args.out
         if args.model is not None:
             if options.resume:
@@ -215,7 +224,8 @@ class _Job:
                                min_cell_size=args.min_cell_size, include_empty_cells=args.include_empty_cells,
                                allow_copies=args.allow_copies, copy_k=args.copy_k, max_rounds=args.max_rounds,
                                seed=args.seed, batch_size=args.sample_batch_size, device=args.device,
-                               progress=not args.quiet)
+                               progress=not args.quiet, shards=args.shards, backend=args.backend,
+                               ray_address=args.ray_address, gpus_per_shard=args.gpus_per_shard)
             if self.model is not None:
                 write_balanced(result, out, overwrite=args.overwrite, model_path=str(args.model))
             else:

@@ -1,6 +1,7 @@
 """Draw synthetic patient records from a trained model, exactly and fast.
 
 ``python -m halo_balance.sample --model MODEL_DIR --out DIR --count N --condition "label=1,gender=F"``
+``[--shards N [--shard-index I] [--backend local|ray] [--ray-address auto|HOST:PORT|local]]``
 
 Each ``--condition`` gets N records. Copies of training records held by fewer than ``--copy-k``
 training patients are rejected and re-drawn (``copies.py``; the model folder's
@@ -27,6 +28,13 @@ The sampler (:func:`sample_records`) draws from the model's distribution exactly
 re-run for every visit, one pointer shared across the batch (one fine pass per code position any
 record samples), Bernoulli draws, finished records still computed, and rejection of empty first
 visits. Both give the same distribution.
+
+Large requests are split into shards (:func:`sample_shards`, ``--shards N``): contiguous runs of
+whole batches, run one after another here, as tasks on a Ray cluster (``--backend ray``,
+:mod:`halo_balance.distributed`) or as separate processes (``--shard-index I``, one shard each,
+ids as in the whole request; ``PreparedDataset.concat`` joins them in shard order). Every batch
+draws from its own generator, seeded from the run's seed and the batch's index in the whole
+request (:func:`batch_seed`), so the records are the same for any number of shards or workers.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import polars as pl
 from .config import parse_condition
 from .copies import RECORD_COUNTS_FILE, CopyFilter, add_copy_arguments, describe_copies, draw_without_copies
 from .data import PreparedDataset, empty_meta
+from .distributed import BACKENDS, RAY_INSTALL, BackendName
 from .errors import HaloBalanceError
 from .io import check_output_dir
 from .train import DeviceName, _bar, _ranges, _versions, resolve_device
@@ -149,7 +158,8 @@ def _assemble(n_records: int, steps: list[tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def sample_records(model, conditions: pl.DataFrame, *, batch_size: int = 256, seed: int = 0,
-                   device: DeviceName | str = "auto", id_prefix: str = "syn", progress: bool = True) -> PreparedDataset:
+                   device: DeviceName | str = "auto", id_prefix: str = "syn", progress: bool = True,
+                   first_row: int = 0) -> PreparedDataset:
     """Draw one synthetic record per row of ``conditions``.
 
     Parameters
@@ -161,11 +171,17 @@ def sample_records(model, conditions: pl.DataFrame, *, batch_size: int = 256, se
     batch_size : int
         Records sampled together (rows of different conditions share batches).
     seed : int
-        The same model, conditions, batch size, seed and device give the same records.
+        The same model, conditions, batch size, seed and device give the same records. Batch b
+        (rows ``b * batch_size`` on) draws from its own generator, seeded by :func:`batch_seed`
+        from ``seed`` and b, so a batch's records do not depend on the batches before it.
     device : {"auto", "cpu", "cuda"}
     id_prefix : str
-        Patient ids are ``f"{id_prefix}-{seed}-{i}"``, i the row of ``conditions``.
+        Patient ids are ``f"{id_prefix}-{seed}-{i}"``, i the row of ``conditions`` (+ ``first_row``).
     progress : bool
+    first_row : int
+        The position of ``conditions``' first row in a larger request, a multiple of
+        ``batch_size``: a shard of that request (:func:`shard_rows`) then draws exactly the records
+        the whole request draws for its rows, with the same ids.
 
     Returns
     -------
@@ -174,33 +190,96 @@ def sample_records(model, conditions: pl.DataFrame, *, batch_size: int = 256, se
         ``label`` and group columns, the model's vocabulary and its training data's metadata.
     """
     return _sample(model, conditions, batch_size=batch_size, seed=seed, device=device, id_prefix=id_prefix,
-                   progress=progress, batch_fn=_sample_batch, sampler="cached, per-record pointer")
+                   progress=progress, batch_fn=_sample_batch, sampler="cached, per-record pointer",
+                   first_row=first_row)
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch ``batch`` of a request sampled with ``seed`` (independent streams per batch)."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0])
+
+
+def shard_rows(n_records: int, *, batch_size: int, shards: int, index: int) -> range:
+    """The rows of shard ``index`` of ``shards``: a contiguous run of whole batches, the batches
+    split as evenly as possible (a shard may be empty when there are fewer batches than shards)."""
+    if shards < 1 or not 0 <= index < shards:
+        raise HaloBalanceError(f"shard index {index} of {shards} shards: pass 0 <= --shard-index < --shards")
+    n_batches = -(-n_records // batch_size)
+    first, last = index * n_batches // shards, (index + 1) * n_batches // shards
+    return range(min(first * batch_size, n_records), min(last * batch_size, n_records))
 
 
 def _sample(model, conditions: pl.DataFrame, *, batch_size: int, seed: int, device, id_prefix: str,
-            progress: bool, batch_fn, sampler: str) -> PreparedDataset:
+            progress: bool, batch_fn, sampler: str, first_row: int = 0) -> PreparedDataset:
     import torch
 
     if batch_size < 1:
         raise HaloBalanceError(f"batch_size must be >= 1 (got {batch_size})")
+    if first_row < 0 or first_row % batch_size:
+        raise HaloBalanceError(f"first_row must be a multiple of batch_size {batch_size} (got {first_row})")
     cond = model.layout.encode(conditions)
     dev = resolve_device(device)
     model.to(dev).eval()
-    generator = torch.Generator(device=dev).manual_seed(seed)
     parts = []
     with torch.inference_mode():
         for i in _bar(range(0, len(cond), batch_size), progress, "sampling"):
+            generator = torch.Generator(device=dev).manual_seed(batch_seed(seed, (first_row + i) // batch_size))
             parts.append(batch_fn(model, torch.from_numpy(cond[i:i + batch_size]).to(dev), generator))
     visit_ptr, code_ptr, codes = _concat_ragged(parts)
     attrs = model.layout.attributes
     groups = conditions.select([pl.col(a).cast(pl.String) for a in attrs]) if attrs else pl.DataFrame()
     meta = _output_meta(model, {"sampler": sampler, "seed": seed, "batch_size": batch_size,
-                                "n_records": len(cond), "id_prefix": id_prefix, "versions": _versions(),
-                                "model_config": model.config.to_dict(), "model_privacy": model.privacy})
+                                "n_records": len(cond), "first_row": first_row, "id_prefix": id_prefix,
+                                "versions": _versions(), "model_config": model.config.to_dict(),
+                                "model_privacy": model.privacy})
     return PreparedDataset.from_arrays(
-        patient_ids=[f"{id_prefix}-{seed}-{i}" for i in range(len(cond))], labels=cond[:, 0].astype(np.int8),
+        patient_ids=[f"{id_prefix}-{seed}-{first_row + i}" for i in range(len(cond))],
+        labels=cond[:, 0].astype(np.int8),
         groups=groups, visit_ptr=visit_ptr, code_ptr=code_ptr, codes=codes, vocab=_vocab(model),
         meta=meta, synthetic=True)
+
+
+def sample_shards(model, conditions: pl.DataFrame, *, shards: int, backend: BackendName = "local",
+                  ray_address: str = "auto", gpus: float | None = None, batch_size: int = 256, seed: int = 0,
+                  device: DeviceName | str = "auto", id_prefix: str = "syn", progress: bool = True) -> PreparedDataset:
+    """:func:`sample_records` split into ``shards`` shards of whole batches (:func:`shard_rows`),
+    run one after another here (``backend="local"``) or as parallel tasks on a Ray cluster
+    (``"ray"``: ``ray_address``; ``gpus`` per task, default one where the cluster has GPUs).
+
+    Every batch is seeded from ``seed`` and its index in the whole request, so the records are
+    those of ``sample_records(model, conditions, ...)`` for any number of shards or workers.
+    """
+    if shards < 1:
+        raise HaloBalanceError(f"--shards must be >= 1 (got {shards})")
+    if batch_size < 1:
+        raise HaloBalanceError(f"batch_size must be >= 1 (got {batch_size})")
+    rows = [r for i in range(shards) if len(r := shard_rows(len(conditions), batch_size=batch_size, shards=shards,
+                                                                 index=i))]
+    options = {"batch_size": batch_size, "seed": seed, "device": device, "id_prefix": id_prefix}
+    if backend == "local":
+        parts = [_sample_shard(model, conditions, r.start, r.stop, options)
+                 for r in _bar(rows, progress and len(rows) > 1, "shards")]
+    elif backend == "ray":
+        from .distributed import TASK_RETRIES, gather, ray_session, resolve_gpus
+
+        with ray_session(ray_address) as ray:
+            task = ray.remote(_sample_shard).options(num_cpus=1, num_gpus=resolve_gpus(ray, gpus),
+                                                     max_retries=TASK_RETRIES)
+            model_ref, cond_ref = ray.put(model.cpu()), ray.put(conditions)
+            from tqdm import tqdm
+
+            with tqdm(total=len(rows), desc="shards", disable=not progress, leave=False, file=sys.stderr) as bar:
+                parts = gather(ray, [task.remote(model_ref, cond_ref, r.start, r.stop, options) for r in rows],
+                               on_done=lambda i, part: bar.update(1))
+    else:
+        raise HaloBalanceError(f"unknown backend {backend!r}; choose local or ray")
+    out = PreparedDataset.concat(parts) if parts else sample_records(model, conditions, progress=False, **options)
+    out.meta["generation"].update(n_records=len(conditions), first_row=0, shards=shards)
+    return out
+
+
+def _sample_shard(model, conditions: pl.DataFrame, start: int, stop: int, options: dict[str, Any]) -> PreparedDataset:
+    return sample_records(model, conditions[start:stop], first_row=start, progress=False, **options)
 
 
 def _concat_ragged(parts):
@@ -299,6 +378,42 @@ def reference_sample_records(model, conditions: pl.DataFrame, *, batch_size: int
 
 
 # ---------------------------------------------------------------------- command line
+def add_shard_arguments(parser: argparse.ArgumentParser, *, shard_index: bool = True) -> None:
+    """The sharding flags of ``sample`` (and, without ``--shard-index``, of ``generate``)."""
+    g = parser.add_argument_group("sharding (large requests; the records do not depend on the shards)")
+    g.add_argument("--shards", type=int, default=1,
+                   help="split the sampling into this many shards of whole batches (default %(default)s)")
+    if shard_index:
+        g.add_argument("--shard-index", type=int, default=None, metavar="I",
+                       help="sample shard I (0-based) alone, e.g. as one of several processes; OUT then holds "
+                            "that shard's records, with their ids in the whole request")
+    g.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="run the shards here one after another, or as parallel tasks on a Ray cluster "
+                        f"(needs {RAY_INSTALL}; default %(default)s)")
+    g.add_argument("--ray-address", default="auto",
+                   help="the Ray cluster: auto, HOST:PORT or local (default %(default)s)")
+    g.add_argument("--gpus-per-shard", type=float, default=None,
+                   help="GPUs each Ray task asks for (default: 1 where the cluster has GPUs, else 0)")
+
+
+def check_shard_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad sharding flags, and a missing Ray for ``--backend ray``, before any work."""
+    if args.shards < 1:
+        raise HaloBalanceError(f"--shards must be >= 1 (got {args.shards})")
+    if getattr(args, "shard_index", None) is not None:
+        if not 0 <= args.shard_index < args.shards:
+            raise HaloBalanceError(f"--shard-index must lie in 0..{args.shards - 1} for --shards {args.shards} "
+                                   f"(got {args.shard_index})")
+        if args.backend != "local":
+            raise HaloBalanceError("--shard-index samples one shard in this process: drop --backend ray")
+    if args.gpus_per_shard is not None and args.gpus_per_shard < 0:
+        raise HaloBalanceError(f"--gpus-per-shard must be >= 0 (got {args.gpus_per_shard})")
+    if args.backend == "ray":
+        from .distributed import import_ray
+
+        import_ray()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m halo_balance.sample",
                                      description="Sample synthetic records from a trained model.")
@@ -317,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder (only one this package wrote)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_shard_arguments(parser)
     args = parser.parse_args(argv)
     if args.count < 1:
         raise HaloBalanceError(f"--count must be >= 1 (got {args.count})")
@@ -324,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise HaloBalanceError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.max_rounds < 1:
         raise HaloBalanceError(f"--max-rounds must be >= 1 (got {args.max_rounds})")
+    check_shard_arguments(args)
     copy_filter = None if args.allow_copies else CopyFilter(k=args.copy_k)
     specs = [parse_condition(c) for c in args.condition] or [{}]
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model], what="--out")
@@ -337,10 +454,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         copy_filter.references = [model.record_counts]
     conditions = pl.concat([model.layout.complete(spec, args.count, seed=args.seed + j)
                             for j, spec in enumerate(specs)])
+    options = {"batch_size": args.batch_size, "seed": args.seed, "device": args.device, "id_prefix": args.id_prefix,
+               "progress": not args.quiet}
     t0 = time.perf_counter()
-    draw = draw_without_copies(model, conditions, copy_filter=copy_filter, max_rounds=args.max_rounds,
-                               seed=args.seed, batch_size=args.batch_size, device=args.device,
-                               id_prefix=args.id_prefix, progress=not args.quiet)
+    if args.shard_index is None:
+        rows, sharding = range(len(conditions)), {"shards": args.shards, "backend": args.backend,
+                                                  "ray_address": args.ray_address, "gpus_per_shard": args.gpus_per_shard}
+    else:  # one shard of the request, here: its records and ids are the whole request's for its rows
+        rows, sharding = shard_rows(len(conditions), batch_size=args.batch_size, shards=args.shards,
+                                    index=args.shard_index), {}
+    draw = draw_without_copies(model, conditions[rows.start:rows.stop], copy_filter=copy_filter,
+                               max_rounds=args.max_rounds, first_row=rows.start, **sharding, **options)
     if len(draw.unfilled):
         raise HaloBalanceError(f"{len(draw.unfilled)} records could not be drawn without copying a training record "
                                f"held by fewer than {args.copy_k} patients after {args.max_rounds} rounds; the model "
@@ -349,7 +473,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     seconds = time.perf_counter() - t0
     data = draw.dataset
     data.meta["generation"]["copies"] = draw.summary(copy_filter)
+    if args.shard_index is not None:
+        data.meta["generation"].update(shards=args.shards, shard_index=args.shard_index,
+                                       n_records_in_request=len(conditions))
     data.save(args.out, overwrite=args.overwrite)
+    if not data.n_patients:
+        print(f"shard {args.shard_index} of {args.shards} is empty (the request has fewer batches than shards) "
+              f"-> {args.out}", file=sys.stderr)
+        return
     print(f"{data.n_patients} records, {data.n_visits} visits ({data.n_visits / data.n_patients:.2f} per record) "
           f"in {seconds:.1f} s ({data.n_patients / seconds:,.0f} records/s); "
           f"{describe_copies(data.meta['generation']['copies'])} -> {args.out}", file=sys.stderr)

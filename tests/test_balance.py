@@ -56,6 +56,16 @@ def test_real_rows_unchanged_and_synthetic_flagged(train, model):
     out.validate()
 
 
+def test_sharded_sampling_balances_identically(train, model):
+    """Each round's sampling split into shards draws the same records as one piece."""
+    whole = rebalance(train, groups=["gender"], model=model, seed=4, batch_size=16, progress=False)
+    sharded = rebalance(train, groups=["gender"], model=model, seed=4, batch_size=16, shards=3, progress=False)
+    assert whole.synthetic.n_patients > 48  # more batches than shards
+    assert sharded.dataset.visits.equals(whole.dataset.visits)
+    assert sharded.dataset.patients.equals(whole.dataset.patients)
+    assert sharded.plan.equals(whole.plan)
+
+
 def test_no_synthetic_record_copies_a_rare_training_record(train, model):
     from collections import Counter
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -16,6 +17,7 @@ import pytest
 from benchmarks import downstream, fairness_methods, kfold, methods
 from benchmarks.methods import FairPlaySettings, SeparateModels, balance_targets, build_training_set
 from benchmarks.report import compare_runs
+from halo_balance.cli import run
 from halo_balance.data import PreparedDataset, empty_meta
 from halo_balance.errors import DatasetError, HaloBalanceError
 from tests.conftest import fails_cleanly
@@ -513,7 +515,7 @@ def test_one_progress_bar_counts_generators_and_the_run_ends_with_the_headline(m
         real_init(self, *args, **kwargs)
         bars.append(self)
 
-    def fairplay(*args, **kwargs):  # the bar when a generator starts: baselines done, not 100%
+    def fairplay(*args, **kwargs):  # the bar when a generator starts: generators come first (the longest jobs)
         seen.append((bars[-1].bar.n, bars[-1].bar.total, bars[-1].units))
         return real_fairplay(*args, **kwargs)
 
@@ -524,7 +526,7 @@ def test_one_progress_bar_counts_generators_and_the_run_ends_with_the_headline(m
                 "--methods", "original,upsample,fairplay", "--models", "logreg", "--train-options", '{"epochs": 2}'])
     captured = capsys.readouterr()
     total = 6 + 2 * kfold.GENERATOR_WEIGHT  # 6 units, 2 generators
-    assert seen == [(4, total, 4), (4 + kfold.GENERATOR_WEIGHT, total, 4)]
+    assert seen == [(0, total, 0), (kfold.GENERATOR_WEIGHT, total, 0)]
     assert bars[-1].bar.n == total and "units 6/6, generators 2/2" in captured.err
 
     # the headline: mean F1 (vs original), AUROC, Theil and DI over the intersection, one row per method
@@ -545,6 +547,22 @@ def test_one_progress_bar_counts_generators_and_the_run_ends_with_the_headline(m
         members = cohort.patients.filter(pl.col("gender") == gender)
         header = f"{gender} (patients={members.height}, deaths={int(members['label'].sum())})"
         assert header in report and header in page
+
+
+def test_ray_backend_problems_are_reported_before_any_work(tmp_path, cohort_dir, monkeypatch, capsys):
+    args = ["--data", str(cohort_dir), "--groups", "gender", "--out", str(tmp_path / "run"), "--backend", "ray"]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+        with pytest.raises(SystemExit) as exc:
+            run(kfold.main, args)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and 'pip install -e ".[ray]"' in err and "Traceback" not in err
+    if importlib.util.find_spec("ray") is not None:  # no cluster runs here
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        with pytest.raises(SystemExit) as exc:
+            run(kfold.main, [*args, "--ray-address", "auto"])
+        assert exc.value.code == 2 and "cannot reach a Ray cluster" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------- slow: every model, real balancer

@@ -11,7 +11,8 @@ from halo_balance.cli import run
 from halo_balance.data import PreparedDataset
 from halo_balance.errors import HaloBalanceError
 from halo_balance.model import HaloModel
-from halo_balance.sample import main, reference_sample_records, sample_records, sample_visits
+from halo_balance.sample import main, reference_sample_records, sample_records, sample_shards, sample_visits, \
+    shard_rows
 from tests.conftest import make_tiny_dataset
 from tests.test_model import _visits, random_model
 
@@ -161,3 +162,101 @@ def test_cli_samples_each_condition(model, tmp_path, capsys):
         run(main, ["--model", str(tmp_path / "m"), "--out", str(out), "--count", "2"])
     assert exc.value.code == 2 and "already exists" in capsys.readouterr().err
     assert isinstance(HaloModel.from_pretrained(tmp_path / "m"), HaloModel)
+
+
+# ---------------------------------------------------------------------- shards
+def _same_records(a: PreparedDataset, b: PreparedDataset) -> bool:
+    return a.visits.equals(b.visits) and a.patients.equals(b.patients)
+
+
+@pytest.mark.parametrize("n, batch_size, shards", [(1000, 100, 4), (1000, 64, 3), (130, 64, 4), (5, 2, 7)])
+def test_shards_cover_the_request_once_in_whole_batches(n, batch_size, shards):
+    rows = [shard_rows(n, batch_size=batch_size, shards=shards, index=i) for i in range(shards)]
+    assert [i for r in rows for i in r] == list(range(n))
+    assert all(r.start % batch_size == 0 for r in rows if len(r))
+    sizes = [len(r) for r in rows]
+    assert max(sizes) - min(sizes) <= batch_size  # even up to one batch (and the last, short one)
+    with pytest.raises(HaloBalanceError, match="--shard-index"):
+        shard_rows(n, batch_size=batch_size, shards=shards, index=shards)
+
+
+def test_four_shards_give_the_records_of_one(model):
+    cond = _conditions(model, 1000, seed=3)
+    whole = sample_records(model, cond, batch_size=100, seed=9, device="cpu", progress=False)
+    for shards in (1, 4, 3):
+        sharded = sample_shards(model, cond, shards=shards, batch_size=100, seed=9, device="cpu", progress=False)
+        assert _same_records(sharded, whole), shards
+    # each shard alone, as a separate process would draw it, has the whole request's records and ids
+    parts = [sample_records(model, cond[r.start:r.stop], first_row=r.start, batch_size=100, seed=9, device="cpu",
+                            progress=False)
+             for r in (shard_rows(1000, batch_size=100, shards=4, index=i) for i in range(4))]
+    assert _same_records(PreparedDataset.concat(parts), whole)
+    assert parts[1].patients["patient_id"][0] == "syn-9-200"  # batches 2-4 of 10
+    # the comparison has power: another seed gives other records
+    assert not _same_records(sample_shards(model, cond, shards=4, batch_size=100, seed=10, device="cpu",
+                                           progress=False), whole)
+    with pytest.raises(HaloBalanceError, match="multiple of batch_size"):
+        sample_records(model, cond[:10], first_row=50, batch_size=100, device="cpu", progress=False)
+
+
+def test_cli_shards_as_separate_processes_join_to_the_whole_request(model, tmp_path):
+    """Copy rejection on (the default): rows re-drawn in several shards get the whole request's records."""
+    import copy
+
+    from halo_balance.copies import COPY_K, RecordCounts, record_digests
+
+    m = copy.deepcopy(model)
+    m.record_counts = None
+    m.save_pretrained(tmp_path / "m")
+    common = ["--model", str(tmp_path / "m"), "--count", "150", "--condition", "label=1", "--condition", "label=0",
+              "--batch-size", "40", "--seed", "5", "--device", "cpu", "--quiet"]
+    main([*common, "--out", str(tmp_path / "raw"), "--allow-copies"])
+    raw = PreparedDataset.load(tmp_path / "raw")
+    # the model's "training records": every 9th first-round record (rare) and one shared by COPY_K patients
+    ids = raw.patients["patient_id"]
+    counts = RecordCounts.from_dataset(raw.select(ids.gather_every(9)))
+    shared = record_digests(raw.select(ids[4:5]).records(), counts.salt)[0]
+    counts.counts[shared] = COPY_K
+    m.record_counts = counts
+    m.save_pretrained(tmp_path / "m")
+    main([*common, "--out", str(tmp_path / "whole")])
+    for i in range(4):
+        main([*common, "--out", str(tmp_path / f"shard{i}"), "--shards", "4", "--shard-index", str(i)])
+    whole = PreparedDataset.load(tmp_path / "whole")
+    parts = [PreparedDataset.load(tmp_path / f"shard{i}") for i in range(4)]
+    assert [p.n_patients for p in parts] == [80, 80, 80, 60]  # 8 batches of 40 (the last of 20), 2 per shard
+    assert parts[2].meta["generation"]["shard_index"] == 2
+    assert _same_records(PreparedDataset.concat(parts), whole)
+    # re-draws happened in every shard, and the whole request's counts are the shards' sums
+    rejected = [p.meta["generation"]["copies"]["rejected_copies"] for p in parts]
+    assert all(r > 0 for r in rejected)
+    assert whole.meta["generation"]["copies"]["rejected_copies"] == sum(rejected) >= 300 // 9
+    assert whole.meta["generation"]["copies"]["kept_copies"] >= 1
+    held = counts.lookup(whole.records())
+    assert not ((held > 0) & (held < COPY_K)).any() and held[4] == COPY_K
+    assert not _same_records(whole, raw)
+
+
+def test_shard_options_are_checked_before_any_work(model, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "m")
+    base = ["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--count", "10"]
+    for extra, message in ((["--shards", "0"], "--shards must be >= 1"),
+                           (["--shards", "2", "--shard-index", "2"], "--shard-index must lie in 0..1"),
+                           (["--shards", "2", "--shard-index", "0", "--backend", "ray"], "drop --backend ray")):
+        with pytest.raises(SystemExit) as exc:
+            run(main, [*base, *extra])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ray_backend_without_ray_names_the_install_command(model, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit) as exc:
+        run(main, ["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--count", "10", "--shards", "2",
+                   "--backend", "ray"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and 'pip install -e ".[ray]"' in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
