@@ -236,8 +236,8 @@ def draw_without_copies(model, conditions: pl.DataFrame, *, copy_filter: CopyFil
         else:
             batch_of = (first_row + todo) // batch_size
             drawn = PreparedDataset.concat([
-                sample_records(model, conditions[todo[batch_of == b]], seed=seed + round_, first_row=int(b) * batch_size,
-                               id_prefix=prefix, progress=False, **options)
+                sample_records(model, conditions[todo[batch_of == b]], seed=seed + round_,
+                               first_row=int(b) * batch_size, id_prefix=prefix, progress=False, **options)
                 for b in _bar(np.unique(batch_of).tolist(), progress, f"re-draw round {round_}")])
         if copy_filter is None:
             parts.append((drawn, todo))

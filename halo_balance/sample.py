@@ -458,8 +458,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                "progress": not args.quiet}
     t0 = time.perf_counter()
     if args.shard_index is None:
-        rows, sharding = range(len(conditions)), {"shards": args.shards, "backend": args.backend,
-                                                  "ray_address": args.ray_address, "gpus_per_shard": args.gpus_per_shard}
+        rows = range(len(conditions))
+        sharding = {"shards": args.shards, "backend": args.backend, "ray_address": args.ray_address,
+                    "gpus_per_shard": args.gpus_per_shard}
     else:  # one shard of the request, here: its records and ids are the whole request's for its rows
         rows, sharding = shard_rows(len(conditions), batch_size=args.batch_size, shards=args.shards,
                                     index=args.shard_index), {}

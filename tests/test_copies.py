@@ -158,6 +158,22 @@ def test_rebalance_keeps_shared_copies_and_counts_them(tmp_path, replaying):
     assert tuple(map(tuple, RARE)) not in res.synthetic.records().keys()
 
 
+def test_rebalance_in_shards_rejects_and_keeps_the_same_copies(tmp_path, replaying):
+    from halo_balance.balance import rebalance
+
+    data = _training()
+    model = HaloModel.from_pretrained(_model_folder(tmp_path))
+    options = {"groups": [], "model": model, "seed": 0, "min_cell_size": 1, "batch_size": 2, "progress": False}
+    whole = rebalance(data, **options)
+    replaying.clear()
+    sharded = rebalance(data, shards=2, **options)
+    assert replaying[:3] == [2, 3, 1]  # round 0 in two shards of whole batches (rows 0-1, then 2-4), one re-draw
+    assert int(whole.plan["rejected"].sum()) == 1 and int(whole.plan["kept_copies"].sum()) == 1
+    assert sharded.plan.equals(whole.plan)
+    assert sharded.dataset.visits.equals(whole.dataset.visits)
+    assert sharded.dataset.patients.equals(whole.dataset.patients)
+
+
 @pytest.mark.filterwarnings("ignore::halo_balance.plan.AmplificationWarning")  # deaths are rare visit rows
 def test_sampler_on_eicu_visit_rows_runs_in_every_fold(eicu_prepared):
     """Visit rows of the eICU demo restricted to their first 100 tokens hold many records that dozens of
