@@ -45,10 +45,19 @@ def with_synthetic(ds: PreparedDataset, n: int, seed: int = 0) -> PreparedDatase
     return PreparedDataset.concat([ds, syn]).validate()
 
 
+def representation(ds: PreparedDataset) -> tuple:
+    """What makes two prepared datasets comparable: outcome, groups, lab items and bins, time bins."""
+    pre = ds.meta["preprocessing"]
+    labs = {k: v for k, v in pre["labs"].items() if k not in ("source", "bins_from", "items")}
+    items = [{k: v for k, v in it.items() if k != "rows"} for it in pre["labs"]["items"]]  # rows: of this data
+    return ds.meta["outcome"], ds.meta["groups"], labs, items, pre["time_bins"]
+
+
 def same_patients_and_visits(original: PreparedDataset, back: PreparedDataset,
                              export_dir: Path) -> tuple[dict, dict]:
-    """Assert that ``back`` (ids restored) has ``original``'s patients (labels, groups, flags) and
-    visits; return both datasets' tokens per visit."""
+    """Assert that ``back`` (ids restored) has ``original``'s outcome, lab and time bins, patients (labels, groups,
+    flags) and visits; return both datasets' tokens per visit."""
+    assert representation(back) == representation(original)
     back = restore_ids(back, export_dir)
     cols = original.patients.columns
     assert back.patients.sort("patient_id").select(cols).equals(original.patients.sort("patient_id"))
@@ -424,7 +433,8 @@ def test_eicu_raw_lab_table_every_value_by_hospital_stay(tmp_path: Path, capsys)
     ds = with_synthetic(first, 2, seed=1)
     res = export(ds, tmp_path / "raw", format="eicu", seed=7)
     assert (tmp_path / "raw" / "lab.csv.gz").is_file() and res.report["lab_mode"] == "every"
-    assert "--lab-source lab --patient-unit hospital-stay" in res.prepare_again
+    # --bins-from brings the lab source, patient unit, lab mode and time bins
+    assert res.prepare_again == f"python -m data_prep.eicu --root {tmp_path / 'raw'} --out AGAIN --bins-from PREPARED"
     back = prepare_back(ExportResult(res.path, res.rows, res.report,
                                      res.prepare_again.replace("PREPARED", str(tmp_path / "prepared"))),
                         tmp_path / "back", capsys)
