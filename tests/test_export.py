@@ -153,10 +153,16 @@ def test_drawn_values_land_in_their_bin(stored) -> None:
 def test_every_exported_lab_value_is_in_its_tokens_bin(mimic_demo_prepared: Path) -> None:
     ds = PreparedDataset.load(mimic_demo_prepared)
     dec = decode(ds, seed=0, numeric_ids=True, layout=Layout())
-    items = {it["item"]: it["edges"] for it in ds.meta["preprocessing"]["labs"]["items"]}
+    items = {it["item"]: np.asarray(it["edges"]) for it in ds.meta["preprocessing"]["labs"]["items"]}
     assert dec.labs.height > 8000
+    outer = 0
     for item, part in dec.labs.partition_by("item", as_dict=True).items():
-        assert np.array_equal(bin_of(part["value"].to_numpy(), items[item[0]]), part["bin"].to_numpy())
+        # bin b of edges e1 < ... < ek is [e_{b-1}, e_b), open below bin 1 and above bin k + 1
+        e, v, b = items[item[0]], part["value"].to_numpy(), part["bin"].to_numpy()
+        padded = np.concatenate([[-np.inf], e, [np.inf]])
+        assert ((padded[b - 1] <= v) & (v < padded[b])).all(), item
+        outer += int(((b == 1) | (b == len(e) + 1)).sum())
+    assert outer > 1000  # the open-ended outer bins are exercised
     v = dec.visits
     assert (v["admit"] < v["discharge"]).all()
     t = dec.labs.join(v.select("visit_no", "admit", "discharge"), on="visit_no")
@@ -547,3 +553,28 @@ def test_time_tokens_decode_to_ages_and_gaps_inside_their_bins() -> None:
     b = np.array([g for pair in gap_bins for g in pair])
     edges = np.array([0.0, 30.0, 365.0, 700.0])
     assert ((gaps >= edges[b] - 1 / 1440) & (gaps < edges[b + 1] + 1 / 1440)).all()  # minute rounding
+
+
+@pytest.mark.parametrize("fmt", ["mimic-iv", "meds"])
+def test_round_trip_with_every_representation_option(fmt: str, tmp_path: Path, capsys) -> None:
+    """D prepared with non-default values of every option that defines its representation (lab items, bins,
+    lab mode, time bins, outcome, visit cap) comes back through the printed command, which names none of
+    them: --bins-from D brings them all, and the prepared-again data records D's values."""
+    from data_prep import meds
+    from test_prep_options import REPRESENTATION
+
+    options = REPRESENTATION["mimic"]
+    src = tmp_path / "prepared"
+    ds = with_synthetic(prepare_mimic_iv(require(MIMIC_DEMO), src, progress=False, **options), 20)
+    res = export(ds, tmp_path / "raw", format=fmt, seed=9)
+    assert not any(f"--{k.replace('_', '-')}" in res.prepare_again for k in options)
+    back = prepare_back(ExportResult(res.path, res.rows, res.report, res.prepare_again.replace("PREPARED", str(src))),
+                        tmp_path / "back", capsys)
+    assert_round_trip_counted(ds, back, tmp_path / "raw", res.report)
+    params = back.meta["preprocessing"]["parameters"]
+    assert {k: params[k] for k in options if k != "outcome"} == {k: v for k, v in options.items() if k != "outcome"}
+    assert back.meta["outcome"] == "readmission_30d"
+    if fmt == "meds":  # the outcome came from the label file; an explicit visit cap of another value is refused
+        assert params["outcome"] is None and params["labels"].endswith("readmission_30d.parquet")
+        fails_cleanly(meds.main, shlex.split(res.prepare_again.replace("PREPARED", str(src)))[3:] + [
+            "--max-visits", "3", "--quiet"], capsys, "--max-visits 3 differs from the --bins-from folder's 2")
