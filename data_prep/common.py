@@ -16,7 +16,9 @@
   ``--max-visits``; eICU's ``--lab-source`` and ``--patient-unit`` through :meth:`Reference.resolve`)
   is D's, and one given explicitly with another value is an error naming the option, D's value and
   the fix, so that data prepared with ``--bins-from D`` is always comparable with D. Options that say
-  how to read an input (``--root``, the MEDS codes and rules) are the input's own.
+  how to read an input (``--root``, the MEDS codes and rules) are the input's own. D's group
+  categories come first; a category D lacks is kept after them and its patients counted
+  (``patients_<attribute>_category_not_in_reference``).
 - :func:`assemble`: visits, tokens, vocabulary and patients into a validated
   :class:`~halo_balance.data.PreparedDataset`.
 
@@ -753,7 +755,11 @@ def finish(*, source: str, module: str, root: Path, tables: dict[str, RawTable |
     tokens = pl.concat([t.select("key", pl.col("token", "kind").cast(pl.Categorical)) for t in parts],
                        rechunk=False)
     groups = present_categories(patients, canonical)
-    if reference is not None:
+    if reference is not None:  # categories the reference lacks are kept, after its own, and counted
+        for attr, cats in groups.items():
+            new = [c for c in cats if c not in reference.meta["groups"].get(attr, [])]
+            if new:
+                counts.note(f"patients_{attr}_category_not_in_reference", patients.filter(pl.col(attr).is_in(new)).height)
         groups = reference.categories(groups)
     bins_from = str(bins_from) if bins_from else None
     meta = empty_meta(source=source, source_version=source_version(root), outcome=outcome.name,

@@ -57,7 +57,8 @@ Rules (also written to ``meta.json`` under ``preprocessing.rules``)
   ``--bins-from``, the reference's attributes as static codes (``ATTR=code:ATTR``, upper case:
   what ``halo_balance.export --format meds`` writes) where the data has them, else by the
   reference's own rule (a reference prepared by ``data_prep.meds``); an attribute with neither is an
-  error (every subject would be Unknown). Categories are the values as written.
+  error (every subject would be Unknown), and ``--group`` rules given with ``--bins-from`` must name
+  exactly the reference's attributes. Categories are the values as written.
 - **Drops**: every event, visit or subject left out is counted by reason in ``meta.json``.
   The selected events (admissions, discharges, deaths, diagnoses, labs, group sources) are
   gathered in memory; the lab aggregation streams.
@@ -434,6 +435,11 @@ def _group_rules(specs: Sequence[str] | None, reference: Reference | None, event
             if r.kind == "column" and r.arg not in columns:
                 raise DatasetError(f"group {r.attribute!r} reads a column the MEDS data does not have",
                                    column=r.arg, fix=f"the data's columns are {list(columns)}")
+        ref_groups = list(reference.meta["groups"]) if reference is not None else None
+        if ref_groups is not None and sorted(r.attribute for r in rules) != sorted(ref_groups):
+            raise DatasetError(f"--group gives the attributes {[r.attribute for r in rules]}; the --bins-from "
+                               f"folder's are {ref_groups}", column="--group",
+                               fix="give one --group for each of the folder's attributes, or leave --group out")
     elif reference is not None:  # the reference's attributes: static codes (export), else its own rules
         own = {}
         if reference.meta["preprocessing"].get("module") == "data_prep.meds":

@@ -169,3 +169,24 @@ def test_label_file_outcome_is_recorded_and_must_be_the_references(fixture_root:
     with pytest.raises(DatasetError, match="--outcome and --labels exclude each other"):
         prepare_meds(fixture_root, tmp_path / "x", labels=labels, outcome="mortality", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_bins_from_groups_are_the_references(fixture_root: Path, tmp_path: Path) -> None:
+    """With --bins-from, the groups are the reference's attributes: read by its own rules from raw MEDS data
+    (not as static codes that are not there), another set of --group attributes refused, and categories the
+    reference lacks counted."""
+    ref = prepare_meds(fixture_root, tmp_path / "ref", n_bins=2, progress=False)
+    again = prepare_meds(fixture_root, tmp_path / "again", bins_from=tmp_path / "ref", progress=False)
+    assert again.patients.equals(ref.patients) and again.meta["groups"] == ref.meta["groups"]
+    with pytest.raises(DatasetError, match=r"--group gives the attributes \['sex'\]; the --bins-from folder's are"):
+        prepare_meds(fixture_root, tmp_path / "x", groups=["sex=code:GENDER"], bins_from=tmp_path / "ref",
+                     progress=False)
+    assert not (tmp_path / "x").exists()
+    narrow = prepare_meds(fixture_root, tmp_path / "narrow", groups=["gender=code:GENDER", "race=column:race",
+                                                                    "insurance=column:insurance",
+                                                                    "age_group=age:18,45,65"], progress=False)
+    wide = prepare_meds(fixture_root, tmp_path / "wide", bins_from=tmp_path / "narrow", progress=False,
+                        groups=[r for r in ref.meta["preprocessing"]["parameters"]["groups"]])
+    assert narrow.meta["groups"]["age_group"] == ["65+", "Unknown"]
+    assert wide.meta["groups"]["age_group"] == ["65+", "Unknown", "65-79", "80+"]  # the reference's first
+    assert wide.meta["counts"]["info"]["patients_age_group_category_not_in_reference"] == 2
