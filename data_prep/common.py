@@ -11,7 +11,14 @@
   the visit binned by the item's quantiles of visit means; ``every``, every measurement binned by
   the item's quantiles over all measurements, a token for each bin the visit's measurements touched.
 - The options every preparer shares (:func:`add_common_arguments`, :func:`common_options`), defined
-  here once.
+  here once, and :func:`settings`: with ``--bins-from D`` every option that defines the
+  representation (``--n-lab-items``, ``--n-bins``, ``--lab-tokens``, ``--time-bins``, ``--outcome``,
+  ``--max-visits``; eICU's ``--lab-source`` and ``--patient-unit`` through :meth:`Reference.resolve`)
+  is D's, and one given explicitly with another value is an error naming the option, D's value and
+  the fix, so that data prepared with ``--bins-from D`` is always comparable with D. Options that say
+  how to read an input (``--root``, the MEDS codes and rules) are the input's own. D's group
+  categories come first; a category D lacks is kept after them and its patients counted
+  (``patients_<attribute>_category_not_in_reference``).
 - :func:`assemble`: visits, tokens, vocabulary and patients into a validated
   :class:`~halo_balance.data.PreparedDataset`.
 
@@ -61,6 +68,8 @@ OUTCOMES: tuple[str, ...] = get_args(Outcome)
 SIGNIFICANT_DIGITS = 9
 #: ``--n-bins`` when it is not given (and there is no ``--bins-from`` folder to take it from).
 DEFAULT_N_BINS = 10
+#: ``--n-lab-items`` when it is not given (and there is no ``--bins-from`` folder to take it from).
+DEFAULT_N_LAB_ITEMS = 50
 
 
 # ---------------------------------------------------------------------- reading raw tables
@@ -332,6 +341,38 @@ class Reference:
     def time_bins(self) -> dict[str, Any] | None:
         """``preprocessing.time_bins`` (``None`` when the folder has no time tokens)."""
         return self.meta["preprocessing"].get("time_bins")
+
+    def parameter(self, name: str, default: Any = None) -> Any:
+        """The value ``preprocessing.parameters`` records for an option (``default`` when absent)."""
+        return (self.meta["preprocessing"].get("parameters") or {}).get(name, default)
+
+    @property
+    def n_lab_items(self) -> int:
+        """``--n-lab-items`` as given to the reference (folders without it: the items it kept)."""
+        n = self.parameter("n_lab_items")
+        return int(n) if n is not None else len(self.meta["preprocessing"]["labs"].get("items", []))
+
+    @property
+    def outcome_option(self) -> str | None:
+        """The reference's ``--outcome`` (``None`` when its labels came from a MEDS label file)."""
+        pre = self.meta["preprocessing"]
+        if self.parameter("labels"):
+            return None
+        option = (pre.get("outcome") or {}).get("option") or self.parameter("outcome")
+        if option is None and self.meta.get("outcome") == "in_hospital_mortality":
+            option = "mortality"  # folders written before --outcome existed
+        return option
+
+    def resolve(self, option: str, given: Any, value: Any) -> Any:
+        """The reference's ``value`` of a command-line ``option``; an explicit ``given`` that differs is an
+        error, since data prepared otherwise would not be comparable with the reference."""
+        if given is not None and given != value:
+            shown = "none" if value is None else value
+            raise DatasetError(f"{option} {given} differs from the --bins-from folder's {shown}",
+                               file=str(self.path / META_FILE), column="preprocessing.parameters",
+                               fix=f"leave {option} out to use the reference's, or prepare the reference "
+                                   f"with {option} {given}")
+        return value
 
     def categories(self, present: dict[str, list[str]]) -> dict[str, list[str]]:
         """The reference's group categories, followed by any category new in this data."""
@@ -703,13 +744,22 @@ def finish(*, source: str, module: str, root: Path, tables: dict[str, RawTable |
         from .outcomes import OUTCOME_NAMES, OutcomeSpec
 
         outcome = OutcomeSpec("mortality", OUTCOME_NAMES["mortality"], rules.get("outcome", ""))
+    if patients.height == 0:  # say why, rather than fail later on an empty category list
+        reasons = sorted(((n, k) for k, n in counts.dropped.items() if n), reverse=True)[:3]
+        raise DatasetError("no patient is left to prepare; dropped: " + (", ".join(f"{k} {n:,}" for n, k in reasons)
+                                                                        or "nothing (the tables hold no patient)"),
+                           file=str(root), fix="check the input tables and the options against the module's rules")
     items = labs.items if labs is not None else []
     vocab = build_vocab([dx_vocab, lab_vocab(items)] + ([time.bins.vocab()] if time else []), reference)
     parts = [dx_tokens] + ([labs.tokens] if labs is not None else []) + ([time.tokens] if time else [])
     tokens = pl.concat([t.select("key", pl.col("token", "kind").cast(pl.Categorical)) for t in parts],
                        rechunk=False)
     groups = present_categories(patients, canonical)
-    if reference is not None:
+    if reference is not None:  # categories the reference lacks are kept, after its own, and counted
+        for attr, cats in groups.items():
+            new = [c for c in cats if c not in reference.meta["groups"].get(attr, [])]
+            if new:
+                counts.note(f"patients_{attr}_category_not_in_reference", patients.filter(pl.col(attr).is_in(new)).height)
         groups = reference.categories(groups)
     bins_from = str(bins_from) if bins_from else None
     meta = empty_meta(source=source, source_version=source_version(root), outcome=outcome.name,
@@ -795,7 +845,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, root_help: str, visit: s
     """The options every preprocessor CLI shares (read them back with :func:`common_options`)."""
     p.add_argument("--root", required=True, help=root_help)
     p.add_argument("--out", required=True, help="output folder for the prepared dataset")
-    p.add_argument("--n-lab-items", type=int, default=50, help="lab items kept (default 50; 0 = no labs)")
+    p.add_argument("--n-lab-items", type=int, default=None,
+                   help=f"lab items kept (default {DEFAULT_N_LAB_ITEMS}; 0 = no labs; with --bins-from: the reference's)")
     p.add_argument("--n-bins", type=int, default=None,
                    help=f"bins per lab item (default {DEFAULT_N_BINS}: deciles; with --bins-from: the reference's)")
     p.add_argument("--lab-tokens", choices=LAB_TOKEN_MODES, default=None,
@@ -805,12 +856,15 @@ def add_common_arguments(p: argparse.ArgumentParser, *, root_help: str, visit: s
     p.add_argument("--time-bins", type=int, default=None, metavar="N",
                    help="add time tokens: age at the first visit and days since the previous visit, in N "
                         "quantile bins (default 0: none; with --bins-from: the reference's)")
-    p.add_argument("--outcome", choices=OUTCOMES, default="mortality",
+    p.add_argument("--outcome", choices=OUTCOMES, default=None,
                    help="the label on each record's final visit: in-hospital death (default), a readmission "
-                        "within 30 days of the final discharge, or a stay over 7 days (rules: the module docstring)")
-    p.add_argument("--max-visits", type=int, default=None, help=f"keep each patient's N most recent {visit}")
+                        "within 30 days of the final discharge, or a stay over 7 days (rules: the module docstring; "
+                        "with --bins-from: the reference's)")
+    p.add_argument("--max-visits", type=int, default=None,
+                   help=f"keep each patient's N most recent {visit} (with --bins-from: the reference's)")
     p.add_argument("--bins-from", default=None, metavar="PREPARED_DIR",
-                   help="reuse the lab items, bin edges, time bins and vocabulary of this prepared dataset")
+                   help="prepare like this prepared dataset: its lab items, bin edges, lab-token mode, time bins, "
+                        "vocabulary, outcome and visit cap (an option given with another value is an error)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -822,9 +876,9 @@ def common_options(args: argparse.Namespace) -> dict[str, Any]:
             "bins_from": args.bins_from, "overwrite": args.overwrite, "progress": not args.quiet}
 
 
-def check_parameters(*, n_lab_items: int, n_bins: int | None, max_visits: int | None, time_bins: int | None = None,
-                     lab_tokens: str | None = None, outcome: str = "mortality") -> None:
-    if n_lab_items < 0:
+def check_parameters(*, n_lab_items: int | None, n_bins: int | None, max_visits: int | None,
+                     time_bins: int | None = None, lab_tokens: str | None = None, outcome: str | None = None) -> None:
+    if n_lab_items is not None and n_lab_items < 0:
         raise DatasetError("must be 0 or more", column="n_lab_items", value=n_lab_items)
     if n_bins is not None and n_bins < 2:
         raise DatasetError("must be at least 2", column="n_bins", value=n_bins)
@@ -838,35 +892,44 @@ def check_parameters(*, n_lab_items: int, n_bins: int | None, max_visits: int | 
 
 
 @dataclass(frozen=True)
-class TokenSettings:
-    """The tokenisation options in effect (:func:`token_settings`)."""
+class Settings:
+    """The options that define a prepared dataset's representation, as in effect (:func:`settings`)."""
 
     n_bins: int
     time_bins: int
     lab_mode: LabTokenMode
     time_reference: dict[str, Any] | None  # the reference's ``preprocessing.time_bins`` to reuse
+    n_lab_items: int
+    outcome: Outcome
+    max_visits: int | None
 
 
-def token_settings(*, n_bins: int | None, time_bins: int | None, lab_tokens: str | None,
-                   reference: Reference | None) -> TokenSettings:
-    """``--n-bins``, ``--time-bins`` and ``--lab-tokens`` in effect, and the reference's time bins to reuse.
+def settings(*, n_bins: int | None, time_bins: int | None, lab_tokens: str | None, n_lab_items: int | None,
+             outcome: str | None, max_visits: int | None, reference: Reference | None) -> Settings:
+    """``--n-bins``, ``--time-bins``, ``--lab-tokens``, ``--n-lab-items``, ``--outcome`` and ``--max-visits``
+    in effect, and the reference's time bins to reuse.
 
-    Without a reference: the values given (``None``: 10, 0 and ``mean``). With ``--bins-from`` they are
-    the reference's, so new data is tokenised exactly like it; a different value given explicitly
-    is an error rather than silently ignored.
+    Without a reference: the values given (``None``: 10, 0, ``mean``, 50, ``mortality`` and no cap). With
+    ``--bins-from`` they are the reference's, so new data is prepared exactly like it; a different value
+    given explicitly is an error rather than silently ignored (:meth:`Reference.resolve`). ``--outcome``
+    of a reference whose labels came from a MEDS label file is left to ``data_prep.meds``.
     """
     if reference is None:
-        n = DEFAULT_N_BINS if n_bins is None else n_bins
-        return TokenSettings(n, time_bins or 0, lab_tokens or "mean", None)  # type: ignore[arg-type]
+        return Settings(DEFAULT_N_BINS if n_bins is None else n_bins, time_bins or 0,
+                        lab_tokens or "mean", None,  # type: ignore[arg-type]
+                        DEFAULT_N_LAB_ITEMS if n_lab_items is None else n_lab_items,
+                        outcome or "mortality", max_visits)  # type: ignore[arg-type]
     ref_time = reference.time_bins
-    ref_n = int(ref_time["n_bins"]) if ref_time else 0
-    for option, given, ref in (("--n-bins", n_bins, reference.n_bins), ("--time-bins", time_bins, ref_n),
-                               ("--lab-tokens", lab_tokens, reference.lab_mode)):
-        if given is not None and given != ref:
-            raise DatasetError(f"{option} {given} differs from the --bins-from folder's {ref}",
-                               file=str(reference.path / META_FILE), column="preprocessing.parameters",
-                               fix=f"leave {option} out to use the reference's, or prepare the reference with it")
-    return TokenSettings(reference.n_bins, ref_n, reference.lab_mode, ref_time)  # type: ignore[arg-type]
+    r = reference.resolve
+    ref_outcome = reference.outcome_option
+    return Settings(
+        n_bins=r("--n-bins", n_bins, reference.n_bins),
+        time_bins=r("--time-bins", time_bins, int(ref_time["n_bins"]) if ref_time else 0),
+        lab_mode=r("--lab-tokens", lab_tokens, reference.lab_mode), time_reference=ref_time,
+        n_lab_items=r("--n-lab-items", n_lab_items, reference.n_lab_items),
+        outcome=(r("--outcome", outcome, ref_outcome) if ref_outcome is not None  # type: ignore[arg-type]
+                 else outcome or "mortality"),
+        max_visits=r("--max-visits", max_visits, reference.parameter("max_visits")))
 
 
 def summary(ds: PreparedDataset, out: str | os.PathLike) -> str:

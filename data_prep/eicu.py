@@ -63,7 +63,13 @@ Rules (also written to ``meta.json`` under ``preprocessing.rules``)
   raw labs. The demo lacks ``lab``, so it needs ``--lab-source apache``. apacheApsVar holds one
   value per stay and variable, so ``--lab-tokens every`` gives exactly the tokens of ``mean``
   there. ``--bins-from`` reuses the items, edges, lab mode, time bins and vocabulary of an earlier
-  prepared folder.
+  prepared folder, and takes its ``--lab-source``, ``--patient-unit``, ``--n-lab-items``,
+  ``--n-bins``, ``--outcome`` and ``--max-visits`` (one given with another value is an error).
+- **Columns an option needs**: ``--patient-unit hospital-stay`` reads ``patienthealthsystemstayid``,
+  ``--outcome readmission-30d`` ``unitdischargeoffset`` and ``unitdischargestatus``, ``--outcome
+  long-stay`` ``hospitaldischargeoffset``; a patient table without such a column, or without a single
+  value in it, is an error naming the file, the column and the option (time tokens read
+  ``unitdischargeoffset`` too, but a gap without it is only left untimed and counted).
 - **Groups** from the final stay (or the most recent stay where the value is known):
   ``age_group`` pediatric (< 18), adult (18-74), elderly (>= 75), with ``"> 89"`` read as 90 and
   Unknown when no stay has an age; ``gender`` Female / Male / Other/Unknown; ``ethnicity``
@@ -89,9 +95,9 @@ from halo_balance.errors import DatasetError
 from halo_balance.io import check_output_dir
 
 from .common import (Counts, LabTokenMode, LabTokens, Outcome, Progress, RawTable, Reasons, Reference,
-                     add_common_arguments, age_group, check_parameters, common_options, count_rows_by_status,
+                     add_common_arguments, age_group, blank, check_parameters, common_options, count_rows_by_status,
                      find_table, finish, icd_category, lab_tokens, number, parse_numbers, reading, row_status,
-                     summary, table_roots, text, token_settings)
+                     settings, summary, table_roots, text)
 from .outcomes import OUTCOME_NAMES, OutcomeSpec, select_visits
 from .time_tokens import time_rules, time_tokens
 
@@ -171,29 +177,31 @@ LAB_RULES = {
 
 
 def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
-                 lab_source: Literal["lab", "apache"] = "lab", patient_unit: PatientUnit = "person",
-                 n_lab_items: int = 50, n_bins: int | None = None, lab_tokens: LabTokenMode | None = None,
-                 time_bins: int | None = None, outcome: Outcome = "mortality", max_visits: int | None = None,
+                 lab_source: Literal["lab", "apache"] | None = None, patient_unit: PatientUnit | None = None,
+                 n_lab_items: int | None = None, n_bins: int | None = None, lab_tokens: LabTokenMode | None = None,
+                 time_bins: int | None = None, outcome: Outcome | None = None, max_visits: int | None = None,
                  bins_from: str | os.PathLike | None = None, overwrite: bool = False,
                  progress: bool = True) -> PreparedDataset:
     """Prepare eICU tables under ``root`` into the folder ``out`` (see the module rules).
+
+    Every option left ``None`` takes its default or, with ``bins_from``, that folder's value; an
+    option given with another value than that folder's is an error.
 
     Parameters
     ----------
     root : folder holding the eICU tables.
     out : output folder, written atomically; it must not exist unless ``overwrite``.
-    lab_source : ``"lab"`` (the raw ``lab`` table) or ``"apache"`` (``apacheApsVar``, for the demo).
-    patient_unit : ``"person"`` (``uniquepid``) or ``"hospital-stay"`` (one patient per hospital admission).
-    n_lab_items : number of lab items kept (0: no lab tokens and no lab table read).
-    n_bins : bins per lab item (``None``: 10, deciles, or the ``bins_from`` folder's; another value
-        than that folder's is an error).
-    lab_tokens : ``"mean"`` or ``"every"`` (see the module rules); ``None``: ``"mean"``, or the
-        ``bins_from`` folder's.
-    time_bins : age and gap tokens in this many quantile bins (0: none); ``None``: 0, or the
-        ``bins_from`` folder's.
-    outcome : ``"mortality"``, ``"readmission-30d"`` (ICU readmission) or ``"long-stay"``.
-    max_visits : keep at most this many most recent unit stays per patient.
-    bins_from : a prepared folder whose lab items, bin edges, lab mode, time bins and vocabulary are reused.
+    lab_source : ``"lab"`` (the raw ``lab`` table, default) or ``"apache"`` (``apacheApsVar``, for the demo).
+    patient_unit : ``"person"`` (``uniquepid``, default) or ``"hospital-stay"`` (one patient per hospital
+        admission).
+    n_lab_items : number of lab items kept (default 50; 0: no lab tokens and no lab table read).
+    n_bins : bins per lab item (default 10, deciles).
+    lab_tokens : ``"mean"`` (default) or ``"every"`` (see the module rules).
+    time_bins : age and gap tokens in this many quantile bins (default 0: none).
+    outcome : ``"mortality"`` (default), ``"readmission-30d"`` (ICU readmission) or ``"long-stay"``.
+    max_visits : keep at most this many most recent unit stays per patient (default: all).
+    bins_from : a prepared eICU folder to prepare like: its lab source, patient unit, lab items, bin edges,
+        lab mode, time bins, outcome, visit cap and vocabulary are reused.
     overwrite : replace ``out`` if it exists.
     progress : show step progress on stderr.
 
@@ -201,25 +209,33 @@ def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
     -------
     The prepared dataset, already saved to ``out``.
     """
-    if lab_source not in ("lab", "apache"):
+    if lab_source not in (None, "lab", "apache"):
         raise DatasetError("must be 'lab' or 'apache'", column="lab_source", value=lab_source)
-    if patient_unit not in PATIENT_UNITS:
+    if patient_unit not in (None, *PATIENT_UNITS):
         raise DatasetError("must be 'person' or 'hospital-stay'", column="patient_unit", value=patient_unit)
     check_parameters(n_lab_items=n_lab_items, n_bins=n_bins, max_visits=max_visits, time_bins=time_bins,
                      lab_tokens=lab_tokens, outcome=outcome)
     check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from])
+    reference = Reference.load(bins_from, source=SOURCE, lab_source=None) if bins_from else None
+    if reference is not None:
+        ref_labs = reference.meta["preprocessing"]["labs"].get("source", "eicu:lab")
+        lab_source = reference.resolve("--lab-source", lab_source, reference.parameter(
+            "lab_source", "apache" if ref_labs == "eicu:apacheApsVar" else "lab"))
+        patient_unit = reference.resolve("--patient-unit", patient_unit, reference.parameter("patient_unit", "person"))
+    lab_source, patient_unit = lab_source or "lab", patient_unit or "person"
+    opts = settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, n_lab_items=n_lab_items,
+                 outcome=outcome, max_visits=max_visits, reference=reference)
+    n_bins, time_bins, lab_mode, n_lab_items, outcome, max_visits = (
+        opts.n_bins, opts.time_bins, opts.lab_mode, opts.n_lab_items, opts.outcome, opts.max_visits)
     lab_table_name = "lab" if lab_source == "lab" else "apacheApsVar"
-    reference = (Reference.load(bins_from, source=SOURCE, lab_source=f"eicu:{lab_table_name}")
-                 if bins_from else None)
-    settings = token_settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, reference=reference)
-    n_bins, time_bins, lab_mode = settings.n_bins, settings.time_bins, settings.lab_mode
     roots = table_roots(Path(root))
     with_labs = bool(reference.lab_items) if reference else n_lab_items > 0
     counts = Counts()
     patient_cols = (PATIENT_COLS + (UNIT_DISCHARGE_COLS if time_bins or outcome == "readmission-30d" else ())
                     + (HOSPITAL_DISCHARGE_COLS if outcome == "long-stay" else ()))
+    needs = _column_needs(outcome=outcome, patient_unit=patient_unit)
     tables = {
-        "patient": find_table(roots, "patient", patient_cols),
+        "patient": find_table(roots, "patient", patient_cols, column_fix=_column_fix(needs)),
         "diagnosis": find_table(roots, "diagnosis", DIAGNOSIS_COLS),
     }
     if with_labs and lab_source == "lab":
@@ -232,7 +248,7 @@ def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
     with Progress(4 + with_labs + bool(time_bins), desc="prepare eICU", enabled=progress) as steps:
         with steps.step("unit stays and patients"):
             stays = _read_stays(tables["patient"], patient_cols, max_visits=max_visits, outcome=outcome,
-                                patient_unit=patient_unit, counts=counts)
+                                patient_unit=patient_unit, needs=needs, counts=counts)
             people = _patient_groups(stays)
         with steps.step("diagnoses"):
             dx_tokens, dx_vocab = _diagnoses(tables["diagnosis"], stays, counts)
@@ -244,7 +260,7 @@ def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
         time = None
         if time_bins:
             with steps.step("time tokens"):
-                time = time_tokens(kept, n_bins=time_bins, reference=settings.time_reference, counts=counts)
+                time = time_tokens(kept, n_bins=time_bins, reference=opts.time_reference, counts=counts)
         with steps.step("vocabulary and visits"):
             visits = kept.select("patient_id", "key", "visit_index", "label")
             rules = {"visit": VISIT_RULES[patient_unit], **RULES, "outcome": OUTCOME_RULES[outcome],
@@ -263,16 +279,48 @@ def prepare_eicu(root: str | os.PathLike, out: str | os.PathLike, *,
 
 
 # ---------------------------------------------------------------------- stays and patients
+def _column_needs(*, outcome: Outcome, patient_unit: PatientUnit) -> dict[str, str]:
+    """``patient`` columns that the chosen options cannot do without, and the option that reads each.
+
+    Time tokens read ``unitdischargeoffset`` too, but a gap without it is only left untimed (counted).
+    """
+    needs = {}
+    if patient_unit == "hospital-stay":
+        needs["patienthealthsystemstayid"] = "--patient-unit hospital-stay"
+    if outcome == "readmission-30d":
+        needs.update(dict.fromkeys(UNIT_DISCHARGE_COLS, "--outcome readmission-30d"))
+    if outcome == "long-stay":
+        needs.update(dict.fromkeys(HOSPITAL_DISCHARGE_COLS, "--outcome long-stay"))
+    return needs
+
+
+def _column_fix(needs: dict[str, str]) -> str:
+    """The fix for a ``patient`` table that lacks a column (or every value of one) that an option needs."""
+    options = " and ".join(sorted(set(needs.values())))
+    why = "; ".join(f"{o} reads {', '.join(c for c in needs if needs[c] == o)}" for o in sorted(set(needs.values())))
+    return ("point --root at the unmodified eICU patient table" + (f" ({why}), or prepare without {options}"
+                                                                    if needs else ""))
+
+
 def _read_stays(table: RawTable, columns: Sequence[str], *, max_visits: int | None, outcome: Outcome,
-                patient_unit: PatientUnit, counts: Counts) -> pl.DataFrame:
+                patient_unit: PatientUnit, needs: dict[str, str], counts: Counts) -> pl.DataFrame:
     """Every unit stay with a ``fate`` (``ok`` or why it is left out), visit order, label and times
-    (:func:`data_prep.outcomes.select_visits`)."""
+    (:func:`data_prep.outcomes.select_visits`).
+
+    A column in ``needs`` (:func:`_column_needs`) without a single value is an error naming the option
+    that reads it: every stay would otherwise be dropped or go untimed.
+    """
     df = table.read(columns)
     counts.rows_read["patient"] = df.height
     offsets = [c for c in ("hospitaladmitoffset", "unitdischargeoffset", "hospitaldischargeoffset") if c in columns]
     df = parse_numbers(df, table, {"patientunitstayid": pl.Int64, "patienthealthsystemstayid": pl.Int64,
                                    "hospitaldischargeyear": pl.Int64, "unitvisitnumber": pl.Int64,
                                    **dict.fromkeys(offsets, pl.Int64)}, counts)
+    for col, option in needs.items():
+        empty = df.select(blank(col).all()).item() if df.schema[col] == pl.String else df[col].null_count() == df.height
+        if empty:
+            raise DatasetError(f"no stay has a value; {option} needs it", file=str(table.path), column=col,
+                               fix=_column_fix({col: option}))
     person = text("uniquepid")
     pid = person if patient_unit == "person" else pl.concat_str(
         [person, pl.col("patienthealthsystemstayid").cast(pl.String)], separator=":")
@@ -440,11 +488,13 @@ def _apache_rows(table: RawTable, status: pl.DataFrame, reasons: Reasons, counts
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m data_prep.eicu", description=__doc__.split("\n\n")[0])
     add_common_arguments(p, root_help="folder holding the eICU tables", visit="unit stays")
-    p.add_argument("--lab-source", choices=["lab", "apache"], default="lab",
-                   help="raw lab table (default) or apacheApsVar's first-day values (the demo lacks lab)")
-    p.add_argument("--patient-unit", choices=PATIENT_UNITS, default="person",
+    p.add_argument("--lab-source", choices=["lab", "apache"], default=None,
+                   help="raw lab table (default) or apacheApsVar's first-day values (the demo lacks lab); "
+                        "with --bins-from: the reference's")
+    p.add_argument("--patient-unit", choices=PATIENT_UNITS, default=None,
                    help="a patient is a person (uniquepid, default) or one hospital admission (uniquepid + "
-                        "patienthealthsystemstayid, the FairPlay paper's unit) with its unit stays as visits")
+                        "patienthealthsystemstayid, the FairPlay paper's unit) with its unit stays as visits; "
+                        "with --bins-from: the reference's")
     a = p.parse_args(argv)
     ds = prepare_eicu(a.root, a.out, lab_source=a.lab_source, patient_unit=a.patient_unit, **common_options(a))
     print(summary(ds, a.out))

@@ -5,7 +5,9 @@
 ``MEDS_DIR/metadata/codes.parquet`` for descriptions. It takes the preparers' common options
 (``--n-lab-items``, ``--n-bins``, ``--lab-tokens``, ``--time-bins``, ``--max-visits``,
 ``--bins-from``, ``--overwrite``, ``--quiet``; ``--outcome`` other than ``mortality`` is an error:
-the outcome comes from death events or ``--labels``).
+the outcome comes from death events or ``--labels``). With ``--bins-from D`` the options that define
+the representation are D's (:func:`data_prep.common.settings`); the options below say how to read
+this MEDS dataset and are its own.
 The defaults read the layout of the MIMIC-IV MEDS extraction; every rule below can be overridden.
 
 Rules (also written to ``meta.json`` under ``preprocessing.rules``)
@@ -27,6 +29,11 @@ Rules (also written to ``meta.json`` under ``preprocessing.rules``)
   ``prediction_time``, ``boolean_value`` or ``integer_value``) each subject's latest label row is
   the outcome instead: visits that start after its ``prediction_time`` and events after it are
   dropped (counted), and subjects without a label are dropped (``patients_without_outcome``).
+  ``meta.json`` names the outcome: ``in_hospital_mortality`` (``--outcome mortality``) from death
+  events; from a label file, the file's name without ``.parquet`` (``readmission_30d.parquet``, as
+  ``halo_balance.export`` writes it, gives ``readmission_30d``), with ``preprocessing.outcome.option``
+  null. With ``--bins-from D`` the outcome must be D's: D's mortality from death events (or a label
+  file of that name), any other outcome from a label file named after it.
 - **Diagnoses**: ``DIAGNOSIS//ICD//<version>//<code>`` (``--diagnosis-prefix``) -> ``dx9:`` /
   ``dx10:<category>``, the category as in the MIMIC-IV preparer (the part before the decimal
   point; 3 characters, 4 for ICD-9 E codes). With ``--bins-from``, a code equal to one of the
@@ -48,7 +55,10 @@ Rules (also written to ``meta.json`` under ``preprocessing.rules``)
   ``Unknown``. Defaults: the MIMIC-IV extraction's ``gender=code:GENDER``, ``race=column:race``,
   ``insurance=column:insurance``, ``age_group=age:18,45,65,80`` (those whose source occurs); with
   ``--bins-from``, the reference's attributes as static codes (``ATTR=code:ATTR``, upper case:
-  what ``halo_balance.export --format meds`` writes). Categories are the values as written.
+  what ``halo_balance.export --format meds`` writes) where the data has them, else by the
+  reference's own rule (a reference prepared by ``data_prep.meds``); an attribute with neither is an
+  error (every subject would be Unknown), and ``--group`` rules given with ``--bins-from`` must name
+  exactly the reference's attributes. Categories are the values as written.
 - **Drops**: every event, visit or subject left out is counted by reason in ``meta.json``.
   The selected events (admissions, discharges, deaths, diagnoses, labs, group sources) are
   gathered in memory; the lab aggregation streams.
@@ -67,12 +77,13 @@ from typing import Literal
 import polars as pl
 
 from halo_balance.cli import run
-from halo_balance.data import PreparedDataset
+from halo_balance.data import META_FILE, PreparedDataset
 from halo_balance.errors import DatasetError
 from halo_balance.io import check_output_dir
 
 from .common import (Counts, LabTokenMode, Outcome, Progress, RawTable, Reasons, Reference, add_common_arguments,
-                     check_parameters, finish, icd_category, lab_tokens, order_visits, summary, token_settings)
+                     check_parameters, finish, icd_category, lab_tokens, order_visits, settings, summary)
+from .outcomes import OUTCOME_NAMES, OutcomeSpec
 from .time_tokens import time_rules, time_tokens
 
 SOURCE = "meds"
@@ -119,9 +130,9 @@ class GroupRule:
         return f"{self.attribute}={self.kind}:{self.arg}"
 
 
-def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int = 50, n_bins: int | None = None,
-                 lab_tokens: LabTokenMode | None = None, time_bins: int | None = None,
-                 outcome: Outcome = "mortality", max_visits: int | None = None,
+def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int | None = None,
+                 n_bins: int | None = None, lab_tokens: LabTokenMode | None = None, time_bins: int | None = None,
+                 outcome: Outcome | None = None, max_visits: int | None = None,
                  bins_from: str | os.PathLike | None = None,
                  visit_rule: Literal["admission", "gap"] = "admission",
                  admission_code: str = "HOSPITAL_ADMISSION", discharge_code: str = "HOSPITAL_DISCHARGE",
@@ -134,8 +145,9 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
     ----------
     root : MEDS dataset folder (``data/`` and optionally ``metadata/``).
     out : output folder, written atomically; it must not exist unless ``overwrite``.
-    n_lab_items, n_bins, lab_tokens, time_bins, max_visits, bins_from : as in ``data_prep.mimic_iv``.
-    outcome : only ``"mortality"`` (the death rule or ``labels``).
+    n_lab_items, n_bins, lab_tokens, time_bins, max_visits, bins_from : as in ``data_prep.mimic_iv``
+        (``None``: the default or the ``bins_from`` folder's).
+    outcome : only ``"mortality"`` (the death rule), or ``None``; ``labels`` gives any other outcome.
     visit_rule : ``"admission"`` (admission and discharge codes) or ``"gap"`` (time gaps).
     admission_code, discharge_code : codes (or code prefixes before ``//``) that open and close a visit.
     gap_hours : the largest gap within a visit under the gap rule.
@@ -148,7 +160,10 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
     """
     check_parameters(n_lab_items=n_lab_items, n_bins=n_bins, max_visits=max_visits, time_bins=time_bins,
                      lab_tokens=lab_tokens, outcome=outcome)
-    if outcome != "mortality":
+    if outcome is not None and labels is not None:
+        raise DatasetError("--outcome and --labels exclude each other: the label file is the outcome",
+                           column="outcome", value=outcome, fix="leave --outcome out")
+    if outcome not in (None, "mortality"):
         raise DatasetError("data_prep.meds takes the outcome from death events or a MEDS label file",
                            column="outcome", value=outcome,
                            fix="pass the outcome as a MEDS label table with --labels (readmission and long-stay "
@@ -159,8 +174,12 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
         raise DatasetError("must be positive", column="gap_hours", value=gap_hours)
     check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from, labels])
     reference = Reference.load(bins_from, source=None, lab_source=None) if bins_from else None
-    settings = token_settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, reference=reference)
-    n_bins, time_bins, lab_mode = settings.n_bins, settings.time_bins, settings.lab_mode
+    opts = settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, n_lab_items=n_lab_items,
+                    outcome=None, max_visits=max_visits, reference=reference)
+    n_bins, time_bins, lab_mode, n_lab_items, max_visits = (
+        opts.n_bins, opts.time_bins, opts.lab_mode, opts.n_lab_items, opts.max_visits)
+    rules_text = _rules_text(visit_rule, labels is not None, lab_mode, bool(time_bins))
+    outcome_spec = _outcome_spec(labels, rules_text["outcome"], reference)
     root = Path(root)
     files = sorted((root / "data").glob("**/*.parquet")) if (root / "data").is_dir() else []
     if not files:
@@ -196,7 +215,7 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
         time = None
         if time_bins:
             with steps.step("time tokens"):
-                time = time_tokens(_timeline(events, visits), n_bins=time_bins, reference=settings.time_reference,
+                time = time_tokens(_timeline(events, visits), n_bins=time_bins, reference=opts.time_reference,
                                    counts=counts)
         with steps.step("vocabulary and visits"):
             vis = kept.select(patient_id=pl.col("subject_id").cast(pl.String), key="key", visit_index="visit_index",
@@ -208,16 +227,38 @@ def prepare_meds(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items
                                     "gap_hours": gap_hours, "death_code": death_code,
                                     "labels": str(labels) if labels else None, "groups": [str(r) for r in rules],
                                     "diagnosis_prefix": diagnosis_prefix, "lab_prefix": lab_prefix},
-                        rules=_rules_text(visit_rule, labels is not None, lab_mode, bool(time_bins)), visits=vis,
-                        dx_tokens=dx_tokens, dx_vocab=dx_vocab, lab_source=LAB_SOURCE, labs=labs, n_bins=n_bins,
-                        bins_from=bins_from, reference=reference, patients=people, canonical=canonical,
-                        counts=counts, lab_mode=lab_mode, time=time)
+                        rules=rules_text, visits=vis, dx_tokens=dx_tokens, dx_vocab=dx_vocab, lab_source=LAB_SOURCE,
+                        labs=labs, n_bins=n_bins, bins_from=bins_from, reference=reference, patients=people,
+                        canonical=canonical, counts=counts, outcome=outcome_spec, lab_mode=lab_mode, time=time)
         with steps.step(f"write {out}"):
             ds.save(out, overwrite=overwrite)
     return ds
 
 
 # ---------------------------------------------------------------------- visits and outcome
+def _outcome_spec(labels: str | os.PathLike | None, rule: str, reference: Reference | None) -> OutcomeSpec:
+    """The outcome as ``meta.json`` records it: in-hospital mortality from death events, or the label
+    file's outcome, named by the file (``readmission_30d.parquet``: ``readmission_30d``), with no
+    ``--outcome`` option behind it. With a reference, the outcome must be the reference's."""
+    if labels is None:
+        spec = OutcomeSpec("mortality", OUTCOME_NAMES["mortality"], rule)
+    else:
+        spec = OutcomeSpec(None, Path(labels).name.removesuffix(".parquet"), rule)
+    ref = reference.meta.get("outcome") if reference is not None else None
+    if ref is None or ref == spec.name:
+        return spec
+    where = {"file": str(reference.path / META_FILE), "column": "outcome"}
+    if labels is None:
+        raise DatasetError(f"the --bins-from folder's outcome is {ref!r}; data_prep.meds labels only deaths "
+                           "from events, any other outcome comes from a MEDS label file", **where,
+                           fix=f"pass --labels with the label file of {ref!r} (halo_balance.export writes it as "
+                               f"labels/{ref}.parquet)")
+    death = " or leave --labels out to label deaths" if ref == OUTCOME_NAMES["mortality"] else ""
+    raise DatasetError(f"--labels {labels} gives the outcome {spec.name!r} (the file's name); the --bins-from "
+                       f"folder's is {ref!r}", **where, fix=f"pass the label file of {ref!r}, named "
+                                                           f"{ref}.parquet{death}")
+
+
 def _is_code(code: str) -> pl.Expr:
     """The event's code is ``code`` or starts with ``code//``."""
     return (pl.col("code") == code) | pl.col("code").str.starts_with(code + "//")
@@ -394,24 +435,39 @@ def _group_rules(specs: Sequence[str] | None, reference: Reference | None, event
             if r.kind == "column" and r.arg not in columns:
                 raise DatasetError(f"group {r.attribute!r} reads a column the MEDS data does not have",
                                    column=r.arg, fix=f"the data's columns are {list(columns)}")
-    elif reference is not None:
-        rules = [GroupRule(a, "code", a.upper()) for a in reference.meta["groups"]]
-    else:  # the MIMIC-IV extraction's sources, those that occur
+        ref_groups = list(reference.meta["groups"]) if reference is not None else None
+        if ref_groups is not None and sorted(r.attribute for r in rules) != sorted(ref_groups):
+            raise DatasetError(f"--group gives the attributes {[r.attribute for r in rules]}; the --bins-from "
+                               f"folder's are {ref_groups}", column="--group",
+                               fix="give one --group for each of the folder's attributes, or leave --group out")
+    elif reference is not None:  # the reference's attributes: static codes (export), else its own rules
+        own = {}
+        if reference.meta["preprocessing"].get("module") == "data_prep.meds":
+            own = {r.attribute: r for r in map(GroupRule.parse, reference.parameter("groups") or [])}
         rules = []
-        for spec in DEFAULT_GROUPS:
-            r = GroupRule.parse(spec)
-            if r.kind == "column":
-                present = r.arg in columns
-            else:
-                code = BIRTH if r.kind == "age" else None
-                cond = (pl.col("code") == code) if code else pl.col("code").str.starts_with(r.arg + "//")
-                present = events.filter(cond).select(pl.len()).collect().item() > 0
-            if present:
-                rules.append(r)
+        for attribute in reference.meta["groups"]:
+            static = GroupRule(attribute, "code", attribute.upper())
+            rule = static if _present(static, events, columns) or attribute not in own else own[attribute]
+            if not _present(rule, events, columns):
+                raise DatasetError(f"the --bins-from folder's group {attribute!r} has no source in this data "
+                                   f"(looked for {rule}); every subject would be {UNKNOWN}", column="--group",
+                                   value=str(rule), fix=f"name its source with --group {attribute}=code:PREFIX, "
+                                                        f"{attribute}=column:NAME or {attribute}=age:E1,E2,...")
+            rules.append(rule)
+    else:  # the MIMIC-IV extraction's sources, those that occur
+        rules = [r for r in map(GroupRule.parse, DEFAULT_GROUPS) if _present(r, events, columns)]
     names = [r.attribute for r in rules]
     if len(set(names)) != len(names):
         raise DatasetError("a group attribute is given twice", column="--group", value=names)
     return rules
+
+
+def _present(rule: GroupRule, events: pl.LazyFrame, columns: dict) -> bool:
+    """Whether the data holds the source of a group rule at all."""
+    if rule.kind == "column":
+        return rule.arg in columns
+    cond = (pl.col("code") == BIRTH) if rule.kind == "age" else pl.col("code").str.starts_with(rule.arg + "//")
+    return events.filter(cond).select(pl.len()).collect().item() > 0
 
 
 def _groups(events: pl.LazyFrame, kept: pl.DataFrame, rules: Sequence[GroupRule]) -> pl.DataFrame:

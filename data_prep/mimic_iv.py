@@ -44,7 +44,8 @@ Rules (also written to ``meta.json`` under ``preprocessing.rules``)
   its measurements, and the admission holds a token for every bin its measurements touched (a
   value that rose and fell gives several). Edges are computed on the data being prepared unless
   ``--bins-from`` names a prepared folder whose items, edges, mode, time bins and vocabulary are
-  reused (tokens it lacks are then dropped and counted).
+  reused (tokens it lacks are then dropped and counted), together with its ``--n-lab-items``,
+  ``--n-bins``, ``--outcome`` and ``--max-visits`` (see :func:`data_prep.common.settings`).
 - **Lab rows without ``hadm_id``** are attached to the patient's most recent admission whose
   ``admittime`` is at or before the ``charttime``, if the ``charttime`` is not after that
   admission's ``dischtime`` (for overlapping admissions this is the later one); otherwise they are
@@ -77,7 +78,7 @@ from halo_balance.io import check_output_dir
 from .common import (Counts, LabTokenMode, LabTokens, Outcome, Progress, RawTable, Reasons, Reference,
                      add_common_arguments, age_group, blank, check_parameters, common_options, count_rows_by_status,
                      datetime, find_table, finish, icd_category, lab_tokens, number, parse_numbers, reading,
-                     row_status, summary, table_roots, text, time_format, token_settings)
+                     row_status, settings, summary, table_roots, text, time_format)
 from .outcomes import OUTCOME_NAMES, READMISSION_DAYS, SECONDS_PER_DAY, OutcomeSpec, select_visits
 from .time_tokens import time_rules, time_tokens
 
@@ -138,27 +139,29 @@ TIME_RULES = time_rules(age="anchor_age + year(admittime) - anchor_year",
                         gap="days from the previous admission's dischtime to this admittime")
 
 
-def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int = 50,
+def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_items: int | None = None,
                      n_bins: int | None = None, lab_tokens: LabTokenMode | None = None, time_bins: int | None = None,
-                     outcome: Outcome = "mortality", max_visits: int | None = None,
+                     outcome: Outcome | None = None, max_visits: int | None = None,
                      bins_from: str | os.PathLike | None = None, overwrite: bool = False,
                      progress: bool = True) -> PreparedDataset:
     """Prepare MIMIC-IV ``hosp`` tables under ``root`` into the folder ``out`` (see module rules).
+
+    Every option left ``None`` takes its default or, with ``bins_from``, that folder's value; an
+    option given with another value than that folder's is an error.
 
     Parameters
     ----------
     root : folder holding ``hosp/`` (or the ``hosp`` tables themselves).
     out : output folder, written atomically; it must not exist unless ``overwrite``.
-    n_lab_items : number of lab items kept (0: no lab tokens, ``labevents`` is not read).
-    n_bins : bins per lab item (``None``: 10, deciles, or the ``bins_from`` folder's; another value
-        than that folder's is an error).
-    lab_tokens : ``"mean"`` (one token per admission and item) or ``"every"`` (a token for every bin an
-        admission's measurements touched); ``None``: ``"mean"``, or the ``bins_from`` folder's.
-    time_bins : age and gap tokens in this many quantile bins (0: none); ``None``: 0, or the
-        ``bins_from`` folder's.
-    outcome : ``"mortality"``, ``"readmission-30d"`` or ``"long-stay"`` (see the module rules).
-    max_visits : keep at most this many most recent admissions per patient.
-    bins_from : a prepared folder whose lab items, bin edges, lab mode, time bins and vocabulary are reused.
+    n_lab_items : number of lab items kept (default 50; 0: no lab tokens, ``labevents`` is not read).
+    n_bins : bins per lab item (default 10, deciles).
+    lab_tokens : ``"mean"`` (one token per admission and item, default) or ``"every"`` (a token for every
+        bin an admission's measurements touched).
+    time_bins : age and gap tokens in this many quantile bins (default 0: none).
+    outcome : ``"mortality"`` (default), ``"readmission-30d"`` or ``"long-stay"`` (see the module rules).
+    max_visits : keep at most this many most recent admissions per patient (default: all).
+    bins_from : a prepared MIMIC-IV folder to prepare like: its lab items, bin edges, lab mode, time bins,
+        outcome, visit cap and vocabulary are reused.
     overwrite : replace ``out`` if it exists.
     progress : show step progress on stderr.
 
@@ -170,8 +173,10 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
                      lab_tokens=lab_tokens, outcome=outcome)
     check_output_dir(out, overwrite=overwrite, inputs=[root, bins_from])
     reference = Reference.load(bins_from, source=SOURCE, lab_source=LAB_SOURCE) if bins_from else None
-    settings = token_settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, reference=reference)
-    n_bins, time_bins, lab_mode = settings.n_bins, settings.time_bins, settings.lab_mode
+    opts = settings(n_bins=n_bins, time_bins=time_bins, lab_tokens=lab_tokens, n_lab_items=n_lab_items,
+                 outcome=outcome, max_visits=max_visits, reference=reference)
+    n_bins, time_bins, lab_mode, n_lab_items, outcome, max_visits = (
+        opts.n_bins, opts.time_bins, opts.lab_mode, opts.n_lab_items, opts.outcome, opts.max_visits)
     roots = table_roots(Path(root), "hosp")
     with_labs = bool(reference.lab_items) if reference else n_lab_items > 0
     counts = Counts()
@@ -204,7 +209,7 @@ def prepare_mimic_iv(root: str | os.PathLike, out: str | os.PathLike, *, n_lab_i
         time = None
         if time_bins:
             with steps.step("time tokens"):
-                time = time_tokens(kept, n_bins=time_bins, reference=settings.time_reference, counts=counts)
+                time = time_tokens(kept, n_bins=time_bins, reference=opts.time_reference, counts=counts)
         with steps.step("vocabulary and visits"):
             visits = kept.select(patient_id=pl.col("subject_id").cast(pl.String), key="key",
                                  visit_index="visit_index", label="label")

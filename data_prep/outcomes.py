@@ -46,9 +46,10 @@ LONG_STAY_DAYS = 7.0
 
 @dataclass(frozen=True)
 class OutcomeSpec:
-    """An outcome as ``meta.json`` records it: the option, its name and the source's rule."""
+    """An outcome as ``meta.json`` records it: the option (``None``: labels from a MEDS label file), its
+    name and the source's rule."""
 
-    option: Outcome
+    option: Outcome | None
     name: str
     rule: str
 

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from conftest import EICU_DEMO, REPO, require, visit_tokens
+from conftest import EICU_DEMO, REPO, fails_cleanly, require, visit_tokens
 from data_prep.eicu import APACHE_LABS, prepare_eicu
 from halo_balance import PreparedDataset
 from halo_balance.errors import DatasetError
@@ -254,7 +254,7 @@ def test_bins_from_bins_new_data_like_the_reference(hand: PreparedDataset, tmp_p
     assert new.vocab.equals(hand.vocab)
     assert new.meta["preprocessing"]["labs"]["items"][0]["edges"] == [5.0]  # not refitted (would be 4.25)
     assert "lab:creatinine:1" in visit_tokens(new)[("B", 0)]
-    with pytest.raises(DatasetError, match="labs come from 'eicu:lab'"):
+    with pytest.raises(DatasetError, match="--lab-source apache differs from the --bins-from folder's lab"):
         prepare_eicu(root, tmp_path / "x", lab_source="apache", bins_from=tmp_path / "out", progress=False)
 
 
@@ -433,3 +433,29 @@ def test_eicu_options_need_their_columns(tmp_path: Path) -> None:
     prepare_eicu(root, tmp_path / "ok", n_lab_items=0, progress=False)  # mortality does not read it
     with pytest.raises(DatasetError, match=r"patient\.csv, column 'hospitaldischargeoffset': required"):
         prepare_eicu(root, tmp_path / "x", n_lab_items=0, outcome="long-stay", progress=False)
+
+
+def test_options_that_need_patient_columns_name_them(tmp_path: Path, capsys) -> None:
+    """--patient-unit hospital-stay and --outcome long-stay on a patient table without the column they read, or
+    without a single value in it: one line naming the file, the column, the option and the fix."""
+    from data_prep.eicu import main
+
+    root = write_fixture(tmp_path / "raw")  # hospitaldischargeoffset is empty on every stay
+    base = ["--root", root, "--out", tmp_path / "out", "--n-lab-items", "0", "--quiet"]
+    long_stay = ["--patient-unit", "hospital-stay", "--outcome", "long-stay"]
+    fails_cleanly(main, base + long_stay, capsys, f"file {root / 'patient.csv'}", "column 'hospitaldischargeoffset'",
+                  "no stay has a value; --outcome long-stay needs it",
+                  "Fix: point --root at the unmodified eICU patient table (--outcome long-stay reads "
+                  "hospitaldischargeoffset), or prepare without --outcome long-stay")
+    pat = pl.read_csv(root / "patient.csv", infer_schema=False)
+    pat.drop("hospitaldischargeoffset").write_csv(root / "patient.csv")
+    fails_cleanly(main, base + long_stay, capsys, "column 'hospitaldischargeoffset'", "are missing",
+                  "--outcome long-stay reads hospitaldischargeoffset", "--patient-unit hospital-stay reads "
+                  "patienthealthsystemstayid")
+    pat.with_columns(patienthealthsystemstayid=pl.lit(None, pl.String)).write_csv(root / "patient.csv")
+    fails_cleanly(main, base + ["--patient-unit", "hospital-stay"], capsys, "column 'patienthealthsystemstayid'",
+                  "no stay has a value; --patient-unit hospital-stay needs it")
+    pat.with_columns(hospitaldischargestatus=pl.lit(None, pl.String)).write_csv(root / "patient.csv")
+    fails_cleanly(main, base, capsys, "no patient is left to prepare; dropped: ", "patients_without_outcome 4",
+                  "Fix: check the input tables")
+    assert not (tmp_path / "out").exists()

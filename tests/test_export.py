@@ -45,10 +45,19 @@ def with_synthetic(ds: PreparedDataset, n: int, seed: int = 0) -> PreparedDatase
     return PreparedDataset.concat([ds, syn]).validate()
 
 
+def representation(ds: PreparedDataset) -> tuple:
+    """What makes two prepared datasets comparable: outcome, groups, lab items and bins, time bins."""
+    pre = ds.meta["preprocessing"]
+    labs = {k: v for k, v in pre["labs"].items() if k not in ("source", "bins_from", "items")}
+    items = [{k: v for k, v in it.items() if k != "rows"} for it in pre["labs"]["items"]]  # rows: of this data
+    return ds.meta["outcome"], ds.meta["groups"], labs, items, pre["time_bins"]
+
+
 def same_patients_and_visits(original: PreparedDataset, back: PreparedDataset,
                              export_dir: Path) -> tuple[dict, dict]:
-    """Assert that ``back`` (ids restored) has ``original``'s patients (labels, groups, flags) and
-    visits; return both datasets' tokens per visit."""
+    """Assert that ``back`` (ids restored) has ``original``'s outcome, lab and time bins, patients (labels, groups,
+    flags) and visits; return both datasets' tokens per visit."""
+    assert representation(back) == representation(original)
     back = restore_ids(back, export_dir)
     cols = original.patients.columns
     assert back.patients.sort("patient_id").select(cols).equals(original.patients.sort("patient_id"))
@@ -144,10 +153,16 @@ def test_drawn_values_land_in_their_bin(stored) -> None:
 def test_every_exported_lab_value_is_in_its_tokens_bin(mimic_demo_prepared: Path) -> None:
     ds = PreparedDataset.load(mimic_demo_prepared)
     dec = decode(ds, seed=0, numeric_ids=True, layout=Layout())
-    items = {it["item"]: it["edges"] for it in ds.meta["preprocessing"]["labs"]["items"]}
+    items = {it["item"]: np.asarray(it["edges"]) for it in ds.meta["preprocessing"]["labs"]["items"]}
     assert dec.labs.height > 8000
+    outer = 0
     for item, part in dec.labs.partition_by("item", as_dict=True).items():
-        assert np.array_equal(bin_of(part["value"].to_numpy(), items[item[0]]), part["bin"].to_numpy())
+        # bin b of edges e1 < ... < ek is [e_{b-1}, e_b), open below bin 1 and above bin k + 1
+        e, v, b = items[item[0]], part["value"].to_numpy(), part["bin"].to_numpy()
+        padded = np.concatenate([[-np.inf], e, [np.inf]])
+        assert ((padded[b - 1] <= v) & (v < padded[b])).all(), item
+        outer += int(((b == 1) | (b == len(e) + 1)).sum())
+    assert outer > 1000  # the open-ended outer bins are exercised
     v = dec.visits
     assert (v["admit"] < v["discharge"]).all()
     t = dec.labs.join(v.select("visit_no", "admit", "discharge"), on="visit_no")
@@ -424,7 +439,8 @@ def test_eicu_raw_lab_table_every_value_by_hospital_stay(tmp_path: Path, capsys)
     ds = with_synthetic(first, 2, seed=1)
     res = export(ds, tmp_path / "raw", format="eicu", seed=7)
     assert (tmp_path / "raw" / "lab.csv.gz").is_file() and res.report["lab_mode"] == "every"
-    assert "--lab-source lab --patient-unit hospital-stay" in res.prepare_again
+    # --bins-from brings the lab source, patient unit, lab mode and time bins
+    assert res.prepare_again == f"python -m data_prep.eicu --root {tmp_path / 'raw'} --out AGAIN --bins-from PREPARED"
     back = prepare_back(ExportResult(res.path, res.rows, res.report,
                                      res.prepare_again.replace("PREPARED", str(tmp_path / "prepared"))),
                         tmp_path / "back", capsys)
@@ -537,3 +553,28 @@ def test_time_tokens_decode_to_ages_and_gaps_inside_their_bins() -> None:
     b = np.array([g for pair in gap_bins for g in pair])
     edges = np.array([0.0, 30.0, 365.0, 700.0])
     assert ((gaps >= edges[b] - 1 / 1440) & (gaps < edges[b + 1] + 1 / 1440)).all()  # minute rounding
+
+
+@pytest.mark.parametrize("fmt", ["mimic-iv", "meds"])
+def test_round_trip_with_every_representation_option(fmt: str, tmp_path: Path, capsys) -> None:
+    """D prepared with non-default values of every option that defines its representation (lab items, bins,
+    lab mode, time bins, outcome, visit cap) comes back through the printed command, which names none of
+    them: --bins-from D brings them all, and the prepared-again data records D's values."""
+    from data_prep import meds
+    from test_prep_options import REPRESENTATION
+
+    options = REPRESENTATION["mimic"]
+    src = tmp_path / "prepared"
+    ds = with_synthetic(prepare_mimic_iv(require(MIMIC_DEMO), src, progress=False, **options), 20)
+    res = export(ds, tmp_path / "raw", format=fmt, seed=9)
+    assert not any(f"--{k.replace('_', '-')}" in res.prepare_again for k in options)
+    back = prepare_back(ExportResult(res.path, res.rows, res.report, res.prepare_again.replace("PREPARED", str(src))),
+                        tmp_path / "back", capsys)
+    assert_round_trip_counted(ds, back, tmp_path / "raw", res.report)
+    params = back.meta["preprocessing"]["parameters"]
+    assert {k: params[k] for k in options if k != "outcome"} == {k: v for k, v in options.items() if k != "outcome"}
+    assert back.meta["outcome"] == "readmission_30d"
+    if fmt == "meds":  # the outcome came from the label file; an explicit visit cap of another value is refused
+        assert params["outcome"] is None and params["labels"].endswith("readmission_30d.parquet")
+        fails_cleanly(meds.main, shlex.split(res.prepare_again.replace("PREPARED", str(src)))[3:] + [
+            "--max-visits", "3", "--quiet"], capsys, "--max-visits 3 differs from the --bins-from folder's 2")

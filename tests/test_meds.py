@@ -132,3 +132,61 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, fixture_root: Path) -> None:
     with pytest.raises(DatasetError, match="does not have"):
         prepare_meds(fixture_root, tmp_path / "out", groups=["x=column:nope"], progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def write_labels(path: Path) -> Path:
+    pq.write_table(pa.table({"subject_id": pa.array([1, 2, 3], pa.int64()),
+                             "prediction_time": pa.array([T("2121-02-01"), T("2130-03-01"), T("2150-04-01")],
+                                                         pa.timestamp("us")),
+                             "boolean_value": [True, False, True]}), path)
+    return path
+
+
+def test_label_file_outcome_is_recorded_and_must_be_the_references(fixture_root: Path, tmp_path: Path) -> None:
+    """meta.json names the outcome a label file gives (by the file's name), never in-hospital mortality; with
+    --bins-from the outcome is the reference's: death events or another label file are refused."""
+    labels = write_labels(tmp_path / "sepsis_onset.parquet")
+    ds = prepare_meds(fixture_root, tmp_path / "ref", labels=labels, n_bins=2, progress=False)
+    assert ds.patients.sort("patient_id")["label"].to_list() == [1, 0, 1]  # subject 2 died, yet labelled 0
+    assert ds.meta["outcome"] == "sepsis_onset"
+    spec = ds.meta["preprocessing"]["outcome"]
+    assert (spec["option"], spec["name"]) == (None, "sepsis_onset") and "label row" in spec["rule"]
+    params = ds.meta["preprocessing"]["parameters"]
+    assert params["outcome"] is None and params["labels"] == str(labels)
+    deaths = prepare_meds(fixture_root, tmp_path / "deaths", n_bins=2, progress=False)
+    assert deaths.meta["outcome"] == "in_hospital_mortality"
+    assert deaths.meta["preprocessing"]["outcome"]["option"] == "mortality"
+
+    again = prepare_meds(fixture_root, tmp_path / "again", labels=labels, bins_from=tmp_path / "ref", progress=False)
+    assert again.meta["outcome"] == "sepsis_onset" and again.patients.equals(ds.patients)
+    with pytest.raises(DatasetError, match=r"folder's outcome is 'sepsis_onset'.*Fix: pass --labels"):
+        prepare_meds(fixture_root, tmp_path / "x", bins_from=tmp_path / "ref", progress=False)
+    other = write_labels(tmp_path / "readmission_30d.parquet")
+    with pytest.raises(DatasetError, match=r"gives the outcome 'readmission_30d'.*folder's is 'sepsis_onset'"):
+        prepare_meds(fixture_root, tmp_path / "x", labels=other, bins_from=tmp_path / "ref", progress=False)
+    with pytest.raises(DatasetError, match=r"gives the outcome 'sepsis_onset'.*or leave --labels out"):
+        prepare_meds(fixture_root, tmp_path / "x", labels=labels, bins_from=tmp_path / "deaths", progress=False)
+    with pytest.raises(DatasetError, match="--outcome and --labels exclude each other"):
+        prepare_meds(fixture_root, tmp_path / "x", labels=labels, outcome="mortality", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bins_from_groups_are_the_references(fixture_root: Path, tmp_path: Path) -> None:
+    """With --bins-from, the groups are the reference's attributes: read by its own rules from raw MEDS data
+    (not as static codes that are not there), another set of --group attributes refused, and categories the
+    reference lacks counted."""
+    ref = prepare_meds(fixture_root, tmp_path / "ref", n_bins=2, progress=False)
+    again = prepare_meds(fixture_root, tmp_path / "again", bins_from=tmp_path / "ref", progress=False)
+    assert again.patients.equals(ref.patients) and again.meta["groups"] == ref.meta["groups"]
+    with pytest.raises(DatasetError, match=r"--group gives the attributes \['sex'\]; the --bins-from folder's are"):
+        prepare_meds(fixture_root, tmp_path / "x", groups=["sex=code:GENDER"], bins_from=tmp_path / "ref",
+                     progress=False)
+    assert not (tmp_path / "x").exists()
+    narrow = prepare_meds(fixture_root, tmp_path / "narrow", groups=["gender=code:GENDER", "race=column:race",
+                                                                    "insurance=column:insurance",
+                                                                    "age_group=age:18,45,65"], progress=False)
+    wide = prepare_meds(fixture_root, tmp_path / "wide", bins_from=tmp_path / "narrow", progress=False,
+                        groups=[r for r in ref.meta["preprocessing"]["parameters"]["groups"]])
+    assert narrow.meta["groups"]["age_group"] == ["65+", "Unknown"]
+    assert wide.meta["groups"]["age_group"] == ["65+", "Unknown", "65-79", "80+"]  # the reference's first
+    assert wide.meta["counts"]["info"]["patients_age_group_category_not_in_reference"] == 2

@@ -46,12 +46,13 @@ def test_common_options_give_the_preparers_keywords() -> None:
     add_common_arguments(p, root_help="raw tables", visit="visits")
     a = p.parse_args(["--root", "r", "--out", "o", "--time-bins", "10", "--lab-tokens", "every",
                       "--outcome", "readmission-30d", "--quiet"])
-    assert common_options(a) == {"n_lab_items": 50, "n_bins": None, "lab_tokens": "every", "time_bins": 10,
+    assert common_options(a) == {"n_lab_items": None, "n_bins": None, "lab_tokens": "every", "time_bins": 10,
                                  "outcome": "readmission-30d", "max_visits": None, "bins_from": None,
                                  "overwrite": False, "progress": False}
     defaults = common_options(p.parse_args(["--root", "r", "--out", "o"]))
-    assert (defaults["n_bins"], defaults["lab_tokens"], defaults["time_bins"], defaults["outcome"]) == (
-        None, None, None, "mortality")  # None: 10, 0 and mean, or the --bins-from folder's
+    assert (defaults["n_bins"], defaults["lab_tokens"], defaults["time_bins"], defaults["outcome"],
+            defaults["n_lab_items"], defaults["max_visits"]) == (
+        None, None, None, None, None, None)  # None: 10, 0, mean, mortality, 50 and all, or the --bins-from folder's
 
 
 def test_cli_rejects_one_time_bin(tmp_path: Path) -> None:
@@ -84,3 +85,56 @@ def test_cli_refuses_n_bins_other_than_the_references(tmp_path: Path, capsys) ->
     code, _, err = run_cli(main, base + ["--n-bins", "2"], capsys)
     assert code == 0, err
     assert (tmp_path / "out" / "meta.json").is_file()
+
+
+#: Non-default values of every option that defines a prepared dataset's representation, per preparer.
+REPRESENTATION = {
+    "mimic": {"n_lab_items": 5, "n_bins": 4, "lab_tokens": "every", "time_bins": 3, "outcome": "readmission-30d",
+              "max_visits": 2},
+    "eicu": {"lab_source": "apache", "patient_unit": "hospital-stay", "n_lab_items": 5, "n_bins": 4,
+             "lab_tokens": "every", "time_bins": 3, "outcome": "long-stay", "max_visits": 2},
+}
+#: Another value of each, which --bins-from must refuse.
+OTHER = {"n_lab_items": 6, "n_bins": 5, "lab_tokens": "mean", "time_bins": 0, "outcome": "mortality",
+         "max_visits": 3, "lab_source": "lab", "patient_unit": "person"}
+
+
+@pytest.mark.parametrize("source", ["mimic", "eicu"])
+def test_bins_from_alone_prepares_like_the_reference(source: str, tmp_path: Path, capsys) -> None:
+    """Every option that defines D's representation comes from D: the same raw tables prepared with
+    --bins-from D and no other option give D back, and each option given with another value is refused,
+    naming the option, D's value and the fix."""
+    from conftest import EICU_DEMO, MIMIC_DEMO, fails_cleanly, require, visit_tokens
+    from data_prep import eicu, mimic_iv
+    from halo_balance import PreparedDataset
+
+    module, root = (mimic_iv, MIMIC_DEMO) if source == "mimic" else (eicu, EICU_DEMO)
+    prepare = module.prepare_mimic_iv if source == "mimic" else module.prepare_eicu
+    options = REPRESENTATION[source]
+    ref = prepare(require(root), tmp_path / "ref", progress=False, **options)
+    base = ["--root", root, "--bins-from", tmp_path / "ref", "--quiet"]
+    code, _, err = run_cli(module.main, base + ["--out", tmp_path / "again"], capsys)
+    assert code == 0, err
+    again = PreparedDataset.load(tmp_path / "again")
+
+    def used(ds: PreparedDataset) -> dict:
+        return {k: v for k, v in ds.meta["preprocessing"]["parameters"].items() if k != "bins_from"}
+    assert used(again) == used(ref) and set(options) <= set(used(ref))
+    assert {k: used(ref)[k] for k in options} == options
+    assert again.meta["outcome"] == ref.meta["outcome"] and again.meta["groups"] == ref.meta["groups"]
+    assert again.patients.equals(ref.patients) and visit_tokens(again) == visit_tokens(ref)
+    for option in options:
+        flag, value = "--" + option.replace("_", "-"), OTHER[option]
+        fails_cleanly(module.main, base + ["--out", tmp_path / "again_x", flag, value], capsys,
+                      f"{flag} {value} differs from the --bins-from folder's {options[option]}",
+                      f"Fix: leave {flag} out to use the reference's")
+    assert not (tmp_path / "again_x").exists()
+
+
+def test_bins_from_refuses_a_visit_cap_the_reference_lacks(eicu_prepared: Path, tmp_path: Path, capsys) -> None:
+    from conftest import EICU_DEMO, fails_cleanly
+    from data_prep.eicu import main
+
+    fails_cleanly(main, ["--root", EICU_DEMO, "--out", tmp_path / "out", "--bins-from", eicu_prepared,
+                         "--max-visits", "3"], capsys, "--max-visits 3 differs from the --bins-from folder's none")
+    assert not (tmp_path / "out").exists()

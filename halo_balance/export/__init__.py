@@ -18,9 +18,9 @@ Beside the tables: ``patient_ids.csv`` (``patient_id`` in the prepared data, ``e
 folder (``meta.json`` holds the lab items, bin edges, time bins, groups, outcome and rules); the only
 outside input is an optional ICD dictionary (``--dictionary``). The output folder is written
 atomically. ``data_prep.mimic_iv`` / ``data_prep.eicu`` / ``data_prep.meds`` with ``--bins-from
-PREPARED`` (and the dataset's ``--outcome``, eICU ``--lab-source`` and ``--patient-unit``; MEDS
-``--labels`` for outcomes other than mortality) on the output give back the prepared records,
-labels and groups exactly; :func:`restore_ids` maps the ids back. Where a generated record holds
+PREPARED`` (which brings the dataset's outcome, eICU lab source and patient unit, lab and time bins;
+MEDS also ``--labels`` the written label file for outcomes other than mortality) on the output give
+back the prepared records, labels and groups exactly; :func:`restore_ids` maps the ids back. Where a generated record holds
 something no table can express, the rules below say what is written and ``export.json`` counts it.
 
 Rules
@@ -221,22 +221,16 @@ def export(data: str | os.PathLike | PreparedDataset, out: str | os.PathLike, *,
 def prepare_again(meta: dict[str, Any], *, format: ExportFormat, out: str | os.PathLike,
                   data: str | os.PathLike | None) -> str:
     """The command that prepares an export of data with ``meta`` back into the same records
-    (``PREPARED`` stands for the exported folder when it is not known; ``AGAIN`` for the new one)."""
-    pre = meta.get("preprocessing") or {}
-    params = pre.get("parameters") or {}
+    (``PREPARED`` stands for the exported folder when it is not known; ``AGAIN`` for the new one).
+
+    ``--bins-from`` brings every option that defines the representation (outcome, eICU lab source and
+    patient unit, lab and time bins, ...); MEDS also needs the written label file for outcomes other
+    than mortality, since ``data_prep.meds`` labels only deaths from events.
+    """
     ref = str(data) if data is not None else "PREPARED"
     args = [f"python -m data_prep.{format.replace('-', '_')}", f"--root {out}", "--out AGAIN", f"--bins-from {ref}"]
-    option = outcome_option(meta)
-    if format == "meds":
-        if option != "mortality":
-            args.append(f"--labels {Path(out) / 'labels' / (str(meta.get('outcome', 'outcome')) + '.parquet')}")
-    elif option != "mortality":
-        args.append(f"--outcome {option}")
-    if format == "eicu":
-        apache = (pre.get("labs") or {}).get("source") == "eicu:apacheApsVar"
-        args.append(f"--lab-source {'apache' if apache else 'lab'}")
-        if params.get("patient_unit", "person") != "person":
-            args.append(f"--patient-unit {params['patient_unit']}")
+    if format == "meds" and outcome_option(meta) != "mortality":
+        args.append(f"--labels {Path(out) / 'labels' / (str(meta.get('outcome', 'outcome')) + '.parquet')}")
     return " ".join(args)
 
 
