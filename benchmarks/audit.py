@@ -24,7 +24,8 @@ The report holds, for every group attribute (and the intersection of several):
   patient-level bootstrap confidence intervals (:mod:`benchmarks.stats`);
 * FPR, underdiagnosis, F1 and calibration gaps to the largest group with intervals and
   permutation p-values, as gap charts with error bars;
-* FairPlay's fairness measures (disparate impact, Theil index, ...) with intervals, and every
+* FairPlay's fairness measures (disparate impact, Theil index, ...) in both aggregations (per unit
+  then averaged, and the paper's, on the mean group F1s) with intervals, and every
   method's change against Original in F1, Theil and disparate impact with paired permutation
   p-values and Benjamini-Hochberg q-values;
 * the min-max underdiagnosis and FPR gaps of every method (mitigation strategy) per attribute beside
@@ -70,8 +71,10 @@ from .stats import ALL, MODEL_MEAN, RANGE, REQUIRED_COLUMNS, AuditTables, Design
 
 METRIC_LABELS = {"f1": "F1", "precision": "precision", "tpr": "TPR", "fpr": "FPR", "underdiagnosis": "UDR",
                  "selection_rate": "selection rate", "calibration_error": "ECE", "auroc": "AUROC",
-                 "di_weighted": "DI weighted", "di_averaged": "DI averaged", "theil": "Theil",
-                 "f1_variance": "F1 variance", "equalized_odds": "eq. odds", "equal_opportunity": "eq. opp.",
+                 "di_weighted": "DI weighted (units)", "di_averaged": "DI averaged (units)", "theil": "Theil (units)",
+                 "f1_variance": "F1 variance (units)", "di_weighted_of_means": "DI weighted (paper)",
+                 "di_averaged_of_means": "DI averaged (paper)", "theil_of_means": "Theil (paper)",
+                 "f1_sd_of_means": "F1 SD (paper)", "equalized_odds": "eq. odds", "equal_opportunity": "eq. opp.",
                  "fpr_difference": "FPR range", "demographic_parity": "dem. parity", "calibration_gap": "ECE range"}
 SIGNIFICANCE = 0.05
 LONG_TABLE_ROWS = 15  # longer tables are collapsed (<details>) under a one-line summary
@@ -573,7 +576,10 @@ def render(tab: AuditTables, *, design: Design, predictions: pl.DataFrame, sweep
     parts += ["<p class='note'>How to read: a gap is a group's value minus the reference group's (UDR = "
               "underdiagnosis rate = 1 - TPR, so a positive UDR gap means that group's deaths are missed more "
               "often). Disparate impact: minority F1 / training-majority F1 (nearer 1 is fairer); Theil index "
-              "over group F1s (lower is fairer). For spreads (Theil, max - min, equalized odds) resampled values "
+              "over group F1s (lower is fairer). Both come in two aggregations: <i>units</i> (per fold and "
+              "model, then averaged; groups under the minimum share left out, undefined F1 dropped) and "
+              "<i>paper</i> (once, on the group F1s averaged over models and folds; every group, undefined F1 "
+              "as 0, majority and weights from the groups' patients). For spreads (Theil, max - min, equalized odds) resampled values "
               "lie above the estimate on average, so the percentile interval can sit above the estimate; use the "
               "p-value for those.</p>",
               f"<h2>Changes against {_e(reference)} (mean over models)</h2>"]

@@ -3,8 +3,9 @@
 Every model is trained on visit rows (a sparse multi-hot CSR matrix) and scores the positive class
 with ``predict_proba``; the hard prediction is ``score > 0.5``, which is what each classifier's own
 ``predict`` returns (the paper uses default classifiers and no threshold tuning). Hyper-parameters
-are fixed across folds, methods and experiments, chosen for sparse binary inputs and for speed on
-two CPU cores (each model uses one thread; parallelism comes from ``--jobs``):
+are fixed across folds, methods and experiments. Two sets exist. The ``project`` set (the default)
+is chosen for sparse binary inputs and for speed on two CPU cores (each model uses one thread;
+parallelism comes from ``--jobs``):
 
 ``knn``
     ``KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute")``: cosine distance
@@ -24,6 +25,22 @@ two CPU cores (each model uses one thread; parallelism comes from ``--jobs``):
     ``XGBClassifier(n_estimators=200, max_depth=6, learning_rate=0.1, tree_method="hist",
     n_jobs=1, eval_metric="logloss")``.
 
+The ``paper`` parameter set (``params="paper"``, chosen by ``benchmarks.kfold --protocol paper``
+or ``--model-params paper``) is the one of the published FairPlay experiments: library defaults
+except where named.
+
+``knn``
+    ``KNeighborsClassifier()``: k = 5, Euclidean distance (brute force on the sparse rows).
+``logreg``
+    ``LogisticRegression(solver="lbfgs", max_iter=1000)``.
+``mlp``
+    ``MLPClassifier(hidden_layer_sizes=(256, 128), early_stopping=True, max_iter=1000)``.
+``rf``
+    ``RandomForestClassifier(n_estimators=100)``.
+``xgboost``
+    ``XGBClassifier()``.
+
+Thread counts are pinned to one (``n_jobs=1``) in both sets; they change speed, not results.
 Every random choice takes ``random_state`` (the harness passes ``seed + fold``). Convergence
 warnings are silenced: the iteration caps are part of the fixed settings.
 """
@@ -37,13 +54,19 @@ import numpy as np
 import scipy.sparse as sp
 
 ModelName = Literal["knn", "logreg", "mlp", "rf", "xgboost"]
+ParamSet = Literal["project", "paper"]
 MODELS: tuple[str, ...] = ("knn", "logreg", "mlp", "rf", "xgboost")
+PARAM_SETS: tuple[str, ...] = ("project", "paper")
 SAMPLE_WEIGHT_MODELS: tuple[str, ...] = ("logreg", "mlp", "rf", "xgboost")  # their fit takes sample_weight
 THRESHOLD = 0.5
 
 
-def make_model(name: ModelName, *, random_state: int = 0):
-    """A fresh, unfitted classifier with the documented fixed hyper-parameters."""
+def make_model(name: ModelName, *, random_state: int = 0, params: ParamSet = "project"):
+    """A fresh, unfitted classifier with the documented fixed hyper-parameters of ``params``."""
+    if params not in PARAM_SETS:
+        raise ValueError(f"unknown downstream parameter set {params!r}; choose from {', '.join(PARAM_SETS)}")
+    if params == "paper":
+        return _paper_model(name, random_state=random_state)
     if name == "knn":
         from sklearn.neighbors import KNeighborsClassifier
         return KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute", n_jobs=1)
@@ -64,17 +87,37 @@ def make_model(name: ModelName, *, random_state: int = 0):
     raise ValueError(f"unknown downstream model {name!r}; choose from {', '.join(MODELS)}")
 
 
-def describe(name: str) -> str:
+def _paper_model(name: ModelName, *, random_state: int):
+    if name == "knn":
+        from sklearn.neighbors import KNeighborsClassifier
+        return KNeighborsClassifier(n_jobs=1)
+    if name == "logreg":
+        from sklearn.linear_model import LogisticRegression
+        return LogisticRegression(solver="lbfgs", max_iter=1000, random_state=random_state)
+    if name == "mlp":
+        from sklearn.neural_network import MLPClassifier
+        return MLPClassifier(hidden_layer_sizes=(256, 128), early_stopping=True, max_iter=1000,
+                             random_state=random_state)
+    if name == "rf":
+        from sklearn.ensemble import RandomForestClassifier
+        return RandomForestClassifier(n_estimators=100, n_jobs=1, random_state=random_state)
+    if name == "xgboost":
+        from xgboost import XGBClassifier
+        return XGBClassifier(n_jobs=1, random_state=random_state)
+    raise ValueError(f"unknown downstream model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def describe(name: str, params: ParamSet = "project") -> str:
     """The model's class and hyper-parameters as text (part of a unit's settings hash); "" if unknown."""
     if name not in MODELS:
         return ""
-    model = make_model(name)
+    model = make_model(name, params=params)
     return f"{type(model).__name__}({sorted(model.get_params().items())})"
 
 
 def fit(name: ModelName, X: sp.csr_matrix, y: np.ndarray, *, sample_weight: np.ndarray | None = None,
-        random_state: int = 0):
-    """Fit a fresh ``name`` model on ``(X, y)``; both classes must be present.
+        random_state: int = 0, params: ParamSet = "project"):
+    """Fit a fresh ``name`` model of parameter set ``params`` on ``(X, y)``; both classes must be present.
 
     ``sample_weight`` is passed to the model's ``fit``; only ``SAMPLE_WEIGHT_MODELS`` accept it.
     """
@@ -87,7 +130,7 @@ def fit(name: ModelName, X: sp.csr_matrix, y: np.ndarray, *, sample_weight: np.n
             raise ValueError(f"{name} does not accept sample weights; models that do: "
                              f"{', '.join(SAMPLE_WEIGHT_MODELS)}")
         weights = {"sample_weight": np.asarray(sample_weight, dtype=np.float64)}
-    model = make_model(name, random_state=random_state)
+    model = make_model(name, random_state=random_state, params=params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         from sklearn.exceptions import ConvergenceWarning

@@ -3,12 +3,14 @@
 Each method names its training rows (:func:`training_set`, a :class:`benchmarks.methods.TrainingSet`)
 and a group-aware estimator (:func:`make_estimator`, with the interface of
 :class:`benchmarks.methods.SingleModel`) whose ``predict(X, groups)`` (0/1) is not always
-``score > 0.5``. ``groups`` are the harness's cell groups (the chosen attributes joined by ``" & "``).
+``score > 0.5``. ``groups`` are the harness's groups of the method (:data:`PER_GROUP_METHODS` use the
+balanced attributes, or the evaluation groups when only the outcome is balanced; the others the
+balanced attributes), values joined by ``" & "``.
 
 ``importance_weighting``
     The original training visits with sample weights that make every (visit label x group) cell
     weigh what upsampling would make it count: ``(n + ratio x (m - n)) / n`` for cells of at least
-    ``min_cell_size`` visits (``m`` the largest cell, as in ``benchmarks.methods.balance_targets``),
+    ``min_cell_size`` visits (``m`` the largest cell, as in ``benchmarks.cells.balance_targets``),
     1 for smaller cells, normalised to mean 1. ``logreg``, ``mlp``, ``rf`` and ``xgboost`` take the
     weights in ``fit``; ``knn`` cannot, so its probability is the weight-weighted vote of its 5
     neighbours (the same neighbours, each counting its weight).
@@ -61,8 +63,8 @@ from halo_balance.data import PreparedDataset
 from halo_balance.errors import HaloBalanceError
 
 from . import downstream
-from .methods import SingleModel, TrainingSet, _visit_cells, balance_targets, resample_patients, training_rows
-from .metrics import group_labels
+from .cells import Balancing, balance_targets, codes, group_names
+from .methods import SingleModel, TrainingSet, resample_patients, training_rows
 
 FairnessMethodName = Literal["importance_weighting", "group_resample", "threshold_optimizer",
                              "exponentiated_gradient", "adversarial_debiasing", "fairplay_threshold"]
@@ -79,6 +81,9 @@ TRAINING_DATA: dict[str, str] = {
     "exponentiated_gradient": "original", "adversarial_debiasing": "original", "fairplay_threshold": "fairplay"}
 # methods whose estimator is told one protected attribute (the harness's --adversary-attribute)
 TARGETED: tuple[str, ...] = ("adversarial_debiasing",)
+# methods that treat groups (not outcome x group cells) apart: Balancing.groups_for(per_group=True)
+PER_GROUP_METHODS: tuple[str, ...] = ("group_resample", "threshold_optimizer", "exponentiated_gradient",
+                                      "fairplay_threshold")
 MIN_PER_CLASS = 10
 
 
@@ -103,25 +108,27 @@ def _check_method(method: str) -> None:
 
 
 # ---------------------------------------------------------------------- training rows
-def group_resample(train: PreparedDataset, *, groups: Sequence[str], ratio: float = 1.0, min_cell_size: int = 5,
+def group_resample(train: PreparedDataset, *, groups: Sequence[str], balancing: Balancing | None = None,
                    seed: int = 0) -> TrainingSet:
-    """Patient-level random over-sampling of the groups (not of outcome x group cells)."""
+    """Patient-level random over-sampling of the ``groups`` (not of outcome x group cells), with the
+    ratio and minimum size of ``balancing`` (default: ratio 1, minimum 5)."""
     from imblearn.over_sampling import RandomOverSampler
 
-    return resample_patients(train, groups, RandomOverSampler, ratio=ratio, min_cell_size=min_cell_size, seed=seed,
-                             direction="up", cells=group_labels(train.patients, groups).to_numpy())
+    return resample_patients(train, RandomOverSampler, balancing=balancing or Balancing(), seed=seed, direction="up",
+                             cells=group_names(train.patients, groups), groups=groups)
 
 
-def training_set(method: FairnessMethodName, train: PreparedDataset, *, groups: Sequence[str], ratio: float = 1.0,
-                 min_cell_size: int = 5, seed: int = 0) -> TrainingSet:
-    """The training rows of ``method`` (``fairplay_threshold`` trains on the harness's FairPlay data)."""
+def training_set(method: FairnessMethodName, train: PreparedDataset, *, groups: Sequence[str],
+                 balancing: Balancing | None = None, seed: int = 0) -> TrainingSet:
+    """The training rows of ``method`` with rows grouped by ``groups`` (``fairplay_threshold`` trains
+    on the harness's FairPlay data)."""
     _check_method(method)
     kind = TRAINING_DATA[method]
     if kind == "fairplay":
         raise HaloBalanceError(f"{method} trains on FairPlay's balanced data; load it as for the 'fairplay' method "
                                "and pass its training_rows")
     if kind == "group_resample":
-        return group_resample(train, groups=groups, ratio=ratio, min_cell_size=min_cell_size, seed=seed)
+        return group_resample(train, groups=groups, balancing=balancing, seed=seed)
     return training_rows(train, groups)
 
 
@@ -130,7 +137,7 @@ def importance_weights(y: np.ndarray, groups: np.ndarray, *, ratio: float = 1.0,
     y = np.asarray(y, dtype=np.int8)
     rows = TrainingSet(X=sp.csr_matrix((len(y), 0)), y=y, group=np.asarray(groups).astype(str),
                        synthetic=np.zeros(len(y), bool), source=np.full(len(y), ""))
-    _, cells = _visit_cells(rows)
+    _, cells = codes(rows.cells())
     counts = np.bincount(cells)
     targets = balance_targets(dict(enumerate(counts.tolist())), ratio=ratio, min_cell_size=min_cell_size,
                               direction="up")
@@ -148,25 +155,27 @@ class ImportanceWeighted(SingleModel):
     ----------
     model : downstream model name.
     ratio, min_cell_size : as for the harness's rebalancing methods.
+    params : downstream parameter set (:mod:`benchmarks.downstream`).
     random_state : seed of the model.
     """
 
     def __init__(self, model: downstream.ModelName, *, ratio: float = 1.0, min_cell_size: int = 5,
-                 random_state: int = 0) -> None:
+                 params: downstream.ParamSet = "project", random_state: int = 0) -> None:
         self.model = model
         self.ratio = ratio
         self.min_cell_size = min_cell_size
+        self.params = params
         self.random_state = random_state
 
     def fit(self, X: sp.csr_matrix, y: np.ndarray, groups: np.ndarray, *, patients: np.ndarray | None = None,
             synthetic: np.ndarray | None = None) -> ImportanceWeighted:
         self.weights_ = importance_weights(y, groups, ratio=self.ratio, min_cell_size=self.min_cell_size)
         if self.model == "knn":
-            self.model_ = downstream.fit("knn", X, y, random_state=self.random_state)
+            self.model_ = downstream.fit("knn", X, y, random_state=self.random_state, params=self.params)
             self.y_ = np.asarray(y, dtype=np.float64)
         else:
             self.model_ = downstream.fit(self.model, X, y, sample_weight=self.weights_,
-                                         random_state=self.random_state)
+                                         random_state=self.random_state, params=self.params)
         return self
 
     def score(self, X: sp.csr_matrix, groups: np.ndarray | None = None) -> np.ndarray:
@@ -232,13 +241,15 @@ class ThresholdOptimized(_GroupSlots):
     constraints, objective : of ``ThresholdOptimizer``.
     cv : inner folds for the out-of-fold training scores.
     min_per_class : per-class training visits a group needs for thresholds of its own.
+    params : downstream parameter set (:mod:`benchmarks.downstream`).
     random_state : seeds the models, the inner folds and the randomised thresholds.
     """
 
     def __init__(self, model: downstream.ModelName, *, constraints: str = "equalized_odds",
                  objective: str = "balanced_accuracy_score", cv: int = 3, min_per_class: int = MIN_PER_CLASS,
-                 random_state: int = 0) -> None:
+                 params: downstream.ParamSet = "project", random_state: int = 0) -> None:
         self.model = model
+        self.params = params
         self.constraints = constraints
         self.objective = objective
         self.cv = cv
@@ -251,10 +262,11 @@ class ThresholdOptimized(_GroupSlots):
 
         y = np.asarray(y, dtype=np.int64)
         synthetic = np.zeros(len(y), bool) if synthetic is None else np.asarray(synthetic, bool)
-        self.model_ = downstream.fit(self.model, X, y, random_state=self.random_state)
+        self.model_ = downstream.fit(self.model, X, y, random_state=self.random_state, params=self.params)
         oof = np.full(len(y), np.nan)
         for tr, te in _patient_folds(y, patients, synthetic, self.cv, self.random_state):
-            oof[te] = downstream.score(downstream.fit(self.model, X[tr], y[tr], random_state=self.random_state), X[te])
+            oof[te] = downstream.score(downstream.fit(self.model, X[tr], y[tr], random_state=self.random_state,
+                                                      params=self.params), X[te])
         real = ~synthetic
         g = np.asarray(groups).astype(str)[real]
         self.fallback_group_, self.fallback_groups_ = _fallback_map(y[real], g, self.min_per_class)
@@ -291,15 +303,17 @@ class _Shared:
 class _RowsOf(ClassifierMixin, BaseEstimator):
     """A weighted downstream model whose input is row indices into a shared sparse matrix."""
 
-    def __init__(self, model: str = "logreg", rows: _Shared | None = None, random_state: int = 0) -> None:
+    def __init__(self, model: str = "logreg", rows: _Shared | None = None, random_state: int = 0,
+                 params: downstream.ParamSet = "project") -> None:
         self.model = model
         self.rows = rows
         self.random_state = random_state
+        self.params = params
 
     def fit(self, X, y, sample_weight=None):
         idx = np.asarray(X).ravel().astype(np.int64)
         self.model_ = downstream.fit(self.model, self.rows.X[idx], np.asarray(y), sample_weight=sample_weight,
-                                     random_state=self.random_state)
+                                     random_state=self.random_state, params=self.params)
         self.classes_ = np.array([0, 1])
         return self
 
@@ -318,13 +332,16 @@ class ExponentiatedGradientModel(_GroupSlots):
     objective : ``"balanced_error"`` (false positives and false negatives weighted by the inverse
         class frequency) or ``"error"`` (plain error rate).
     min_per_class : per-class training visits a group needs to be constrained on its own.
+    params : downstream parameter set (:mod:`benchmarks.downstream`).
     random_state : seeds the models and the randomised predictions.
     """
 
     def __init__(self, model: downstream.ModelName, *, eps: float = 0.01, max_iter: int = 50,
                  objective: Literal["balanced_error", "error"] = "balanced_error",
-                 min_per_class: int = MIN_PER_CLASS, random_state: int = 0) -> None:
+                 min_per_class: int = MIN_PER_CLASS, params: downstream.ParamSet = "project",
+                 random_state: int = 0) -> None:
         self.model = model
+        self.params = params
         self.eps = eps
         self.max_iter = max_iter
         self.objective = objective
@@ -346,7 +363,7 @@ class ExponentiatedGradientModel(_GroupSlots):
         costs = ({"fp": 0.5 / (1 - prevalence), "fn": 0.5 / prevalence} if self.objective == "balanced_error"
                  else None)
         reduction = ExponentiatedGradient(
-            _RowsOf(self.model, _Shared(sp.csr_matrix(X)), self.random_state), constraints=EqualizedOdds(),
+            _RowsOf(self.model, _Shared(sp.csr_matrix(X)), self.random_state, self.params), constraints=EqualizedOdds(),
             objective=ErrorRate(costs=costs), eps=self.eps, max_iter=self.max_iter)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -383,19 +400,20 @@ class ExponentiatedGradientModel(_GroupSlots):
 
 
 def make_estimator(method: FairnessMethodName, model: downstream.ModelName, *, ratio: float = 1.0,
-                   min_cell_size: int = 5, random_state: int = 0):
-    """The group-aware estimator of ``method`` for downstream ``model`` (unfitted)."""
+                   min_cell_size: int = 5, params: downstream.ParamSet = "project", random_state: int = 0):
+    """The group-aware estimator of ``method`` for downstream ``model`` of parameter set ``params`` (unfitted)."""
     _check_method(method)
     if not supports(method, model):
         raise HaloBalanceError(f"{method} does not run with model {model}; "
                                f"it runs with {', '.join(MODELS_FOR[method])}")
     if method == "importance_weighting":
-        return ImportanceWeighted(model, ratio=ratio, min_cell_size=min_cell_size, random_state=random_state)
+        return ImportanceWeighted(model, ratio=ratio, min_cell_size=min_cell_size, params=params,
+                                  random_state=random_state)
     if method in ("threshold_optimizer", "fairplay_threshold"):
-        return ThresholdOptimized(model, random_state=random_state)
+        return ThresholdOptimized(model, params=params, random_state=random_state)
     if method == "exponentiated_gradient":
-        return ExponentiatedGradientModel(model, random_state=random_state)
+        return ExponentiatedGradientModel(model, params=params, random_state=random_state)
     if method == "adversarial_debiasing":
         from .adversarial import AdversarialDebiasing  # imports torch
         return AdversarialDebiasing(random_state=random_state)
-    return SingleModel(model, random_state=random_state)
+    return SingleModel(model, params=params, random_state=random_state)

@@ -39,6 +39,17 @@ paper's cut for its intersectional experiment), keeping their per-group rows.
     holding both classes the two agree.
 ``demographic_parity``
     ``fairlearn.metrics.demographic_parity_difference``: largest minus smallest selection rate.
+
+Two aggregations over folds and models. The measures above are computed per (fold, method, model)
+*unit*, then averaged over folds (and models): the **mean-of-units** aggregation, this project's,
+stored under the names above. The published FairPlay experiments instead compute them once per
+method, on the group F1s already averaged over models and folds (:func:`paper_fairness`): every
+group of the data counts, an undefined or unobserved group F1 counts as 0, the majority is the
+largest group of the data and the weights are the groups' sizes. Those values are stored with a
+null ``fold`` under their own names, ``theil_of_means``, ``di_weighted_of_means``,
+``di_averaged_of_means`` and ``f1_sd_of_means`` (the paper's "performance variance": the
+population standard deviation of the group F1s, where ``f1_variance`` is a variance), per model
+(averaged over folds) and for the model mean.
 """
 
 from __future__ import annotations
@@ -56,6 +67,13 @@ PERFORMANCE_METRICS = ("f1", "precision", "recall", "tpr", "fpr", "underdiagnosi
                        "calibration_error", "selection_rate", "n", "n_pos")
 FAIRNESS_METRICS = ("di_weighted", "di_averaged", "theil", "f1_variance", "equalized_odds",
                     "equal_opportunity", "fpr_difference", "demographic_parity")
+# the same Theil / DI / spread, computed once on the mean group F1s (the paper's aggregation)
+PAPER_FAIRNESS_METRICS = ("di_weighted_of_means", "di_averaged_of_means", "theil_of_means", "f1_sd_of_means")
+# which name each aggregation gives to the headline measures
+AGGREGATION_METRICS = {"mean-of-units": {"theil": "theil", "di_weighted": "di_weighted",
+                                         "di_averaged": "di_averaged", "spread": "f1_variance"},
+                       "paper": {"theil": "theil_of_means", "di_weighted": "di_weighted_of_means",
+                                 "di_averaged": "di_averaged_of_means", "spread": "f1_sd_of_means"}}
 # Lower is fairer for every fairness metric except the two disparate-impact ratios (nearer 1).
 HIGHER_IS_BETTER = {"f1", "precision", "recall", "tpr", "auroc"}
 METRIC_COLUMNS = {"fold": pl.Int32, "method": pl.String, "model": pl.String, "attribute": pl.String,
@@ -346,18 +364,86 @@ def summarise(metrics: pl.DataFrame, *, model_mean_label: str = "mean") -> pl.Da
     over folds, so its standard error reflects fold-to-fold variation of the model-averaged metric.
     Columns: ``method``, ``model`` (``model_mean_label`` for the average), ``attribute``, ``group``,
     ``metric``, ``mean``, ``se`` (standard deviation over folds / sqrt(folds), ddof = 1),
-    ``n_folds`` (folds with a defined value).
+    ``n_folds`` (folds with a defined value). Rows with a null ``fold`` (already aggregated over
+    folds, :func:`paper_fairness`) pass through with their value as ``mean`` and a null ``se``.
     """
     keys = ["method", "attribute", "group", "metric"]
-    defined = metrics.filter(pl.col("value").is_not_nan())
+    whole = metrics.filter(pl.col("fold").is_null())
+    defined = metrics.filter(pl.col("fold").is_not_null() & pl.col("value").is_not_nan())
     # groups in order of appearance, so that every sum adds the same values in the same order and
     # a rerun (on any backend) writes identical bits
     averaged = (defined.group_by("fold", *keys, maintain_order=True).agg(pl.col("value").mean())
                 .with_columns(model=pl.lit(model_mean_label)))
     both = pl.concat([defined.select("fold", "model", *keys, "value"),
                       averaged.select("fold", "model", *keys, "value")])
-    return (both.group_by("method", "model", "attribute", "group", "metric", maintain_order=True)
-            .agg(mean=pl.col("value").mean(), n_folds=pl.len().cast(pl.Int32),
-                 se=pl.col("value").std(ddof=1) / pl.len().sqrt())
+    per_fold = (both.group_by("method", "model", "attribute", "group", "metric", maintain_order=True)
+                .agg(mean=pl.col("value").mean(), n_folds=pl.len().cast(pl.Int32),
+                     se=pl.col("value").std(ddof=1) / pl.len().sqrt()))
+    n_folds = defined["fold"].n_unique()
+    passed = whole.select("method", "model", "attribute", "group", "metric", mean=pl.col("value"),
+                          n_folds=pl.lit(n_folds, pl.Int32), se=pl.lit(None, pl.Float64))
+    return (pl.concat([per_fold, passed.select(per_fold.columns)])
             .select("method", "model", "attribute", "group", "metric", "mean", "se", "n_folds")
             .sort("method", "model", "attribute", "group", "metric", nulls_last=False))
+
+
+# ---------------------------------------------------------------------- the paper's aggregation
+def fairness_of_means(f1: np.ndarray, *, sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """The paper's Theil, disparate impact and F1 spread over the last axis of mean group F1s.
+
+    ``f1`` holds every group's F1 averaged over models and folds, undefined values already 0;
+    ``sizes`` the groups' sizes (the largest is the majority, ties to the last group, as in
+    :func:`fairplay_disparate_impact`). Theil's 0 ln 0 is 0 (the published code would give NaN).
+
+    Examples
+    --------
+    >>> out = fairness_of_means(np.array([0.8, 0.6, 0.4]), sizes=np.array([700, 200, 100]))
+    >>> [round(float(out[k]), 4) for k in ("theil_of_means", "di_weighted_of_means", "f1_sd_of_means")]
+    [0.0378, 0.6667, 0.1633]
+    """
+    f1 = np.asarray(f1, np.float64)
+    sizes = np.asarray(sizes, np.float64)
+    majority = len(sizes) - 1 - int(np.argmax(sizes[::-1]))
+    weighted, averaged = disparate_impact(f1, majority=majority, sizes=sizes)
+    return {"di_weighted_of_means": weighted, "di_averaged_of_means": averaged, "theil_of_means": theil_index(f1),
+            "f1_sd_of_means": f1.std(-1)}
+
+
+def paper_fairness(metrics: pl.DataFrame, *, group_sizes: Mapping[str, Mapping[str, float]],
+                   model_mean_label: str = "mean") -> pl.DataFrame:
+    """The fairness measures of the paper's aggregation, from per-unit metrics.
+
+    Parameters
+    ----------
+    metrics : the per-unit long table (:func:`unit_metrics` rows of every fold, method and model).
+    group_sizes : ``{grouping name: {group: patients}}``, every group of the data (a group no test
+        fold of a unit holds counts as F1 0 there) and its size.
+    model_mean_label : the model of the rows averaged over models.
+
+    Returns
+    -------
+    polars.DataFrame in ``METRIC_COLUMNS`` with a null ``fold`` and ``group``: for every method,
+    each model (group F1s averaged over folds) and the model mean (averaged over the method's
+    units), every grouping and every name in ``PAPER_FAIRNESS_METRICS``.
+    """
+    unit_rows = metrics.filter(pl.col("fold").is_not_null())
+    units = unit_rows.select("method", "model", "fold").unique()
+    f1 = unit_rows.filter((pl.col("metric") == "f1") & pl.col("group").is_not_null()).select(
+        "method", "model", "fold", "attribute", "group", "value")
+    rows: list[tuple] = []
+    for attribute, sizes in group_sizes.items():
+        names = sorted(sizes)
+        grid = units.join(pl.DataFrame({"group": names}), how="cross").with_columns(attribute=pl.lit(attribute))
+        full = grid.join(f1, on=["method", "model", "fold", "attribute", "group"], how="left").with_columns(
+            value=pl.col("value").fill_nan(0.0).fill_null(0.0))  # undefined or unobserved: 0
+        per_model = full.group_by("method", "model", "group", maintain_order=True).agg(pl.col("value").mean())
+        mean = full.group_by("method", "group", maintain_order=True).agg(pl.col("value").mean()).with_columns(
+            model=pl.lit(model_mean_label))
+        table = pl.concat([per_model, mean.select(per_model.columns)])
+        for (method, model), part in table.group_by("method", "model", maintain_order=True):
+            x = dict(part.select("group", "value").iter_rows())
+            values = fairness_of_means(np.array([x[g] for g in names]), sizes=np.array([sizes[g] for g in names]))
+            rows += [(method, model, attribute, k, float(v)) for k, v in values.items()]
+    out = pl.DataFrame(rows, orient="row", schema={"method": pl.String, "model": pl.String, "attribute": pl.String,
+                                                    "metric": pl.String, "value": pl.Float64})
+    return out.with_columns(fold=pl.lit(None, pl.Int32), group=pl.lit(None, pl.String)).select(list(METRIC_COLUMNS))

@@ -3,22 +3,28 @@
 ``python -m benchmarks.report DIR`` re-renders ``DIR/report.md`` and ``DIR/plots/`` from the tables a
 k-fold run wrote (``summary.parquet``, ``units.parquet``, ``run.json``); ``benchmarks.kfold`` calls
 :func:`write_report` at the end of every run. ``python -m benchmarks.report --compare DIR ...``
-prints one table across several runs (:func:`compare_runs`).
+prints one table across several runs (:func:`compare_runs`; ``--aggregation``, ``--attribute``);
+``--cells-figure PNG DIR ...`` draws the training cells of several runs before and after balancing
+in one figure.
 
+The report opens with the run's protocol (:mod:`benchmarks.protocols`) and what it balanced by.
 Tables (mean +/- standard error over folds): overall F1 per method x model with the model average
 and its change against ``original`` (the paper's Table 2); FairPlay's disparate impact and the Theil
 index per method, averaged over models, for every attribute and for the intersection of several
-(Table 3), with the other fairness measures beside them; F1, underdiagnosis rate and FPR per group;
-AUROC; the size of every method's training data and the time it took; the distinctness, training
-copies and fidelity of binary synthetic rows. Plots: per-group F1 bars per
-method (the paper's Fig. 3), per-group FPR and underdiagnosis bars, and a radar plot of per-group F1
-for an intersection of attributes (Fig. 4). Like the paper's figures, the plots leave out groups
-holding less than 1% of the test visits; the tables keep every group.
+(Table 3), in the protocol's aggregation first and the other one below, with the decision gaps
+beside them; F1, underdiagnosis rate and FPR per group; AUROC; the size of every method's training
+data and the time it took; the distinctness, training copies and fidelity of binary synthetic rows.
+Plots: the training visits per cell before and after balancing (the paper's Fig. 2), F1 / Theil /
+DI against the ratio when several ratios were run (Supplementary Fig. 1), per-group F1 bars per
+method (Fig. 3), per-group FPR and underdiagnosis bars, and a radar plot of per-group F1 for an
+intersection of attributes (Fig. 4). Like the paper's figures, the plots leave out groups holding
+less than 1% of the test visits; the tables keep every group.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -31,13 +37,21 @@ from halo_balance.errors import HaloBalanceError
 from halo_balance.io import atomic_write_bytes, read_json
 
 from .methods import SEPARATE_MIN_PER_CLASS
-from .metrics import FAIRNESS_METRICS, GROUP_SEPARATOR, group_header, group_patient_counts, groupings
+from .metrics import AGGREGATION_METRICS, GROUP_SEPARATOR, group_header, group_patient_counts, groupings
 
 MODEL_MEAN = "mean"
 PLOT_MIN_SHARE = 0.01
+AGGREGATIONS = ("mean-of-units", "paper")
 FAIRNESS_LABELS = {"di_weighted": "DI weighted", "di_averaged": "DI averaged", "theil": "Theil",
                    "f1_variance": "F1 variance", "equalized_odds": "Eq. odds", "equal_opportunity": "Eq. opp.",
-                   "fpr_difference": "FPR gap", "demographic_parity": "Dem. parity"}
+                   "fpr_difference": "FPR gap", "demographic_parity": "Dem. parity",
+                   "di_weighted_of_means": "DI weighted", "di_averaged_of_means": "DI averaged",
+                   "theil_of_means": "Theil", "f1_sd_of_means": "F1 SD"}
+AGGREGATION_TITLES = {"mean-of-units": "mean of units: per (fold, model), then averaged; groups under the run's "
+                                       "minimum share left out, undefined F1 dropped",
+                      "paper": "the paper's: once, on the group F1s averaged over models and folds; every group, "
+                               "undefined F1 as 0"}
+GAP_METRICS = ("equalized_odds", "equal_opportunity", "fpr_difference", "demographic_parity")
 
 
 def fmt(mean: float | None, se: float | None = None, digits: int = 3) -> str:
@@ -91,22 +105,41 @@ def overall_table(summary: pl.DataFrame, methods: Sequence[str], models: Sequenc
     return markdown_table(["method", *models, "mean of models", "vs original"], rows)
 
 
-def fairness_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str) -> str:
-    """Every fairness measure per method, averaged over models; flags Theil / DI against ``original``."""
+def fairness_flags(theil: float | None, di: float | None, base_theil: float | None, base_di: float | None) -> str:
+    """``Theil lower; DI nearer 1`` (or ``not``) against the reference values; empty where undefined."""
+    defined = lambda *v: all(x is not None and not math.isnan(x) for x in v)  # noqa: E731
+    flags = []
+    if defined(theil, base_theil):
+        flags.append("Theil lower" if theil < base_theil else "Theil not lower")
+    if defined(di, base_di):
+        flags.append("DI nearer 1" if abs(1 - di) < abs(1 - base_di) else "DI not nearer 1")
+    return "; ".join(flags)
+
+
+def fairness_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str,
+                   aggregation: str = "mean-of-units") -> str:
+    """Theil, disparate impact and the F1 spread of one aggregation (:data:`AGGREGATION_METRICS`)
+    per method, averaged over models; flags Theil / DI against ``original``."""
+    names = AGGREGATION_METRICS[aggregation]
+
     def value(m, metric):
         return _cell(summary, method=m, model=MODEL_MEAN, attribute=attribute, group=None, metric=metric)
 
-    base_theil, base_di = value("original", "theil")[0], value("original", "di_weighted")[0]
+    columns = [names[k] for k in ("theil", "di_weighted", "di_averaged", "spread")]
     rows = []
     for m in methods:
-        theil, di = value(m, "theil")[0], value(m, "di_weighted")[0]
-        flags = []
-        if m != "original" and None not in (theil, base_theil):
-            flags.append("Theil lower" if theil < base_theil else "Theil not lower")
-        if m != "original" and None not in (di, base_di) and not (math.isnan(di) or math.isnan(base_di)):
-            flags.append("DI nearer 1" if abs(1 - di) < abs(1 - base_di) else "DI not nearer 1")
-        rows.append([m, *(fmt(*value(m, k)) for k in FAIRNESS_METRICS), "; ".join(flags)])
-    return markdown_table(["method", *(FAIRNESS_LABELS[k] for k in FAIRNESS_METRICS), "vs original"], rows)
+        flags = "" if m == "original" else fairness_flags(
+            value(m, names["theil"])[0], value(m, names["di_weighted"])[0],
+            value("original", names["theil"])[0], value("original", names["di_weighted"])[0])
+        rows.append([m, *(fmt(*value(m, k)) for k in columns), flags])
+    return markdown_table(["method", *(FAIRNESS_LABELS[k] for k in columns), "vs original"], rows)
+
+
+def gap_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str) -> str:
+    """The group gaps of the decisions (equalized odds, equal opportunity, FPR, demographic parity)."""
+    rows = [[m, *(fmt(*_cell(summary, method=m, model=MODEL_MEAN, attribute=attribute, group=None, metric=k))
+                  for k in GAP_METRICS)] for m in methods]
+    return markdown_table(["method", *(FAIRNESS_LABELS[k] for k in GAP_METRICS)], rows)
 
 
 def group_table(summary: pl.DataFrame, methods: Sequence[str], attribute: str, metric: str,
@@ -241,6 +274,104 @@ def plot_radar(summary: pl.DataFrame, methods: Sequence[str], attribute: str, pa
     return path
 
 
+def _cell_label(name: str) -> str:
+    label, _, group = name.partition("|")
+    return f"{group.replace(GROUP_SEPARATOR, ' & ') or 'all'}, y={label}"
+
+
+def cell_counts(units: pl.DataFrame, run: dict) -> dict[str, dict[str, float]]:
+    """``{method: {cell: training visits, mean over folds}}`` of the methods whose rows are grouped
+    by the balanced attributes (the balancing methods and ``original``)."""
+    attributes = " & ".join(run.get("balance_by", run["groups"]))
+    if "train_cells" not in units.columns:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    per = units.filter(pl.col("cell_attributes") == attributes).group_by("method", "fold").agg(
+        pl.col("train_cells").first())
+    for method in run["methods"]:
+        rows = per.filter(pl.col("method") == method)["train_cells"].to_list()
+        if rows:
+            total: dict[str, float] = {}
+            for text in rows:
+                for cell, n in json.loads(text).items():
+                    total[cell] = total.get(cell, 0.0) + n / len(rows)
+            out[method] = total
+    return out
+
+
+def plot_cells(units: pl.DataFrame, run: dict, path: Path, *, ax=None) -> Path | None:
+    """Training visits per cell, one bar per method (the paper's Fig. 2, before and after balancing)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = cell_counts(units, run)
+    methods = [m for m in counts if m != "separate"]
+    if "original" not in counts or len(methods) < 2:
+        return None
+    cells = sorted({c for m in methods for c in counts[m]}, key=lambda c: (c.partition("|")[2], c))
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(cells) * len(methods) / 2), 3.6))
+    x, width = np.arange(len(cells)), 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, [counts[m].get(c, 0) for c in cells], width, label=m)
+    ax.set_xticks(x, [_cell_label(c) for c in cells], rotation=30 if len(cells) > 4 else 0,
+                  ha="right" if len(cells) > 4 else "center", fontsize=8)
+    ax.set_ylabel("training visits (mean over folds)")
+    ax.set_title(f"Cells of {_balanced_by(run)}, before and after balancing", fontsize=10)
+    ax.legend(fontsize=7, ncol=min(len(methods), 4))
+    if own:
+        fig.tight_layout()
+        _save(fig, path)
+        plt.close(fig)
+    return path
+
+
+def plot_ratio_sweep(summary: pl.DataFrame, run: dict, path: Path, aggregation: str | None = None) -> Path | None:
+    """F1, Theil and weighted DI against the ratio, one line per method that has one (the paper's
+    Supplementary Fig. 1); ``None`` unless the run swept several ratios."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = _variants(run)
+    swept: dict[str, list[tuple[float, str]]] = {}
+    for label, v in variants.items():
+        if label != v["method"] and v.get("ratio") is not None:
+            swept.setdefault(v["method"], []).append((float(v["ratio"]), label))
+    if not swept:
+        return None
+    names = AGGREGATION_METRICS[aggregation or headline_aggregation(run)]
+    panels = [(None, "f1", "F1 (mean of models)")] + [
+        (a, names[k], f"{FAIRNESS_LABELS[names[k]]}, {a}") for a, _ in groupings(run["groups"])
+        for k in ("theil", "di_weighted")]
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.1 * rows), squeeze=False)
+    for ax, (attribute, metric, title) in zip(axes.ravel(), panels):
+        base, _ = _cell(summary, method="original", model=MODEL_MEAN, attribute=attribute, group=None, metric=metric)
+        for method, points in swept.items():
+            points = sorted(points)
+            vals = [_cell(summary, method=label, model=MODEL_MEAN, attribute=attribute, group=None, metric=metric)
+                    for _, label in points]
+            mean = np.array([np.nan if v is None else v for v, _ in vals], dtype=float)
+            se = np.array([np.nan if s is None else s for _, s in vals], dtype=float)
+            ax.errorbar([r for r, _ in points], mean, yerr=np.nan_to_num(se), marker="o", capsize=2, label=method)
+        if base is not None and not math.isnan(base):
+            ax.axhline(base, color="grey", ls="--", lw=1, label="original")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ratio of each cell's gap filled")
+        ax.set_title(title, fontsize=9)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------- the report
 def _partial_methods_note(summary: pl.DataFrame, methods: Sequence[str], models: Sequence[str]) -> str:
     """A sentence naming the methods that ran with some of the models only (their mean is over those)."""
@@ -250,6 +381,32 @@ def _partial_methods_note(summary: pl.DataFrame, methods: Sequence[str], models:
                if not set(models) <= ran.get(m, set())]
     return (" Some methods run with some of the models only, and their `mean of models` averages those: "
             + "; ".join(partial) + ".") if partial else ""
+
+
+def _variants(run: dict) -> dict[str, dict]:
+    """``{label: {"method", "ratio"}}`` of a run (runs written before sweeps existed: one per method)."""
+    return run.get("variants") or {m: {"method": m, "ratio": run.get("ratio")} for m in run["methods"]}
+
+
+def _balanced_by(run: dict) -> str:
+    balance_by = run.get("balance_by", run["groups"])
+    return f"outcome x {' & '.join(balance_by)}" if balance_by else "outcome only"
+
+
+def _protocol_line(run: dict) -> str:
+    protocol = run.get("protocol") or {"name": "project", "overrides": []}
+    overrides = protocol.get("overrides", [])
+    extra = f", overridden: {', '.join(f'{k} {protocol[k]}' for k in overrides)}" if overrides else ""
+    return (f"- protocol: `{protocol['name']}`{extra} (benchmarks/PROTOCOLS.md); downstream parameters "
+            f"`{protocol.get('model_params', 'project')}`, downsampling floor {protocol.get('downsample_floor', 0)}, "
+            f"SMOTE {protocol.get('smote_classes', 'per-cell')}{' binarised' if protocol.get('smote_binarize') else ''}, "
+            f"generator conditioned on {protocol.get('generator_conditioning', 'all')} attributes, headline "
+            f"fairness aggregation {protocol.get('fairness_aggregation', 'mean-of-units')}")
+
+
+def headline_aggregation(run: dict) -> str:
+    """The fairness aggregation a run's report leads with (its protocol's)."""
+    return (run.get("protocol") or {}).get("fairness_aggregation", "mean-of-units")
 
 
 def write_report(out: str | Path) -> Path:
@@ -263,16 +420,20 @@ def write_report(out: str | Path) -> Path:
     counts = group_patient_counts(pl.scan_parquet(out / "predictions.parquet"), run["groups"])
     finest = groupings(run["groups"])[-1][0]
     last = run["invocations"][-1]
+    aggregation = headline_aggregation(run)
+    others = [a for a in AGGREGATIONS if a != aggregation]
     lines = [
         "# k-fold benchmark report", "",
+        _protocol_line(run),
         f"- data: `{run['data']}` (sha256 {run['data_fingerprint'][:12]})",
-        f"- groups: {', '.join(run['groups'])}; folds: {run['folds']} (patient level, stratified by outcome x "
-        f"{', '.join(run['stratify'])}); seed: {run['seed']}",
+        f"- evaluation groups: {', '.join(run['groups'])}; balanced by: {_balanced_by(run)}; folds: {run['folds']} "
+        f"(patient level, stratified by outcome x {', '.join(run['stratify'])}); seed: {run['seed']}",
         f"- methods: {', '.join(methods)}; models: {', '.join(models)}; "
         f"threshold: score > {run['downstream_threshold']}",
         f"- balancing: ratio {run['ratio']}, min cell size {run['min_cell_size']}; FairPlay: {run['fairplay']}",
-        f"- fairness measures leave out groups under {100 * run.get('fairness_min_share', 0):g}% of a fold's "
-        "training patients (they keep their per-group rows)",
+        f"- fairness measures of the mean-of-units aggregation leave out groups under "
+        f"{100 * run.get('fairness_min_share', 0):g}% of a fold's training patients (they keep their per-group "
+        "rows); the paper's aggregation keeps every group",
         f"- machine: {last.get('machine')}; jobs: {last.get('jobs')}; this invocation: "
         f"{last.get('wall_seconds', 'n/a')} s, {last.get('units_computed', 'n/a')} units computed",
         f"- versions: {', '.join(f'{k} {v}' for k, v in run['versions'].items())}", "",
@@ -280,18 +441,36 @@ def write_report(out: str | Path) -> Path:
         "within each fold first. Metrics are computed on test visits; the group headers count test patients "
         "(each is tested in one fold) and those who died." + _partial_methods_note(summary, methods, models),
         "",
-        "## Headline", "", f"Averaged over models; Theil index and weighted disparate impact over {finest}.", "",
+        "## Headline", "", f"Averaged over models; Theil index and weighted disparate impact over {finest} "
+        f"({aggregation} aggregation).", "",
         headline(out), "",
         "## Overall F1", "", overall_table(summary, methods, models, "f1"), "",
         "## Overall AUROC", "", overall_table(summary, methods, models, "auroc"), "",
     ]
     plots = out / "plots"
+    sweep = plot_ratio_sweep(summary, run, plots / "ratio_sweep.png")
+    if sweep is not None:
+        lines += ["## Amount of added data", "",
+                  f"F1 (mean of models, ± SE), Theil and weighted DI ({aggregation} aggregation) against the ratio of "
+                  "each cell's gap filled; the dashed line is `original`.", "", f"![ratio sweep](plots/{sweep.name})", ""]
+    cells = plot_cells(units, run, plots / "cells.png")
+    if cells is not None:
+        lines += [f"## Training data per cell ({_balanced_by(run)})", "",
+                  "Training visits per (visit label x balanced groups) cell handed to the downstream models, mean "
+                  "over folds, before (`original`) and after each balancing method.", "",
+                  f"![cells](plots/{cells.name})", ""]
     for attribute, attrs in groupings(run["groups"]):
         lines += [f"## Fairness across {attribute}", "",
                   "Averaged over models. DI = FairPlay's disparate impact (minority F1 / majority F1; weighted by "
-                  "training group size, or averaged), nearer 1 is fairer; Theil index over group F1s, lower is "
-                  "fairer; the gaps are largest minus smallest group value.", "",
-                  fairness_table(summary, methods, attribute), "",
+                  "group size, or averaged), nearer 1 is fairer; Theil index over group F1s, lower is fairer; the "
+                  "spread is the variance (mean of units) or standard deviation (paper) of the group F1s; the gaps "
+                  "are largest minus smallest group value.", "",
+                  f"Aggregation: {AGGREGATION_TITLES[aggregation]}.", "",
+                  fairness_table(summary, methods, attribute, aggregation), ""]
+        for other in others:
+            lines += [f"Aggregation: {AGGREGATION_TITLES[other]}.", "",
+                      fairness_table(summary, methods, attribute, other), ""]
+        lines += ["Gaps (mean of units):", "", gap_table(summary, methods, attribute), "",
                   f"### F1 by {attribute}", "", group_table(summary, methods, attribute, "f1", counts[attribute]), "",
                   f"### Underdiagnosis rate (1 - TPR) by {attribute}", "",
                   group_table(summary, methods, attribute, "underdiagnosis", counts[attribute]), "",
@@ -316,10 +495,11 @@ def write_report(out: str | Path) -> Path:
                   "(mixed in the synthetic rows' cell proportions), the same between the fold's test and "
                   "training rows (ceiling), cell rows a generator could not supply (shortfall), and the "
                   "method's seconds per fold (`benchmarks.synthetic_rows`).", "", synthetic, ""]
-    fp = units.filter(pl.col("method") == "fairplay").group_by("fold").agg(pl.all().first())
+    fairplay = [m for m, v in _variants(run).items() if v["method"] == "fairplay"]
+    fp = units.filter(pl.col("method").is_in(fairplay)).group_by("method", "fold").agg(pl.all().first())
     if fp.height:
         cached = fp["generator_cached"] if "generator_cached" in fp.columns else pl.Series([None] * fp.height)
-        where = (f" ({int((~cached.cast(pl.Boolean)).sum())} of {fp.height} folds trained here, the others loaded "
+        where = (f" ({int((~cached.cast(pl.Boolean)).sum())} of {fp.height} trained here, the others loaded "
                  "from the cache)" if cached.null_count() == 0 else "")
         lines += [f"FairPlay, summed over folds: generator {fp['generator_seconds'].sum():.0f} s{where}, "
                   f"balancing {fp['balance_seconds'].sum():.0f} s; both are included in its `method s`.", ""]
@@ -352,32 +532,37 @@ def check_run(out: str | Path) -> None:
                                "folder of a `python -m benchmarks.kfold` run that has finished, or rerun it")
 
 
-def compare_runs(outs: Sequence[str | Path]) -> str:
-    """One markdown table across finished runs (e.g. the experiments of a dataset): per method, each
-    run's mean-of-models F1 (and its change against ``original``), AUROC, Theil index and weighted
-    disparate impact. The fairness columns use the intersection of a run's attributes when it has
-    several."""
+def compare_runs(outs: Sequence[str | Path], *, aggregation: str | None = None, attribute: str | None = None) -> str:
+    """One markdown table across finished runs (e.g. the experiments of a dataset, or one experiment
+    under both protocols): per method, each run's mean-of-models F1 (and its change against
+    ``original``), AUROC, Theil index and weighted disparate impact.
+
+    ``aggregation`` picks the fairness aggregation (default: each run's headline, named in the
+    header); ``attribute`` the grouping of the fairness columns (default: a run's last grouping,
+    the intersection of its attributes when it has several).
+    """
     header, columns = ["method"], []
     for out in outs:
         run = read_json(Path(out) / "run.json")
         summary = pl.read_parquet(Path(out) / "summary.parquet")
-        attribute = groupings(run["groups"])[-1][0]
-        header += [f"{attribute}: F1", "AUROC", "Theil", "DI"]
-        columns.append((run["methods"], summary, attribute))
-    methods = list(dict.fromkeys(m for ms, _, _ in columns for m in ms))
+        attr = attribute or groupings(run["groups"])[-1][0]
+        agg = aggregation or headline_aggregation(run)
+        protocol = (run.get("protocol") or {}).get("name", "project")
+        header += [f"{protocol}, {attr}: F1", "AUROC", f"Theil ({agg})", f"DI ({agg})"]
+        columns.append((run["methods"], summary, attr, AGGREGATION_METRICS[agg]))
+    methods = list(dict.fromkeys(m for ms, *_ in columns for m in ms))
     rows = []
     for m in methods:
         row = [m]
-        for _, summary, attribute in columns:
-            mean = {(metric, attr): _cell(summary, method=m, model=MODEL_MEAN, attribute=attr, group=None,
-                                          metric=metric) for metric, attr in (("f1", None), ("auroc", None),
-                                                                              ("theil", attribute),
-                                                                              ("di_weighted", attribute))}
-            f1, se = mean[("f1", None)]
+        for _, summary, attr, names in columns:
+            def value(metric: str, a: str | None) -> tuple[float | None, float | None]:
+                return _cell(summary, method=m, model=MODEL_MEAN, attribute=a, group=None, metric=metric)
+
+            f1, se = value("f1", None)
             base = _cell(summary, method="original", model=MODEL_MEAN, attribute=None, group=None, metric="f1")[0]
             change = f" ({100 * (f1 - base) / base:+.0f}%)" if f1 is not None and base else ""
-            row += [fmt(f1, se) + change, fmt(mean[("auroc", None)][0]), fmt(mean[("theil", attribute)][0]),
-                    fmt(mean[("di_weighted", attribute)][0])]
+            row += [fmt(f1, se) + change, fmt(value("auroc", None)[0]), fmt(value(names["theil"], attr)[0]),
+                    fmt(value(names["di_weighted"], attr)[0])]
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -388,14 +573,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("out", nargs="+", help="the --out folder(s) of finished benchmarks.kfold runs")
     p.add_argument("--compare", action="store_true",
                    help="print one table across the runs (F1, AUROC, Theil, DI per method) instead")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None,
+                   help="with --compare: the fairness aggregation (default: each run's protocol's)")
+    p.add_argument("--attribute", default=None,
+                   help="with --compare: the grouping of the fairness columns (default: each run's last)")
+    p.add_argument("--cells-figure", default=None, metavar="PNG",
+                   help="write one figure of the training cells before and after balancing of every run")
     args = p.parse_args(argv)
     for out in args.out:  # every folder before any output
         check_run(out)
+    if args.cells_figure:
+        print(plot_cells_of_runs(args.out, Path(args.cells_figure)))
+        return
     if args.compare:
-        print(compare_runs(args.out))
+        print(compare_runs(args.out, aggregation=args.aggregation, attribute=args.attribute))
         return
     for out in args.out:
         print(write_report(out))
+
+
+def plot_cells_of_runs(outs: Sequence[str | Path], path: Path) -> Path:
+    """The training cells before and after balancing of several runs, one panel each (the paper's
+    Fig. 2 for a set of experiments)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(outs), 1, figsize=(8, 3.2 * len(outs)), squeeze=False)
+    for ax, out in zip(axes[:, 0], outs, strict=True):
+        run = read_json(Path(out) / "run.json")
+        if plot_cells(pl.read_parquet(Path(out) / "units.parquet"), run, path, ax=ax) is None:
+            raise HaloBalanceError(f"{out} holds no balancing method beside original; nothing to plot")
+        protocol = (run.get("protocol") or {}).get("name", "project")
+        ax.set_title(f"{ax.get_title()} ({protocol} protocol)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

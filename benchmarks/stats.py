@@ -38,7 +38,11 @@ majority (training size = all patients minus the fold's test patients; with a si
 audited patients themselves) and training-size weights.
 Group gaps are ``metric(group) - metric(reference)``, the reference being each attribute's largest
 group, and ``max - min``. With ``fairness_min_share`` (the run's setting), groups under that share of
-a fold's training patients are left out of the fairness measures, as in the harness.
+a fold's training patients are left out of the fairness measures, as in the harness. The paper's
+aggregation (``theil_of_means``, ``di_weighted_of_means``, ``di_averaged_of_means``,
+``f1_sd_of_means``; :func:`benchmarks.metrics.paper_fairness`) is computed in every resample from
+the group F1s averaged over models and folds, undefined ones as 0, over every group, weighted by
+the groups' patients; its comparisons with the reference are paired the same way.
 ``aggregate="pooled"`` instead pools the counts of all folds first.
 """
 
@@ -57,7 +61,8 @@ import scipy.sparse as sp
 from halo_balance.errors import DatasetError
 
 from .calibration import DEFAULT_THRESHOLDS, bin_index
-from .metrics import disparate_impact, group_labels, groupings, theil_index
+from .metrics import PAPER_FAIRNESS_METRICS, disparate_impact, fairness_of_means, group_labels, groupings, \
+    theil_index
 
 Aggregate = Literal["fold_mean", "pooled"]
 ALL = "(all)"  # the attribute and group of whole-population rows
@@ -67,7 +72,8 @@ GROUP_METRICS = ("f1", "precision", "tpr", "fpr", "underdiagnosis", "selection_r
 GAP_METRICS = ("f1", "tpr", "fpr", "underdiagnosis", "calibration_error")
 FAIRNESS_METRICS = ("di_weighted", "di_averaged", "theil", "f1_variance", "equalized_odds", "equal_opportunity",
                     "fpr_difference", "demographic_parity", "calibration_gap")
-COMPARE_METRICS = ("f1", "theil", "di_weighted", "di_averaged", "equal_opportunity", "fpr_difference")
+COMPARE_METRICS = ("f1", "theil", "di_weighted", "di_averaged", "equal_opportunity", "fpr_difference",
+                   "theil_of_means", "di_weighted_of_means", "di_averaged_of_means")
 REQUIRED_COLUMNS = ("fold", "method", "model", "patient_id", "visit_index", "y_true", "score", "prediction")
 _STREAMS = {"bootstrap": 0, "paired": 1, "groups": 2}
 _CHUNK_BYTES = 96 * 2**20  # bounds a chunk's working set (weights and cell totals)
@@ -550,6 +556,26 @@ def _fold_stat(pf: Mapping[Key, np.ndarray], attribute: str, metric: str) -> np.
     return pf[("group", ALL, "f1")][..., 0] if metric == "f1" else pf[("fairness", attribute, metric)]
 
 
+def _of_means(f1: np.ndarray, design: Design, attribute: str, *, series: Sequence[int] | None = None,
+              ) -> dict[str, np.ndarray]:
+    """The paper's aggregation from per-fold group F1s (c, F', S, G): an undefined F1 counts as 0,
+    the mean over models and folds is taken first, then Theil / DI / SD over every group, weighted
+    by the groups' patients (:func:`benchmarks.metrics.fairness_of_means`). Returns (c, S') arrays."""
+    means = _finish(np.nan_to_num(f1, nan=0.0), design, series=series)
+    return fairness_of_means(means, sizes=design.sizes[attribute].sum(0))
+
+
+def _difference(pf: Mapping[Key, np.ndarray], design: Design, attribute: str, metric: str, pa: np.ndarray,
+                pr: np.ndarray) -> np.ndarray:
+    """Finished ``stat(method) - stat(reference)`` of the pairs from per-fold statistics ``pf``."""
+    if metric in PAPER_FAIRNESS_METRICS:
+        f1 = pf[("group", attribute, "f1")]
+        return (_of_means(f1[:, :, pa], design, attribute, series=pa)[metric]
+                - _of_means(f1[:, :, pr], design, attribute, series=pa)[metric])
+    v = _fold_stat(pf, attribute, metric)
+    return _paired_difference(v[:, :, pa], v[:, :, pr], design, pa)
+
+
 def _statistics(fine: np.ndarray, design: Design, aggregate: Aggregate,
                 auroc: Mapping[str, _AurocPlan] | None, W: np.ndarray) -> dict[Key, np.ndarray]:
     """Every per-fold statistic (c, F', S, ...) from fine-cell totals (c, K, S, Q)."""
@@ -591,10 +617,11 @@ def bootstrap(design: Design, *, n_resamples: int = 1000, level: float = 0.95, s
     def stats(W: np.ndarray) -> dict[Key, np.ndarray]:
         pf = _statistics(_fine_sums(W, X2, design.bounds).reshape(len(W), -1, S, Q), design, aggregate, plans, W)
         out = {k: _finish(v, design) for k, v in pf.items()}
+        for a in design.attributes:  # the paper's aggregation: on the finished group F1s
+            out |= {("fairness", a, k): v for k, v in _of_means(pf[("group", a, "f1")], design, a).items()}
         if len(pa):
             for a, m in ckeys:
-                v = _fold_stat(pf, a, m)
-                out[("compare", a, m)] = _paired_difference(v[:, :, pa], v[:, :, pr], design, pa)
+                out[("compare", a, m)] = _difference(pf, design, a, m, pa, pr)
         return out
 
     est = {k: v[0] for k, v in stats(np.ones((1, n))).items()}
@@ -647,7 +674,10 @@ def paired_permutation(design: Design, *, reference: str = "original", n_permuta
             ga = _fold_statistics(_cell_sums(fa.reshape(shape), design, attr), design, attr, aggregate)
             gr = _fold_statistics(_cell_sums(fr.reshape(shape), design, attr), design, attr, aggregate)
             for a, m in keys:
-                if a == attr:
+                if a == attr and m in PAPER_FAIRNESS_METRICS:
+                    out[(a, m)] = (_of_means(ga[0]["f1"], design, a, series=pa)[m]
+                                   - _of_means(gr[0]["f1"], design, a, series=pa)[m])
+                elif a == attr:
                     va, vr = (g[0]["f1"][..., 0] if m == "f1" else g[1][m] for g in (ga, gr))
                     out[(a, m)] = _paired_difference(va, vr, design, pa)
         return out

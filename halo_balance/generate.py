@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a trained model folder (or a generate output holding model/); without it a model is "
                         "trained in OUT/model")
     p.add_argument("--ratio", type=float, default=1.0,
-                   help="fraction of each cell's gap to fill, in [0, 1] (default %(default)s)")
+                   help="fraction of each cell's gap to fill (default %(default)s; above 1 overshoots the largest "
+                        "cell)")
     p.add_argument("--min-cell-size", type=int, default=5,
                    help="skip observed cells with fewer real patients (default %(default)s)")
     p.add_argument("--include-empty-cells", action="store_true", help="also generate for cells with no patient")

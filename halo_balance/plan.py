@@ -51,8 +51,9 @@ def plan_cells(train: PreparedDataset, *, groups: Sequence[str], ratio: float = 
         The real training patients (synthetic rows, if any, are not counted).
     groups : sequence of str
         Group attributes that define the cells, in addition to the outcome; may be empty.
-    ratio : float in [0, 1]
-        Fraction of each cell's gap to the largest cell to fill.
+    ratio : float >= 0
+        Fraction of each cell's gap to the largest cell to fill (above 1 the cells overshoot the
+        largest, e.g. for a sweep of the amount of synthetic data).
     min_cell_size : int
         Observed cells with fewer real patients are skipped.
     include_empty_cells : bool
@@ -63,8 +64,8 @@ def plan_cells(train: PreparedDataset, *, groups: Sequence[str], ratio: float = 
         ``include_empty_cells``), is an error. Default: every cell's target is the largest cell.
     """
     groups = list(groups)
-    if not 0.0 <= ratio <= 1.0:
-        raise HaloBalanceError(f"ratio must lie in [0, 1], got {ratio}")
+    if not ratio >= 0.0:
+        raise HaloBalanceError(f"ratio must be >= 0, got {ratio}")
     if min_cell_size < 0:
         raise HaloBalanceError(f"min_cell_size must be >= 0, got {min_cell_size}")
     if len(set(groups)) != len(groups):

@@ -16,6 +16,7 @@ from benchmarks import kfold
 from benchmarks.generative import check_options, make_generator
 from benchmarks.generative.mcrage import BernoulliDiffusion
 from benchmarks.generative.sma import SequentialCART, strongest_predictors
+from benchmarks.cells import Balancing
 from benchmarks.methods import build_training_set, training_rows
 from benchmarks.synthetic_rows import check_rows, describe_synthetic
 from halo_balance.errors import HaloBalanceError, MissingDependencyError
@@ -49,7 +50,8 @@ LIBRARY = [pytest.param(m, marks=[pytest.mark.slow, pytest.mark.skipif(
 def test_own_generators_fill_every_eligible_cell_with_binary_rows_of_that_cell(cohort, method):
     groups = ["gender", "age_group"]
     base = training_rows(cohort, groups)
-    rows = build_training_set(method, cohort, groups=groups, seed=0, options=FAST[method])
+    rows = build_training_set(method, cohort, balancing=Balancing(balance_by=groups), seed=0,
+                              options=FAST[method])
     telling = assert_visit_cells_topped_up(base, rows)
     new = rows.synthetic
     assert set(np.unique(rows.X.data)) == {1.0} and rows.X.shape[1] == cohort.vocab_size
@@ -60,7 +62,8 @@ def test_own_generators_fill_every_eligible_cell_with_binary_rows_of_that_cell(c
 
 @pytest.mark.parametrize("method", LIBRARY)
 def test_library_generators_fill_cells_or_report_the_shortfall(cohort, method):
-    rows = build_training_set(method, cohort, groups=["gender"], seed=0, options=FAST[method])
+    rows = build_training_set(method, cohort, balancing=Balancing(balance_by=["gender"]), seed=0,
+                              options=FAST[method])
     base = training_rows(cohort, ["gender"])
     assert set(np.unique(rows.X.data)) <= {1.0} and rows.X.shape[1] == cohort.vocab_size
     cells = rows.info["cells"]
@@ -95,7 +98,8 @@ def test_library_draws_follow_the_seed(cohort, method):
 @pytest.mark.parametrize("method", [*OWN, *LIBRARY[:1]])
 def test_same_seed_same_rows_other_seed_other_rows(cohort, method):
     def draw(seed):
-        return build_training_set(method, cohort, groups=["gender"], seed=seed, options=FAST[method])
+        return build_training_set(method, cohort, balancing=Balancing(balance_by=["gender"]), seed=seed,
+                                  options=FAST[method])
 
     a, b, c = draw(0), draw(0), draw(1)
     assert a.synthetic.sum() > 0
@@ -109,8 +113,8 @@ def test_no_generated_row_carries_a_test_patients_marker():
     marker = {pid: N_CODES + i for i, pid in enumerate(ds.patients["patient_id"])}
     for fold, (train_ids, test_ids) in enumerate(ds.kfold(2, groups=["gender"], seed=0)):
         for method in OWN:
-            rows = build_training_set(method, ds.select(train_ids), groups=["gender"], seed=fold,
-                                      options={**FAST[method], "iterations": 20} if method == "mcrage" else {})
+            rows = build_training_set(method, ds.select(train_ids), balancing=Balancing(balance_by=["gender"]),
+                                      seed=fold, options={**FAST[method], "iterations": 20} if method == "mcrage" else {})
             assert rows.synthetic.sum() > 0
             assert rows.X[:, [marker[p] for p in test_ids]].nnz == 0, method
 
@@ -176,7 +180,7 @@ def test_strongest_predictors_all_earlier_codes_without_a_limit():
 
 def test_sma_upsamples_its_synthetic_copy():
     ds = make_cohort(300, seed=2)
-    rows = build_training_set("sma", ds, groups=["gender"], seed=0)
+    rows = build_training_set("sma", ds, balancing=Balancing(balance_by=["gender"]), seed=0)
     base = training_rows(ds, ["gender"])
     info = describe_synthetic(rows.X, rows.cells(), rows.synthetic)
     # the gap of a cell is filled from a copy as large as the real cell: rows repeat
@@ -224,7 +228,7 @@ def test_missing_ctgan_gives_the_install_command(monkeypatch, tmp_path, cohort, 
 
     monkeypatch.setitem(sys.modules, "ctgan", None)  # import ctgan now raises ImportError
     with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[baselines\]"'):
-        build_training_set("tvae", cohort, groups=["gender"], options=FAST["tvae"])
+        build_training_set("tvae", cohort, balancing=Balancing(balance_by=["gender"]), options=FAST["tvae"])
     data = cohort.save(tmp_path / "data")
     with pytest.raises(SystemExit) as exc:
         run(kfold.main, ["--data", str(data), "--groups", "gender", "--out", str(tmp_path / "run"),
@@ -271,7 +275,8 @@ def test_sma_results_do_not_depend_on_n_jobs_and_the_speed_script_runs(capsys):
 def test_ratio_and_min_cell_size_apply_as_for_the_other_over_samplers(cohort):
     base = training_rows(cohort, ["gender"])
     before = Counter(zip(base.y.tolist(), base.group.tolist(), strict=True))
-    rows = build_training_set("sma", cohort, groups=["gender"], ratio=0.5, min_cell_size=30, seed=0)
+    rows = build_training_set("sma", cohort, balancing=Balancing(balance_by=["gender"], ratio=0.5, min_cell_size=30),
+                              seed=0)
     after = Counter(zip(rows.y.tolist(), rows.group.tolist(), strict=True))
     largest = max(before.values())
     for cell, n in before.items():

@@ -15,7 +15,8 @@ import polars as pl
 import pytest
 
 from benchmarks import downstream, fairness_methods, kfold, methods
-from benchmarks.methods import FairPlaySettings, SeparateModels, balance_targets, build_training_set
+from benchmarks.cells import Balancing, balance_targets
+from benchmarks.methods import FairPlaySettings, SeparateModels, build_training_set
 from benchmarks.report import compare_runs
 from halo_balance.cli import run
 from halo_balance.data import PreparedDataset, empty_meta
@@ -94,6 +95,13 @@ class StandInTrainOptions:
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
+    preset: str = "small"
+    lr: float | None = None
+    batch_size: int = 64
+    patience: int = 5
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
 
     def validate(self) -> StandInTrainOptions:
         if self.epochs < 1:
@@ -136,7 +144,9 @@ def install_fairplay_stand_in(monkeypatch) -> dict[str, list]:
                 visits=[records.patient(int(p)) for p in drawn], vocab=train.vocab, meta=train.meta,
                 synthetic=True))
         plan = plan.rename({"to_generate": "generated"}).with_columns(rejected=pl.lit(0))
-        return types.SimpleNamespace(dataset=PreparedDataset.concat(parts), plan=plan, model=model)
+        synthetic = PreparedDataset.concat(parts[1:]) if len(parts) > 1 else train.select([])
+        return types.SimpleNamespace(dataset=PreparedDataset.concat(parts), synthetic=synthetic, plan=plan,
+                                     model=model)
 
     modules = {
         "halo_balance.balance": {"rebalance": rebalance},
@@ -172,7 +182,7 @@ def test_upsample_and_downsample_resample_whole_patients(cohort):
     visits_of = dict(cohort.visits.group_by("patient_id").len().rows())
     label_of = dict(cohort.patients.select("patient_id", "label").rows())
     for method, expect in (("upsample", largest), ("downsample", smallest_eligible)):
-        rows = build_training_set(method, cohort, groups=groups, seed=1)
+        rows = build_training_set(method, cohort, balancing=Balancing(balance_by=groups), seed=1)
         assert not rows.synthetic.any()
         per_patient = Counter(rows.source.tolist())
         # every drawn patient brings all of its visits, once per draw
@@ -205,8 +215,8 @@ def assert_visit_cells_topped_up(base, rows) -> np.ndarray:
 @pytest.mark.parametrize("method", ["smote", "smoten"])
 def test_smote_family_fills_visit_cells_with_rows_of_their_cell(cohort, method):
     groups = ["gender", "age_group"]
-    base = build_training_set("original", cohort, groups=groups)
-    rows = build_training_set(method, cohort, groups=groups, seed=0)
+    base = build_training_set("original", cohort, balancing=Balancing(balance_by=groups))
+    rows = build_training_set(method, cohort, balancing=Balancing(balance_by=groups), seed=0)
     telling = assert_visit_cells_topped_up(base, rows)
     # synthetic positives of a cell look like that cell's positives (telling codes 0-3)
     new = rows.synthetic
@@ -216,8 +226,8 @@ def test_smote_family_fills_visit_cells_with_rows_of_their_cell(cohort, method):
 
 
 def test_smoten_bounds_its_input_per_cell(cohort):
-    rows = methods.smoten(cohort, groups=["gender"], seed=0, max_rows=20)
-    base = build_training_set("original", cohort, groups=["gender"])
+    rows = methods.smoten(cohort, balancing=Balancing(balance_by=("gender",)), seed=0, max_rows=20)
+    base = build_training_set("original", cohort, balancing=Balancing(balance_by=("gender",)))
     assert Counter(rows.y.tolist())[1] > Counter(base.y.tolist())[1]
     assert rows.X.shape[1] == cohort.vocab_size
 
@@ -239,7 +249,7 @@ def test_separate_models_fall_back_to_the_pooled_model():
 
 @pytest.mark.parametrize("name", downstream.MODELS)
 def test_downstream_models_score_sparse_rows(cohort, name):
-    rows = build_training_set("upsample", cohort, groups=["gender"], seed=0)
+    rows = build_training_set("upsample", cohort, balancing=Balancing(balance_by=("gender",)), seed=0)
     model = downstream.fit(name, rows.X, rows.y, random_state=0)
     s = downstream.score(model, rows.X[:200])
     assert s.shape == (200,) and (s >= 0).all() and (s <= 1).all()
@@ -265,14 +275,14 @@ def test_no_synthetic_or_resampled_row_comes_from_a_test_patient(monkeypatch, tm
                        "adversarial_debiasing", "fairplay"):
             if method == "fairplay":
                 balanced, _, _ = methods.fairplay_dataset(
-                    train, groups=groups, fold=fold, seed=fold, settings=FairPlaySettings(),
+                    train, balancing=Balancing(balance_by=groups), fold=fold, seed=fold, settings=FairPlaySettings(),
                     generator_dir=tmp_path / "gen", data_fingerprint="test", progress=False)
                 assert balanced.patients["synthetic"].any()
                 rows = methods.training_rows(balanced, groups)
             elif method in fairness_methods.METHODS:
-                rows = fairness_methods.training_set(method, train, groups=groups, seed=fold)
+                rows = fairness_methods.training_set(method, train, groups=groups, balancing=Balancing(), seed=fold)
             else:
-                rows = build_training_set(method, train, groups=groups, seed=fold)
+                rows = build_training_set(method, train, balancing=Balancing(balance_by=groups), seed=fold)
             assert set(rows.source[rows.source != ""]) <= set(train_ids), method
             assert rows.X[:, test_tokens].nnz == 0, method
             if method in ("smote", "smoten", "fairplay"):

@@ -8,7 +8,8 @@ that returns synthetic visit rows for requested cells::
     X_new, cells_new = gen.sample({2: 150, 3: 40})   # 150 rows of cell 2, 40 of cell 3
 
 ``benchmarks.methods.generative_oversample`` computes the cells and the counts exactly as for
-SMOTE (visit label x groups, ``balance_targets``) and checks every row that comes back.
+SMOTE (``benchmarks.methods.visit_targets``: visit label x the ``--balance-by`` attributes, with
+the ``--ratio`` and the protocol's minimum cell size) and checks every row that comes back.
 
 ============  ==========================================  =========================  ==========================
 name          method                                      implementation             licence

@@ -23,7 +23,8 @@ from halo_balance.data import PreparedDataset
 from halo_balance.fidelity import union_r2, visit_statistics
 
 from ..generative.sma import SequentialCART
-from ..methods import _visit_cells, training_rows
+from ..cells import codes
+from ..methods import training_rows
 
 
 def _limits(text: str) -> list[int | None]:
@@ -33,7 +34,7 @@ def _limits(text: str) -> list[int | None]:
 def run(ds: PreparedDataset, *, groups: Sequence[str], limits: Sequence[int | None], jobs: Sequence[int],
         seed: int = 0) -> list[dict]:
     rows = training_rows(ds, groups)
-    _, cells = _visit_cells(rows)
+    _, cells = codes(rows.cells())
     real = visit_statistics(rows.X)
     print(f"{rows.X.shape[0]} visit rows, {rows.X.shape[1]} codes "
           f"({int((np.asarray(rows.X.sum(0)).ravel() > 0).sum())} present), {cells.max() + 1} cells")
