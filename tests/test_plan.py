@@ -42,6 +42,11 @@ def test_ratio_rounds(skewed):
     assert all(v[1] == 0 for v in _rows(plan_cells(skewed, groups=["gender"], ratio=0.0)).values())
 
 
+def test_ratio_above_one_overshoots_the_largest_cell(skewed):
+    rows = _rows(plan_cells(skewed, groups=["gender"], ratio=2.0, min_cell_size=0))
+    assert rows[(0, "F")][1] == 2 * (60 - 30) and rows[(0, "M")][1] == 0 and rows[(1, "M")][1] == 2 * 53
+
+
 def test_outcome_only(skewed):
     rows = _rows(plan_cells(skewed, groups=[]))
     assert rows == {(0,): (90, 0, "largest"), (1,): (10, 80, "top_up")}

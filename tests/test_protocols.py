@@ -232,6 +232,15 @@ def test_outcome_only_run_under_the_paper_protocol(monkeypatch, tmp_path):
     fp = next((out / "fairplay").iterdir())
     balanced = PreparedDataset.load(fp)
     assert balanced.group_attributes == ["gender", "age_group"]
+    # the audit tests both aggregations against original
+    from benchmarks.audit import run_audit
+
+    _, table = run_audit(out, out / "audit.html", n_resamples=20, n_permutations=20, auroc=False, progress=False)
+    compared = pl.read_parquet(table).filter((pl.col("table") == "comparisons") & (pl.col("model") == "mean"))
+    tested = set(compared.filter(pl.col("attribute") == "gender")["metric"])
+    assert {"theil", "di_weighted", "theil_of_means", "di_weighted_of_means"} <= tested
+    assert compared["p_value"].drop_nans().is_between(0, 1).all()
+    assert "Theil (paper)" in (out / "audit.html").read_text()
 
 
 def test_a_ratio_sweep_labels_the_methods_that_have_a_ratio(monkeypatch, tmp_path):
