@@ -305,8 +305,8 @@ def run_kfold(*, data: str | os.PathLike, groups: Sequence[str], out: str | os.P
     """
     protocol = resolve_protocol(protocol) if isinstance(protocol, str) else protocol
     if min_cell_size is not None:
-        protocol = resolve_protocol(protocol.name, **{k: getattr(protocol, k) for k in protocol.overrides},
-                                    min_cell_size=min_cell_size)
+        protocol = resolve_protocol(protocol.name, **{**{k: getattr(protocol, k) for k in protocol.overrides},
+                                                      "min_cell_size": min_cell_size})
     fairplay = fairplay or FairPlaySettings()
     fairplay = dataclasses.replace(fairplay, train_options=protocol.train_options(fairplay.train_options),
                                    conditioning=protocol.generator_conditioning)
