@@ -349,7 +349,8 @@ def test_harness_end_to_end_with_a_fairplay_stand_in(monkeypatch, tmp_path, coho
                     fairplay=FairPlaySettings(train_options={"epochs": 2}), progress=False)
     assert len(calls["train"]) == 3 and calls["rebalance"][-1]["groups"] == ["age_group"]
     table = compare_runs([out, tmp_path / "age"]).splitlines()
-    assert table[0].startswith("| method | gender: F1 | AUROC | Theil | DI | age_group: F1")
+    assert table[0].startswith("| method | project, gender: F1 | AUROC | Theil (mean-of-units) | DI (mean-of-units) "
+                               "| project, age_group: F1")
     assert len(table) == 2 + len(methods.METHODS) and table[-1].startswith("| fairplay |")
 
 
