@@ -320,7 +320,7 @@ def plot_cells(units: pl.DataFrame, run: dict, path: Path, *, ax=None) -> Path |
                   ha="right" if len(cells) > 4 else "center", fontsize=8)
     ax.set_ylabel("training visits (mean over folds)")
     ax.set_title(f"Cells of {_balanced_by(run)}, before and after balancing", fontsize=10)
-    ax.legend(fontsize=7, ncol=min(len(methods), 4))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if own:
         fig.tight_layout()
         _save(fig, path)

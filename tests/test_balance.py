@@ -172,7 +172,7 @@ def test_demo_prints_the_privacy_verdict(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--groups", "zodiac"], "unknown group attribute"),
-    (["--groups", "gender", "--ratio", "1.5"], "ratio must lie in"),
+    (["--groups", "gender", "--ratio", "-0.5"], "ratio must be >= 0"),
 ])
 def test_cli_rejects_bad_arguments(sim_prepared, sim_model, tmp_path, capsys, extra, message):
     out = tmp_path / "aug"
