@@ -329,8 +329,10 @@ def plot_cells(units: pl.DataFrame, run: dict, path: Path, *, ax=None) -> Path |
 
 
 def plot_ratio_sweep(summary: pl.DataFrame, run: dict, path: Path, aggregation: str | None = None) -> Path | None:
-    """F1, Theil and weighted DI against the ratio, one line per method that has one (the paper's
-    Supplementary Fig. 1); ``None`` unless the run swept several ratios."""
+    """F1, and Theil and weighted DI in both aggregations (``aggregation``, default the run's
+    headline, first), against the ratio, one line per method that has one (the paper's
+    Supplementary Fig. 1); ``None`` unless the run swept several ratios. The fairness panels cover
+    each attribute (their intersection too when the run has one attribute only)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -342,10 +344,13 @@ def plot_ratio_sweep(summary: pl.DataFrame, run: dict, path: Path, aggregation: 
             swept.setdefault(v["method"], []).append((float(v["ratio"]), label))
     if not swept:
         return None
-    names = AGGREGATION_METRICS[aggregation or headline_aggregation(run)]
+    first = aggregation or headline_aggregation(run)
+    order = [first, *(a for a in AGGREGATIONS if a != first)]
+    short = {"mean-of-units": "units", "paper": "paper"}
+    attributes = [a for a, attrs in groupings(run["groups"]) if len(attrs) == 1]
     panels = [(None, "f1", "F1 (mean of models)")] + [
-        (a, names[k], f"{FAIRNESS_LABELS[names[k]]}, {a}") for a, _ in groupings(run["groups"])
-        for k in ("theil", "di_weighted")]
+        (a, AGGREGATION_METRICS[agg][k], f"{FAIRNESS_LABELS[AGGREGATION_METRICS[agg][k]]} ({short[agg]}), {a}")
+        for a in attributes for k in ("theil", "di_weighted") for agg in order]
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.1 * rows), squeeze=False)
@@ -361,6 +366,8 @@ def plot_ratio_sweep(summary: pl.DataFrame, run: dict, path: Path, aggregation: 
         if base is not None and not math.isnan(base):
             ax.axhline(base, color="grey", ls="--", lw=1, label="original")
         ax.set_xscale("log", base=2)
+        ratios = sorted({r for points in swept.values() for r, _ in points})
+        ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
         ax.set_xlabel("ratio of each cell's gap filled")
         ax.set_title(title, fontsize=9)
     for ax in axes.ravel()[len(panels):]:
@@ -451,8 +458,9 @@ def write_report(out: str | Path) -> Path:
     sweep = plot_ratio_sweep(summary, run, plots / "ratio_sweep.png")
     if sweep is not None:
         lines += ["## Amount of added data", "",
-                  f"F1 (mean of models, ± SE), Theil and weighted DI ({aggregation} aggregation) against the ratio of "
-                  "each cell's gap filled; the dashed line is `original`.", "", f"![ratio sweep](plots/{sweep.name})", ""]
+                  "F1 (mean of models, ± SE), and Theil and weighted DI in both aggregations (the protocol's, "
+                  f"{aggregation}, first) against the ratio of each cell's gap filled; the dashed line is "
+                  "`original`.", "", f"![ratio sweep](plots/{sweep.name})", ""]
     cells = plot_cells(units, run, plots / "cells.png")
     if cells is not None:
         lines += [f"## Training data per cell ({_balanced_by(run)})", "",
