@@ -175,5 +175,12 @@ def test_in_the_harness_the_adversary_sees_training_patients_and_its_attribute(m
     kfold.run_kfold(**args)
     assert json.loads((out / "run.json").read_text())["invocations"][-1]["units_computed"] == 3
     assert all(groups == {"F", "M", "X"} for _, groups in seen[3:])
+    # without --adversary-attribute the adversary targets the balanced attributes, and the
+    # evaluation groups when only the outcome is balanced
+    kfold.run_kfold(**{**args, "out": tmp_path / "by_age"}, balance_by=["age_group"])
+    assert len(seen) == 9 and all(groups == {"adult", "elderly"} for _, groups in seen[6:])
+    out = kfold.run_kfold(**{**args, "out": tmp_path / "outcome"}, balance_by=[])
+    assert len(seen) == 12 and all(groups == {"F", "M", "X"} for _, groups in seen[9:])
+    assert json.loads((out / "run.json").read_text())["adversary_attribute"] == ["gender"]
     with pytest.raises(HaloBalanceError, match="distinct"):
         kfold.run_kfold(**{**args, "out": tmp_path / "bad"}, adversary_attribute=["gender", "gender"])

@@ -281,3 +281,12 @@ def test_ratio_and_min_cell_size_apply_as_for_the_other_over_samplers(cohort):
     largest = max(before.values())
     for cell, n in before.items():
         assert after[cell] == (n if n < 30 else n + round(0.5 * (largest - n))), cell
+
+
+def test_generative_oversamplers_balance_the_outcome_only_with_balance_by_outcome(cohort):
+    """--balance-by outcome: the cells are the two visit labels; the groups are not crossed in."""
+    base = training_rows(cohort, [])
+    rows = build_training_set("sma", cohort, balancing=Balancing(balance_by=()), seed=0)
+    assert set(rows.group.tolist()) == {""} and set(rows.info["cells"]) == {"1|"}
+    assert Counter(rows.y.tolist())[1] == Counter(rows.y.tolist())[0] == Counter(base.y.tolist())[0]
+
