@@ -262,6 +262,23 @@ def test_a_ratio_sweep_labels_the_methods_that_have_a_ratio(monkeypatch, tmp_pat
                         progress=False)
 
 
+def test_a_folds_later_ratios_wait_for_the_job_that_trains_its_generator():
+    from types import SimpleNamespace
+
+    from benchmarks.executors import _waves
+
+    cfg = SimpleNamespace(ratios=(0.5, 1.0, 2.0), fairplay=FairPlaySettings(threads=2))
+    steps = {(0, 0.5): kfold.GENERATOR_WEIGHT, (0, 2.0): kfold.BALANCE_WEIGHT, (1, 1.0): kfold.GENERATOR_WEIGHT}
+    splits = [(np.array(["a"]), np.array(["b"]))] * 2
+    jobs = kfold._fairplay_jobs(cfg, steps, splits, "fingerprint")
+    assert [(j.name, j.after) for j in jobs] == [
+        ("FairPlay fold 0 ratio 0.5", ()), ("FairPlay fold 0 ratio 2", ("FairPlay fold 0 ratio 0.5",)),
+        ("FairPlay fold 1 ratio 1", ())]
+    assert all(j.generator and j.threads == 2 and j.args[1:3] == (k, r) for j, (k, r) in zip(jobs, steps))
+    assert [[j.name for j in wave] for wave in _waves(jobs)] == [
+        ["FairPlay fold 0 ratio 0.5", "FairPlay fold 1 ratio 1"], ["FairPlay fold 0 ratio 2"]]
+
+
 def test_cli_protocol_options(tmp_path, monkeypatch):
     install_fairplay_stand_in(monkeypatch)
     data = make_cohort(200, seed=2).save(tmp_path / "data")
