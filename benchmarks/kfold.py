@@ -56,8 +56,9 @@ kept for a rerun. The run ends by printing the report's headline table
 Where the work runs (``benchmarks.executors``): ``--backend local`` (default) runs it in ``--jobs``
 processes here; ``--backend ray`` makes every unit batch and every fold's generator a Ray task on
 the cluster at ``--ray-address``, the generators asking for ``--generator-gpus`` GPUs (default one
-where the cluster has GPUs) and the FairPlay units of a fold depending on its generator. Both
-write the same files, so a run started on one backend resumes on the other. A generator runs with
+where the cluster has GPUs) and the FairPlay units of a fold depending on its generator (in a
+ratio sweep, one FairPlay job per fold and ratio; a fold's later ratios wait for its first, which
+trains the generator they reuse). Both write the same files, so a run started on one backend resumes on the other. A generator runs with
 ``--generator-threads`` torch threads (default 1) and each unit with one thread wherever it runs,
 so that the outputs do not depend on the backend or the machine's cores.
 
