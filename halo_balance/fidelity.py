@@ -253,6 +253,52 @@ def distribution_summary(values: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def record_shape(dataset: PreparedDataset, rows: np.ndarray | None = None) -> dict[str, Any]:
+    """The shape of a dataset's records: length shares, empty visits and the tokens in use.
+
+    ``share_1`` / ``share_2`` / ``share_3plus`` / ``share_5plus``: records with 1, 2, >= 3, >= 5
+    visits; ``max_visits``, ``mean_visits``; ``empty_visit_share`` (visits without a token) and
+    ``empty_first_visit_share`` (records whose first visit has none); ``distinct_tokens`` (tokens
+    held by at least one visit) and ``mean_visit_size``. ``rows`` (patient positions, repeats
+    allowed, e.g. a bootstrap resample) restricts the figures to those records.
+    """
+    records = dataset.records()
+    lengths, visit_first = records.visit_counts(), records.visit_ptr[:-1]
+    if rows is not None:
+        lengths, visit_first = lengths[rows], visit_first[rows]
+    visits = np.repeat(visit_first - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+    sizes = (records.code_ptr[1:] - records.code_ptr[:-1])[visits]
+    codes = records.codes[np.repeat(records.code_ptr[visits] - np.cumsum(sizes) + sizes, sizes)
+                          + np.arange(int(sizes.sum()))]
+    if not len(lengths):
+        return {"n_records": 0}
+    first = sizes[(np.cumsum(lengths) - lengths)[lengths > 0]]
+    return {"n_records": int(len(lengths)), "n_visits": int(len(sizes)),
+            "share_1": float((lengths == 1).mean()), "share_2": float((lengths == 2).mean()),
+            "share_3plus": float((lengths >= 3).mean()), "share_5plus": float((lengths >= 5).mean()),
+            "max_visits": int(lengths.max()), "mean_visits": float(lengths.mean()),
+            "empty_visit_share": float((sizes == 0).mean()) if len(sizes) else None,
+            "empty_first_visit_share": float((first == 0).mean()) if len(first) else None,
+            "distinct_tokens": int(len(np.unique(codes))),
+            "mean_visit_size": float(sizes.mean()) if len(sizes) else None}
+
+
+def size_matched_r2(r2: float | None, *, sizes: tuple[int, int], target: tuple[int, int]) -> float | None:
+    """An R^2 between two real samples of ``sizes`` records, carried over to samples of ``target`` sizes.
+
+    Two independent estimates of a probability p from a and b records differ by p(1-p)(1/a + 1/b)
+    in expected square, so the residual sum of squares behind ``1 - R^2`` grows with
+    ``1/a + 1/b`` while the real side's spread stays put: ``1 - R^2`` is rescaled by
+    ``(1/n + 1/N) / (1/a + 1/b)``. This gives the ceiling of N synthetic records against n training
+    records from, e.g., two halves of the training data when no real sample of N records is at hand
+    (first order: a key seen in neither sample is left out either way).
+    """
+    if r2 is None or min(*sizes, *target) < 1:
+        return None
+    factor = (1 / target[0] + 1 / target[1]) / (1 / sizes[0] + 1 / sizes[1])
+    return 1.0 - (1.0 - r2) * factor
+
+
 def compare_statistics(real: CodeStatistics, other: CodeStatistics) -> dict[str, Any]:
     """R^2 of every statistic both sides hold, and the 1-Wasserstein distance of the length distributions."""
     from scipy.stats import wasserstein_distance

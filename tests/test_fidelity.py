@@ -7,8 +7,8 @@ import pytest
 
 from benchmarks.speed.evaluate_speed import draw_cohort, loop_statistics
 from halo_balance.fidelity import (STATISTICS, Probabilities, code_statistics, compare_statistics,
-                                   distribution_summary, fidelity_report, pair_counts, record_matrix, union_r2,
-                                   visit_matrix)
+                                   distribution_summary, fidelity_report, pair_counts, record_matrix, record_shape,
+                                   size_matched_r2, union_r2, visit_matrix)
 from tests.conftest import tiny_like
 
 V = 5  # the tiny vocabulary; a pair key is a * V + b
@@ -134,3 +134,30 @@ def test_report_reference_and_cells(tiny):
     assert f1["n_synthetic"] == 0 and f1["unigram_per_visit"] is None and f1["mean_record_length_synthetic"] is None
     strict = fidelity_report(tiny, syn, reference=(half_a, half_b), cells=[["gender"]], min_cell_records=2)
     assert all(c["unigram_per_visit"] is None for c in strict["cells"])
+
+
+def test_record_shape_by_hand(tiny):
+    shape = record_shape(tiny_like([[[0, 3]], [[], [2]], [[1], [], [4], [3], [0, 1]], [[]]]))
+    assert (shape["share_1"], shape["share_2"], shape["share_3plus"], shape["share_5plus"]) == (0.5, 0.25, 0.25, 0.25)
+    assert shape["max_visits"] == 5 and shape["mean_visits"] == 2.25 and shape["n_visits"] == 9
+    assert shape["empty_visit_share"] == pytest.approx(3 / 9) and shape["empty_first_visit_share"] == 0.5
+    assert shape["distinct_tokens"] == 5 and shape["mean_visit_size"] == pytest.approx(8 / 9)
+    assert record_shape(tiny)["distinct_tokens"] == 5
+    again = record_shape(tiny, np.array([3, 3, 0]))  # patient d ([3]) twice and a ([0, 3])
+    assert again["n_records"] == 3 and again["distinct_tokens"] == 2 and again["share_1"] == 1.0
+    assert record_shape(tiny, np.arange(4)) == record_shape(tiny)
+
+
+def test_size_matched_r2_carries_halves_over_to_full_size_samples():
+    """Two halves of one cohort, rescaled, predict the R^2 between it and an independent cohort of its size."""
+    cohort, other = draw_cohort(800, vocab_size=300, seed=0), draw_cohort(800, vocab_size=300, seed=100, prefix="q")
+    a, b = (cohort.select(ids) for ids in cohort.train_test_split(0.5, seed=0))
+    direct = compare_statistics(code_statistics(cohort), code_statistics(other))
+    halves = compare_statistics(code_statistics(a), code_statistics(b))
+    for name in ("unigram_per_visit", "unigram_per_record", "pair_per_visit", "consecutive_per_visit"):
+        scaled = size_matched_r2(halves[name]["r2"], sizes=(a.n_patients, b.n_patients), target=(800, 800))
+        assert abs(scaled - direct[name]["r2"]) < 0.012, name
+    assert direct["pair_per_visit"]["r2"] - halves["pair_per_visit"]["r2"] > 0.03  # the halves alone are far off
+    assert size_matched_r2(0.9, sizes=(100, 100), target=(100, 100)) == pytest.approx(0.9)
+    assert size_matched_r2(0.9, sizes=(100, 100), target=(200, 200)) == pytest.approx(0.95)
+    assert size_matched_r2(None, sizes=(100, 100), target=(1, 1)) is None

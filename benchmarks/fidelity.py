@@ -1,0 +1,249 @@
+"""Generator fidelity: train with a fixed seed and budget, sample, score every statistic beside its ceiling.
+
+::
+
+    python -m benchmarks.fidelity --data PREPARED --out DIR [--reference PREPARED] [--model MODEL_DIR]
+        [--count N] [--train-options JSON] [--seed 0] [--device cpu] [--cells ATTR[,ATTR...]]
+        [--min-cell-records 20] [--batch-size 256] [--overwrite]
+
+Trains a generator on ``--data`` (``halo_balance.train`` with ``--train-options``, a JSON object of
+``TrainOptions`` fields; or takes ``--model``), samples N records (default: as many as ``--data``
+holds patients) with conditions drawn from the training cells (the ``halo_balance.sample``
+default) and prints, each beside its **size-matched real-vs-real ceiling**:
+
+- HALO's statistics (``halo_balance.fidelity``: token, within-visit pair and consecutive-visit
+  pair probabilities, per visit and per record) as ``r2_score(training, synthetic)``;
+- the record shape (``fidelity.record_shape``): shares of 1, 2, 3+ and 5+ visit records, the
+  longest record, the empty-visit shares and the distinct tokens of N records, beside N real
+  records (N reference records; without enough of them, N training records drawn with
+  replacement: a rare token of the training data is missing from such a draw as often as from the
+  draws of a generator that reproduces the training frequencies) and the training data;
+- the unigram R^2 of every (outcome x group) cell (``fidelity.cell_fidelity``), each with the
+  ceiling of its own size.
+
+The ceiling is what N fresh real records achieve against the training records. With a
+``--reference`` of at least N real patients outside the training data (held-out patients, or an
+independent cohort prepared with the same vocabulary, ``data_prep ... --bins-from``), N of them are
+drawn and compared exactly so. With a smaller reference, or none (two stratified halves of the
+training data), the real-vs-real R^2 is carried over to the sizes (n training, N) by the
+sampling-noise scaling of ``fidelity.size_matched_r2``, and the table says so. With a
+``--reference``, every statistic is also scored against it (synthetic vs reference beside training
+vs reference: gains that only hold against the training records are memorisation).
+
+Writes ``DIR/fidelity.json`` (every figure, the settings, training time and threads),
+``DIR/synthetic/`` (the sampled records, a prepared dataset) and, when it trains, ``DIR/model/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import halo_balance  # noqa: F401  (sets passive OpenMP waiting before torch is imported)
+from halo_balance.data import PreparedDataset
+from halo_balance.errors import HaloBalanceError
+from halo_balance.fidelity import (STATISTICS, cell_fidelity, code_statistics, compare_statistics, record_shape,
+                                   size_matched_r2)
+from halo_balance.io import atomic_dir, check_output_dir, write_json
+
+SHAPE_ROWS = (("share_1", "1-visit records"), ("share_2", "2-visit records"), ("share_3plus", "3+ visit records"),
+              ("share_5plus", "5+ visit records"), ("max_visits", "longest record (visits)"),
+              ("mean_visits", "visits per record"), ("empty_visit_share", "empty visits"),
+              ("empty_first_visit_share", "empty first visits"), ("distinct_tokens", "distinct tokens"),
+              ("mean_visit_size", "tokens per visit"))
+
+
+def _draw(dataset: PreparedDataset, n: int, seed: int) -> PreparedDataset:
+    """``n`` patients of ``dataset`` drawn without replacement (all of them when it holds no more)."""
+    if n >= dataset.n_patients:
+        return dataset
+    rows = np.sort(np.random.default_rng(seed).choice(dataset.n_patients, size=n, replace=False))
+    return dataset.select(dataset.patients["patient_id"].gather(rows))
+
+
+def ceiling_source(train: PreparedDataset, reference: PreparedDataset | None, n_synthetic: int, *,
+                   seed: int) -> tuple[PreparedDataset, PreparedDataset, str]:
+    """The two real samples whose comparison gives the ceiling, and how it is matched to N.
+
+    ``"exact"``: (training, N reference records); ``"scaled"``: (training, the whole smaller
+    reference) or two halves of the training data, carried over by :func:`size_matched_r2`.
+    """
+    if reference is not None and reference.n_patients >= n_synthetic:
+        return train, _draw(reference, n_synthetic, seed), "exact"
+    if reference is not None:
+        return train, reference, "scaled"
+    half_a, half_b = train.train_test_split(0.5, seed=seed)
+    return train.select(half_a), train.select(half_b), "scaled"
+
+
+def score(train: PreparedDataset, synthetic: PreparedDataset, *, reference: PreparedDataset | None = None,
+          cells: Sequence[Sequence[str]] | None = None, min_cell_records: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Every figure of the module docstring for ``synthetic`` against its generator's training data ``train``."""
+    n, N = train.n_patients, synthetic.n_patients
+    ref_a, ref_b, matching = ceiling_source(train, reference, N, seed=seed)
+    stats = {"train": code_statistics(train), "synthetic": code_statistics(synthetic)}
+    stats["ref_a"] = stats["train"] if ref_a is train else code_statistics(ref_a)
+    stats["ref_b"] = code_statistics(ref_b)
+    versus, ceiling = compare_statistics(stats["train"], stats["synthetic"]), compare_statistics(stats["ref_a"],
+                                                                                                 stats["ref_b"])
+    sizes, target = (ref_a.n_patients, ref_b.n_patients), (n, N)
+    out: dict[str, Any] = {
+        "n_train": n, "n_synthetic": N, "ceiling": {"matching": matching, "sizes": list(sizes),
+                                                    "source": "reference" if reference is not None else "halves"},
+        "statistics": {name: {"r2": versus[name]["r2"], "ceiling_raw": ceiling[name]["r2"],
+                              "ceiling": ceiling[name]["r2"] if matching == "exact" else
+                              size_matched_r2(ceiling[name]["r2"], sizes=sizes, target=target)}
+                       for name in STATISTICS}}
+    if reference is not None:
+        stats["reference"] = stats["ref_b"] if ref_b is reference else code_statistics(reference)
+        held = compare_statistics(stats["reference"], stats["synthetic"])
+        held_ceiling = compare_statistics(stats["reference"], stats["train"])
+        for name in STATISTICS:
+            out["statistics"][name]["vs_reference"] = held[name]["r2"]
+            out["statistics"][name]["vs_reference_ceiling"] = held_ceiling[name]["r2"]
+    if matching == "exact":
+        real_n, real_n_source = record_shape(ref_b), "reference"
+    else:  # N records resampled from the training data: what reproducing its records achieves
+        rows = np.random.default_rng(seed).integers(0, n, size=N)
+        real_n, real_n_source = record_shape(train, rows), "training records resampled"
+    out["shape"] = {"train": record_shape(train), "synthetic": record_shape(synthetic), "real_N": real_n,
+                    "real_N_source": real_n_source}
+    groups = [[g] for g in train.group_attributes] if cells is None else [list(c) for c in cells]
+    rows = []
+    for g in groups:
+        for row in cell_fidelity(train, synthetic, reference=(ref_a, ref_b), groups=g, min_records=min_cell_records):
+            row["n_ceiling"] = row.pop("n_reference")  # the two real samples: the cell's ceiling
+            for name in ("unigram_per_visit", "unigram_per_record"):
+                row[f"{name}_ceiling"] = row.pop(f"{name}_reference")
+            if matching == "scaled":
+                for name in ("unigram_per_visit", "unigram_per_record"):
+                    row[f"{name}_ceiling_raw"] = row[f"{name}_ceiling"]
+                    row[f"{name}_ceiling"] = size_matched_r2(row[f"{name}_ceiling"], sizes=tuple(row["n_ceiling"]),
+                                                             target=(row["n_real"], max(row["n_synthetic"], 1)))
+            rows.append(row)
+    out["cells"] = rows
+    return out
+
+
+# ---------------------------------------------------------------------- printing
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, (int, np.integer)):
+        return f"{int(x):,}"
+    return f"{x:.{digits}f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    """The figures as plain-text tables."""
+    c = result["ceiling"]
+    how = ("N reference records against the training records" if c["matching"] == "exact" else
+           f"{c['source']} of {c['sizes'][0]:,} and {c['sizes'][1]:,} records, scaled to "
+           f"{result['n_train']:,} training and {result['n_synthetic']:,} synthetic records")
+    lines = [f"{result['n_synthetic']:,} synthetic records against {result['n_train']:,} training records; "
+             f"ceiling: {how}", ""]
+    has_ref = "vs_reference" in result["statistics"]["unigram_per_visit"]
+    head = f"{'statistic':<24} {'R^2 vs train':>12} {'ceiling':>8}"
+    head += f" {'R^2 vs reference':>17} {'ceiling':>8}" if has_ref else ""
+    lines += [head, "-" * len(head)]
+    for name, s in result["statistics"].items():
+        line = f"{name:<24} {_f(s['r2']):>12} {_f(s['ceiling']):>8}"
+        if has_ref:
+            line += f" {_f(s['vs_reference']):>17} {_f(s['vs_reference_ceiling']):>8}"
+        lines.append(line)
+    shape = result["shape"]
+    lines += ["", f"real (N): {shape['real_N_source']}",
+              f"{'record shape':<26} {'synthetic':>10} {'real (N)':>10} {'training':>10}", "-" * 59]
+    for key, label in SHAPE_ROWS:
+        digits = 1 if key == "mean_visit_size" else 3
+        lines.append(f"{label:<26} {_f(shape['synthetic'].get(key), digits):>10} "
+                     f"{_f(shape['real_N'].get(key), digits):>10} {_f(shape['train'].get(key), digits):>10}")
+    lines += ["", f"{'cell':<44} {'n train':>8} {'n syn':>7} {'unigram/visit':>13} {'ceiling':>8} "
+              f"{'gap':>7}", "-" * 92]
+    for row in result["cells"]:
+        r2, ceil = row["unigram_per_visit"], row["unigram_per_visit_ceiling"]
+        gap = None if r2 is None or ceil is None else r2 - ceil
+        lines.append(f"{row['cell']:<44} {row['n_real']:>8,} {row['n_synthetic']:>7,} {_f(r2):>13} {_f(ceil):>8} "
+                     f"{_f(gap):>7}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, type=Path, help="prepared training data")
+    p.add_argument("--out", required=True, type=Path, help="folder to write (fidelity.json, synthetic/, model/)")
+    p.add_argument("--reference", type=Path, help="real patients outside the training data, same vocabulary")
+    p.add_argument("--model", type=Path, help="a trained generator (default: train one on --data)")
+    p.add_argument("--count", type=int, help="records to sample (default: the training patients)")
+    p.add_argument("--train-options", default="{}", help="JSON object of halo_balance.train.TrainOptions fields")
+    p.add_argument("--seed", type=int, default=0, help="training, conditions, sampling and ceiling draws")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=256, help="sampling batch")
+    p.add_argument("--cells", action="append", metavar="ATTR[,ATTR...]",
+                   help="group attributes crossed with the outcome per cell table (repeatable; default each alone)")
+    p.add_argument("--min-cell-records", type=int, default=20)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    check_output_dir(args.out, overwrite=args.overwrite)
+    import torch
+
+    from halo_balance.model import HaloModel
+    from halo_balance.sample import sample_records
+    from halo_balance.train import TrainOptions, train_model
+
+    try:
+        options = json.loads(args.train_options)
+    except json.JSONDecodeError as e:
+        raise HaloBalanceError(f"--train-options is not valid JSON ({e}); e.g. '{{\"preset\": \"small\"}}'") from None
+    train = PreparedDataset.load(args.data)
+    reference = PreparedDataset.load(args.reference) if args.reference else None
+    n_synthetic = args.count or train.n_patients
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        timing: dict[str, Any] = {"threads": torch.get_num_threads()}
+        if args.model:
+            model = HaloModel.from_pretrained(args.model)
+        else:
+            opts = TrainOptions(**{"seed": args.seed, "device": args.device, **options}).validate()
+            t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            model = train_model(train, out_dir=tmp / "model", options=opts, progress=False)
+            c1 = resource.getrusage(resource.RUSAGE_SELF)
+            timing.update(train_seconds=round(time.perf_counter() - t0, 1),
+                          train_cpu_seconds=round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1))
+            shutil.rmtree(tmp / "model" / "checkpoint", ignore_errors=True)
+        conditions = model.layout.complete({}, n_synthetic, seed=args.seed)
+        t0 = time.perf_counter()
+        synthetic = sample_records(model, conditions, batch_size=args.batch_size, seed=args.seed,
+                                   device=args.device, progress=False)
+        timing["sample_seconds"] = round(time.perf_counter() - t0, 1)
+        synthetic.save(tmp / "synthetic")
+        result = score(train, synthetic, reference=reference, seed=args.seed, min_cell_records=args.min_cell_records,
+                       cells=[c.split(",") for c in args.cells] if args.cells else None)
+        result.update(inputs={"data": str(args.data), "reference": None if reference is None else str(args.reference),
+                              "model": str(args.model) if args.model else "model/"},
+                      train_options=options, seed=args.seed, timing=timing, model_config=model.config.to_dict())
+        write_json(tmp / "fidelity.json", result)
+    print(render(result))
+    extra = (f"; training {timing['train_seconds']} s wall, {timing['train_cpu_seconds']} s CPU"
+             if "train_seconds" in timing else "")
+    print(f"\n{timing['threads']} torch thread(s){extra}; sampling {timing['sample_seconds']} s -> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    from halo_balance.cli import run
+
+    run(main)
