@@ -34,11 +34,13 @@ HF_CONFIG_KEYS = frozenset({"model_type", "architectures", "transformers_version
                             "auto_map", "_name_or_path"})
 
 #: Model sizes per preset. ``tiny`` trains a 600-patient cohort in seconds on a CPU, ``small`` the
-#: eICU demo in minutes, ``base`` has the transformer size of the published HALO (GPU).
+#: eICU demo in minutes, ``base`` has the transformer size of the published HALO (GPU). Every preset
+#: conditions every state and models empty visits as their own event (see :class:`HaloConfig`).
+_STRUCTURE = dict(condition_every_visit=True, empty_visit_event=True, position_event_bias=True)
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_ctx=16, n_embd=64, n_layer=2, n_head=2, fine_hidden=64, dropout=0.0),
-    "small": dict(n_ctx=32, n_embd=128, n_layer=4, n_head=4, fine_hidden=128, dropout=0.1),
-    "base": dict(n_ctx=48, n_embd=768, n_layer=12, n_head=12, fine_hidden=512, dropout=0.1),
+    "tiny": dict(n_ctx=16, n_embd=64, n_layer=2, n_head=2, fine_hidden=64, dropout=0.0, **_STRUCTURE),
+    "small": dict(n_ctx=32, n_embd=128, n_layer=4, n_head=4, fine_hidden=128, dropout=0.1, **_STRUCTURE),
+    "base": dict(n_ctx=48, n_embd=768, n_layer=12, n_head=12, fine_hidden=512, dropout=0.1, **_STRUCTURE),
 }
 
 
@@ -62,6 +64,20 @@ class HaloConfig:
     dropout : float
         Dropout in the transformer and the fine module during training.
     layer_norm_eps : float
+    condition_every_visit : bool
+        Add a learned embedding of the conditions to every state the transformer puts out, so that
+        every visit's codes and end bit see the outcome and groups directly, not only through
+        attention to position 0.
+    exclusive_groups : list of [first, last]
+        Runs of token ids of which a visit holds at most one (the bins of one lab item, see
+        :func:`exclusive_token_groups`): once one is drawn, the rest of its run has probability 0.
+    empty_visit_event : bool
+        Model "the visit holds no token" as its own event, predicted from the visit's state, and
+        the codes of the other visits given that they hold at least one (see ``model.py``).
+    position_event_bias : bool
+        Give the end and empty-visit events a learned bias per visit position, beside the one the
+        state predicts: their rates change with the position (on the eICU demo 77% of records end
+        after one stay, 65% of the rest after two; 5% of first stays are empty, 28% of later ones).
     preset : str or None
         Name of the preset these sizes came from (informational).
     """
@@ -76,6 +92,10 @@ class HaloConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-5
     preset: str | None = None
+    condition_every_visit: bool = False
+    exclusive_groups: list[list[int]] = field(default_factory=list)
+    empty_visit_event: bool = False
+    position_event_bias: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +108,14 @@ class HaloConfig:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must lie in [0, 1) (got {self.dropout})")
+        self.exclusive_groups = [[int(a), int(b)] for a, b in self.exclusive_groups]
+        last = -1
+        for a, b in self.exclusive_groups:
+            if not last < a <= b < self.vocab_size:
+                problems.append(f"exclusive_groups must be ascending, disjoint [first, last] id runs within "
+                                f"the vocabulary (got [{a}, {b}])")
+                break
+            last = b
         if problems:
             raise HaloBalanceError("invalid model configuration: " + "; ".join(problems))
 
@@ -116,9 +144,56 @@ class HaloConfig:
 
     @property
     def n_fine_parameters(self) -> int:
-        """Parameters of the fine module: ``2*V*H + V + d*H + 2*H^2 + 7*H`` (see ``model.py``)."""
+        """Parameters of the fine module: ``2*V*H + V + d*H + 2*H^2 + 7*H`` (see ``model.py``), plus
+        ``d + 1`` (and ``n_ctx`` position biases) for the empty-visit event."""
         V, H, d = self.vocab_size, self.fine_hidden, self.n_embd
-        return 2 * V * H + V + d * H + 2 * H * H + 7 * H
+        empty = (d + 1 + self.n_ctx * self.position_event_bias) * self.empty_visit_event
+        return 2 * V * H + V + d * H + 2 * H * H + 7 * H + empty
+
+
+#: token kinds whose tokens are ``<stem>:<bin>``, one bin per stem and visit (``data_prep``: the lab
+#: items' bins of the visit mean; the time tokens' age and gap bins)
+BINNED_KINDS = ("lab", "time")
+
+
+def exclusive_token_groups(vocab: pl.DataFrame, codes: np.ndarray | None = None,
+                           code_ptr: np.ndarray | None = None) -> tuple[list[list[int]], list[str]]:
+    """Runs of token ids of which a visit holds at most one: the bins of each binned item.
+
+    Tokens of a :data:`BINNED_KINDS` kind named ``<stem>:<integer bin>`` share a group with the
+    tokens of the same stem that are adjacent in id order (the prepared format numbers an item's
+    bins consecutively). With the visits (``codes`` and ``code_ptr`` of
+    :meth:`PreparedDataset.records`), a run that some visit holds twice is not exclusive there and
+    is left out.
+
+    Returns
+    -------
+    groups : list of [first, last]
+        Ascending, disjoint id runs of at least two tokens.
+    dropped : list of str
+        The stems left out because a visit holds two of their tokens.
+    """
+    tokens, kinds = vocab["token"].to_list(), vocab["kind"].to_list()
+    stems = [t.rsplit(":", 1)[0] if k in BINNED_KINDS and t.rsplit(":", 1)[-1].isdigit() and ":" in t else None
+             for t, k in zip(tokens, kinds)]
+    runs, start = [], 0
+    for i in range(1, len(stems) + 1):
+        if i == len(stems) or stems[i] != stems[start] or stems[i] is None:
+            if stems[start] is not None and i - start >= 2:
+                runs.append([start, i - 1])
+            start = i
+    dropped: list[str] = []
+    if codes is not None and code_ptr is not None and runs:
+        run_of = np.full(len(tokens), -1, dtype=np.int64)
+        for r, (a, b) in enumerate(runs):
+            run_of[a:b + 1] = r
+        visit = np.repeat(np.arange(len(code_ptr) - 1), np.diff(code_ptr))
+        hit = run_of[codes] >= 0
+        pairs = visit[hit] * len(runs) + run_of[codes[hit]]
+        twice = np.unique(pairs[np.r_[False, pairs[1:] == pairs[:-1]]] % len(runs))  # codes sorted per visit
+        dropped = [stems[runs[r][0]] for r in twice]
+        runs = [run for r, run in enumerate(runs) if r not in set(twice.tolist())]
+    return runs, dropped
 
 
 @dataclass

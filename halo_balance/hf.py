@@ -104,7 +104,7 @@ def _classes() -> tuple[type, type]:
             h = h.reshape(-1, h.shape[-1])
             logits = halo.fine.logits(h[batch.target_hidden], batch.visit_codes, batch.code_ptr)
             out = halo(batch)
-            return HaloRecordsOutput(loss=out.loss, logits=logits, end_logits=halo.end_logit(h[batch.end_hidden]),
+            return HaloRecordsOutput(loss=out.loss, logits=logits, end_logits=halo.end_logit(h[batch.end_hidden], batch.end_hidden % batch.n_positions),
                                      record_nll=out.record_nll)
 
         @classmethod

@@ -18,6 +18,14 @@ The transformer is a compact own implementation (pre-LayerNorm GPT-2 blocks) on
 finished records from the cache batch by batch (:meth:`KVCache.keep`), and the code stays
 independent of that library's changing cache classes, in about 80 lines.
 
+**Conditions at every state** (``config.condition_every_visit``, every preset): an embedding of each
+group membership *crossed with the outcome* (and of the outcome itself) is added to every state h_t
+the transformer puts out, so the codes and end bit of every visit see the outcome x group cell
+directly, not only through attention to position 0 and the sum of separate slot embeddings there.
+The balancer's cells are exactly these crossings, and what sets a minority group's deaths apart is
+often their own: without this path the model gave the synthetic deaths of the small cells the
+majority's death codes.
+
 **End of record** is a learned event: before each visit t+1 >= 2 the model predicts a bit
 "end" from h_t (P(end | h_0) = 0, every record has a visit; at h_{n_ctx-1} the end is forced, so a
 record never exceeds the trained context). In training, "not end" is the target at h_1..h_{L-1} and
@@ -30,7 +38,28 @@ of code i depends on h and on the codes chosen before i, through a running addit
     u_{<i}  = LN(z + MLP(LN(z))),  z = P h + b_P + s_{<i}   (P: H x d; MLP H -> H -> H)
     logit_i = w_i . u_{<i} + b_i                             (w: V x H, b: V)
 
-so perturbing any x_j with j >= i leaves logit_i unchanged. The module has
+so perturbing any x_j with j >= i leaves logit_i unchanged.
+
+**Empty visits** (``config.empty_visit_event``, every preset) are an event of their own: a bit
+"empty" predicted from h, then, for a visit that is not empty, the chain above conditioned on
+holding at least one code::
+
+    P(v | h) = P(empty | h)                                    if v is empty
+             = (1 - P(empty | h)) P_chain(v | h) / (1 - P_chain(empty | h))    otherwise
+
+with P_chain(empty | h) = exp(-sum_i softplus(logit_i)) under the state before any code. Left to
+the chain, an empty visit needs every code's probability low at once; the `small` model then drew
+2-7% empty later stays on the eICU demo against 27% real.
+
+**Exclusive groups.** Some tokens cannot share a visit: a lab item's bins (``lab:<item>:<bin>``,
+one bin of the visit's mean) and the time tokens' bins (``data_prep``). Their ids form runs
+(``config.exclusive_groups``, found by :func:`halo_balance.config.exclusive_token_groups` and checked
+against the training visits); once a code of a run is chosen, the run's later codes have
+probability exactly 0: they are skipped, in the likelihood (their BCE terms vanish) and in
+sampling (the next code comes after the run). Left to learn this from data, the `small` model put
+two or more bins of one lab item into 5-7% of the (visit, lab item) pairs it drew.
+
+The module has
 ``2*V*H + V + d*H + 2*H^2 + 7*H`` parameters (O(V x H)), against HALO's two dense masked layers of
 ``2*(d + V')^2`` (V' = V plus its label and special tokens). Since s_{<i} only changes at chosen
 codes, a visit with k codes has k + 1 distinct states u, each governing a contiguous run of codes;
@@ -47,7 +76,7 @@ end bits, summed per record and divided by the number of real visits: nats per v
 exact negative log-likelihood of the record, comparable with the marginal-frequency model (each
 code an independent Bernoulli of its visit frequency, a constant end hazard) in the same units;
 dividing by V gives HALO's per-code BCE. Empty visits (an admission without codes) are modelled as
-what they are (all V bits zero); the sampler never draws an empty first visit (see ``sample.py``).
+what they are (all V bits zero), the first visit included, and sampled as often as the model says.
 """
 
 from __future__ import annotations
@@ -150,6 +179,15 @@ class FineModule(nn.Module):
                                  nn.Dropout(cfg.dropout))
         self.ln_2 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
         self.out = nn.Linear(H, cfg.vocab_size)
+        # skip[i]: the last id of i's exclusive group (i itself outside any): after drawing i the
+        # next code comes after skip[i]
+        skip = torch.arange(cfg.vocab_size)
+        for a, b in cfg.exclusive_groups:
+            skip[a:b + 1] = b
+        self.register_buffer("skip", skip, persistent=False)
+        self.empty_head = nn.Linear(cfg.n_embd, 1) if cfg.empty_visit_event else None
+        self.empty_position = (nn.Embedding(cfg.n_ctx, 1) if cfg.empty_visit_event and cfg.position_event_bias
+                               else None)
 
     def state(self, z: torch.Tensor) -> torch.Tensor:
         """u from z = P h + b_P + s (the summary of the codes chosen so far)."""
@@ -206,7 +244,7 @@ class FineModule(nn.Module):
         # the row's codes within its block: from after c_{m-1} to c_m (or the block's / vocabulary's end)
         code_at = code_ptr[:-1][row_visit] + row_m  # index of c_m in `codes` (valid if m < k)
         padded = F.pad(codes, (0, 1), value=V - 1)  # every index below is in range, even with no codes
-        seg_lo = torch.where(row_m > 0, padded[code_at - 1] + 1, 0)
+        seg_lo = torch.where(row_m > 0, self.skip[padded[code_at - 1]] + 1, 0)  # empty rows are masked out
         seg_hi = torch.where(row_m < k[row_visit], padded[code_at], V - 1)
         base = row_block * size
         col_lo = (seg_lo - base).clamp(min=0)
@@ -232,16 +270,57 @@ class FineModule(nn.Module):
         blocks = self._blocks(h, codes, code_ptr)
         V = self.out.out_features
         r, j = blocks.mask().nonzero(as_tuple=True)
-        out = blocks.logits.new_zeros(blocks.n_visits, V)
+        out = blocks.logits.new_full((blocks.n_visits, V), -torch.inf)  # codes an exclusive group rules out
         out[blocks.row_visit[r], blocks.row_block[r] * blocks.size + j] = blocks.logits[r, j]
         return out
 
-    def visit_nll(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor) -> torch.Tensor:
+    def visit_nll(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor,
+                  position: torch.Tensor | int = 0) -> torch.Tensor:
         """``-log P(visit n | h_n)`` for each visit, shape ``(N,)``, float32: the sum of V BCE terms.
 
-        BCE with logits summed over the codes: sum_i softplus(l_i) - sum_{i chosen} l_i.
+        BCE with logits summed over the codes: sum_i softplus(l_i) - sum_{i chosen} l_i, over the
+        codes an exclusive group leaves open; a visit holding two codes of one group has
+        probability 0 (NLL ``inf``). ``position``: of the state h (0: it predicts the first visit),
+        for the empty-visit event's position bias.
         """
-        return self._blocks(h, codes, code_ptr).visit_nll()
+        blocks = self._blocks(h, codes, code_ptr)
+        return self.with_events(blocks.visit_nll(), blocks, h, codes, code_ptr, position)
+
+    def with_events(self, chain_nll: torch.Tensor, blocks: _FineBlocks, h: torch.Tensor, codes: torch.Tensor,
+                    code_ptr: torch.Tensor, position: torch.Tensor | int = 0) -> torch.Tensor:
+        """The visits' NLL from the chain's (``_FineBlocks.visit_nll``): ``inf`` for a visit holding
+        two codes of one exclusive group, and the empty-visit event (``config.empty_visit_event``)."""
+        nll = chain_nll
+        codes = codes.long()
+        ruled_out = (codes[1:] <= self.skip[codes[:-1]]) & (blocks.visit_of_code[1:] == blocks.visit_of_code[:-1])
+        if bool(ruled_out.any()):
+            nll = nll.index_put((blocks.visit_of_code[1:][ruled_out],), torch.tensor(torch.inf, device=nll.device))
+        if self.empty_head is not None:
+            empty_logit = self.empty_logit(h, position)
+            log_nonempty = self.log_chain_nonempty(h)  # log P_chain(at least one code)
+            nll = torch.where(code_ptr[1:] == code_ptr[:-1], F.softplus(-empty_logit),
+                              F.softplus(empty_logit) + nll + log_nonempty)
+        return nll
+
+    def empty_logit(self, h: torch.Tensor, position: torch.Tensor | int = 0) -> torch.Tensor:
+        """Logit of "the visit holds no token" (``config.empty_visit_event``), float32 ``(N,)``."""
+        logit = self.empty_head(h).squeeze(-1).float()
+        return logit if self.empty_position is None else logit + _position_bias(self.empty_position, position, logit)
+
+    def chain_hazard(self, h: torch.Tensor) -> torch.Tensor:
+        """``S = sum_i softplus(logit_i)`` under the state before any code: ``P_chain(no code) = exp(-S)``."""
+        return F.softplus(self.out(self.state(self.proj(h))).float()).sum(1)
+
+    def log_chain_nonempty(self, h: torch.Tensor) -> torch.Tensor:
+        """``log P_chain(at least one code) = log(1 - exp(-S))``, float32 ``(N,)``."""
+        return torch.log(-torch.expm1(-self.chain_hazard(h).clamp(min=1e-6)))
+
+
+def _position_bias(table: nn.Embedding, position: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """The bias of each state's position (one position for all, or one per state)."""
+    if not torch.is_tensor(position):
+        return table.weight[position, 0].float()
+    return table(position.to(like.device)).squeeze(-1).float()
 
 
 @dataclass
@@ -367,8 +446,14 @@ class HaloModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.end_head = nn.Linear(d, 1)
+        self.end_position = nn.Embedding(config.n_ctx, 1) if config.position_event_bias else None
+        self.cond_out = (nn.EmbeddingBag(2 * config.n_conditions, d, mode="sum") if config.condition_every_visit
+                         else None)
         self.fine = FineModule(config)
         self.apply(self._init_weights)
+        for table in (self.cond_out, self.end_position, self.fine.empty_position):
+            if table is not None:  # training starts from the plain model
+                nn.init.zeros_(table.weight)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("attn.c_proj.weight", "mlp.2.weight")) and name.startswith("blocks"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -394,12 +479,15 @@ class HaloModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def init_output_biases(self, code_frequency: torch.Tensor, end_rate: float) -> None:
-        """Start from the marginal-frequency model: code biases = log-odds of their visit frequency."""
+    def init_output_biases(self, code_frequency: torch.Tensor, end_rate: float, empty_rate: float = 0.0) -> None:
+        """Start from the marginal-frequency model: code biases = log-odds of their visit frequency;
+        the end (and empty-visit) biases: log-odds of their rates."""
         p = code_frequency.clamp(1e-6, 1 - 1e-6).to(self.fine.out.bias)
         self.fine.out.bias.copy_(torch.log(p) - torch.log1p(-p))
-        r = min(max(end_rate, 1e-6), 1 - 1e-6)
-        self.end_head.bias.fill_(math.log(r) - math.log1p(-r))
+        for head, rate in ((self.end_head, end_rate), (self.fine.empty_head, empty_rate)):
+            if head is not None:
+                r = min(max(rate, 1e-6), 1 - 1e-6)
+                head.bias.fill_(math.log(r) - math.log1p(-r))
 
     # ------------------------------------------------------------------ training / scoring
     def hidden_states(self, cond: torch.Tensor, visit_codes: torch.Tensor, visit_offsets: torch.Tensor,
@@ -414,7 +502,16 @@ class HaloModel(nn.Module):
         x = self.drop(x + self.pos_emb(torch.arange(T, device=cond.device).expand(B, T)))
         for block in self.blocks:
             x = block(x)
-        return self.ln_f(x)
+        return self._output(x, cond)
+
+    def _output(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        h = self.ln_f(x)
+        if self.cond_out is None:
+            return h
+        if cond is None:
+            raise HaloBalanceError("this model adds the conditions to every state: pass cond")
+        c = self.cond_out(cond + cond[:, :1] * self.config.n_conditions)  # each slot crossed with the outcome
+        return h + (c[:, None] if h.dim() == 3 else c)
 
     def forward(self, batch: Batch, *, per_record: bool = False) -> HaloOutput:
         """Loss and per-record NLL of a batch.
@@ -424,9 +521,12 @@ class HaloModel(nn.Module):
         """
         h = self.hidden_states(batch.cond, batch.visit_codes, batch.visit_offsets, batch.n_positions)
         h = h.reshape(-1, h.shape[-1])
-        blocks = self.fine._blocks(h[batch.target_hidden], batch.visit_codes, batch.code_ptr, isolated=per_record)
-        code_nll = blocks.visit_nll()
-        end_logit = self.end_head(h[batch.end_hidden]).squeeze(-1).float()
+        T = batch.n_positions
+        hv = h[batch.target_hidden]
+        blocks = self.fine._blocks(hv, batch.visit_codes, batch.code_ptr, isolated=per_record)
+        code_nll = self.fine.with_events(blocks.visit_nll(), blocks, hv, batch.visit_codes, batch.code_ptr,
+                                         batch.target_hidden % T)
+        end_logit = self.end_logit(h[batch.end_hidden], batch.end_hidden % T).float()
         end_nll = F.binary_cross_entropy_with_logits(end_logit, batch.end_target, reduction="none")
         record_nll = (torch.zeros(batch.n_records, device=h.device)
                       .index_add(0, batch.target_record, code_nll).index_add(0, batch.end_record, end_nll))
@@ -449,8 +549,9 @@ class HaloModel(nn.Module):
         """Input vectors of one visit per record (an embedding-bag), ``(B, n_embd)``."""
         return self.visit_emb(codes, offsets)
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run one position (``cache.length``) for every record: input ``(B, d)`` -> h ``(B, d)``."""
+    def step(self, x: torch.Tensor, cache: KVCache, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one position (``cache.length``) for every record: input ``(B, d)`` -> h ``(B, d)``;
+        ``cond``: the records' condition slot ids (needed with ``config.condition_every_visit``)."""
         pos = cache.length
         if pos >= self.config.n_ctx:
             raise HaloBalanceError(f"context of {self.config.n_ctx} positions exceeded")
@@ -458,10 +559,12 @@ class HaloModel(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         cache.length += 1
-        return self.ln_f(x[:, 0])
+        return self._output(x[:, 0], cond)
 
-    def end_logit(self, h: torch.Tensor) -> torch.Tensor:
-        return self.end_head(h).squeeze(-1)
+    def end_logit(self, h: torch.Tensor, position: torch.Tensor | int) -> torch.Tensor:
+        """Logit of "the record ends" at states ``h`` of visit position ``position`` (>= 1)."""
+        logit = self.end_head(h).squeeze(-1)
+        return logit if self.end_position is None else logit + _position_bias(self.end_position, position, logit)
 
     # ------------------------------------------------------------------ compatibility and I/O
     def check_compatible(self, dataset: Any) -> None:

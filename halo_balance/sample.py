@@ -17,17 +17,18 @@ The sampler (:func:`sample_records`) draws from the model's distribution exactly
 - the coarse transformer keeps a KV cache, so each new visit costs one incremental step;
 - records that drew "end" leave the batch (and the cache) at once;
 - within a visit every record advances its own pointer: at each pass it draws the first code after
-  its last one, or "stop", from the exact distribution of the per-code Bernoulli chain (an
-  exponential waiting time on the cumulated hazard and a binary search per record), so a visit
-  costs max(codes per visit) + 1 fine passes over the still-sampling records;
-- the first visit is never empty: at its first pass "stop" is excluded, which draws the first visit
-  from the model's distribution conditioned on holding at least one code;
+  its last one (after the last one's exclusive group, see ``model.py``), or "stop", from the exact
+  distribution of the per-code Bernoulli chain (an exponential waiting time on the cumulated
+  hazard and a binary search per record), so a visit costs max(codes per visit) + 1 fine passes
+  over the still-sampling records;
+- nothing is rejected or reweighted: an empty visit, the first one included, is drawn as often as
+  the model gives it (real records hold them: 4.6% of the eICU demo's first stays have no token);
 - a record never exceeds the trained context (``n_ctx - 1`` visits; the end is forced there).
 
 :func:`reference_sample_records` is the plain sampler, kept to check this one: the whole prefix
 re-run for every visit, one pointer shared across the batch (one fine pass per code position any
-record samples), Bernoulli draws, finished records still computed, and rejection of empty first
-visits. Both give the same distribution.
+record samples), Bernoulli draws and finished records still computed. Both give the same
+distribution.
 
 Large requests are split into shards (:func:`sample_shards`, ``--shards N``): contiguous runs of
 whole batches, run one after another here, as tasks on a Ray cluster (``--backend ray``,
@@ -59,16 +60,19 @@ from .train import DeviceName, _bar, _ranges, _versions, resolve_device
 
 
 # ---------------------------------------------------------------------- the fast sampler
-def sample_visits(fine, h, generator, *, nonempty: bool = False):
+def sample_visits(fine, h, generator, position: int = 0):
     """One visit for each of the B coarse states ``h``: ``(codes int64, code_ptr (B+1,))``.
 
-    Every record advances its own pointer. Under its current state, a record's next code is the
-    first success of the Bernoulli chain after its last code. With ``c_i = sum_{j <= i} -log(1 - p_j)``
-    (non-decreasing), P(no success in (last, i]) = exp(-(c_i - c_last)), so the first success is
-    the first i with ``c_i >= c_last + E``, E ~ Exponential(1): one draw and a binary search per
-    record and pass; none such i means "stop" and the record leaves the loop. With ``nonempty``,
-    E is drawn conditioned on a success (E < c_{V-1}) at the first pass. Logits are computed
-    from the smallest pointer of the batch on only.
+    With an empty-visit event (``config.empty_visit_event``) it is drawn first (``position``: of
+    the states, 0 before the first visit), and a visit that is not empty draws its first code
+    conditioned on there being one. Every record advances its own pointer. Under its current
+    state, a record's next code is the first success of the Bernoulli chain after its pointer (its
+    last code, or the end of that code's exclusive group: the codes between have probability 0). With
+    ``c_i = sum_{j <= i} -log(1 - p_j)`` (non-decreasing), P(no success in (pointer, i]) =
+    exp(-(c_i - c_pointer)), so the first success is the first i with ``c_i >= c_pointer + E``,
+    E ~ Exponential(1): one draw and a binary search per record and pass; none such i means
+    "stop" and the record leaves the loop. Logits are computed from the smallest pointer of the
+    batch on only.
     """
     import torch
     import torch.nn.functional as F
@@ -76,39 +80,39 @@ def sample_visits(fine, h, generator, *, nonempty: bool = False):
     B, dev = h.shape[0], h.device
     V = fine.out.out_features
     ids = torch.arange(B, device=dev)  # the records still drawing codes, and their ...
-    z = fine.proj(h)  # ... pre-states P h + b_P + (sum of the embeddings of their codes so far)
-    last = torch.full((B,), -1, dtype=torch.long, device=dev)  # ... and last codes
+    nonempty = fine.empty_head is not None  # the visits to draw hold at least one code
+    if nonempty:  # the empty-visit event first; a visit drawn empty takes no code
+        empty = torch.rand(B, generator=generator, device=dev) < torch.sigmoid(fine.empty_logit(h, position))
+        ids = (~empty).nonzero().squeeze(1)
+    z = fine.proj(h[ids])  # ... pre-states P h + b_P + (sum of the embeddings of their codes so far)
+    last = torch.full((len(ids),), -1, dtype=torch.long, device=dev)  # ... and pointers
     picked_rec, picked_code = [], []
-    first_pass = True
     while ids.numel():
-        # columns from the smallest pointer on (after the first pass every record has a code)
-        lo = max(int(last.min()), 0)
+        lo = max(int(last.min()), 0)  # columns from the smallest pointer on
         hazard = F.softplus(F.linear(fine.state(z), fine.out.weight[lo:], fine.out.bias[lo:]).float())
-        cum = hazard.cumsum(1)  # cum[:, q] = c_{lo+q} - c_{lo-1}
-        if first_pass:  # every pointer is at -1: the wait is counted from 0
-            if nonempty:  # E conditioned on E < c_{V-1}: a success somewhere
-                total = cum[:, -1:]
-                u = torch.rand(total.shape, generator=generator, device=dev)
-                target = torch.minimum(-torch.log1p(u * torch.expm1(-total)), total)
-            else:
-                target = torch.empty_like(cum[:, :1]).exponential_(generator=generator)
-            column = torch.searchsorted(cum, target)
+        cum = F.pad(hazard.cumsum(1), (1, 0))  # cum[:, q] = c_{lo+q-1} - c_{lo-1}
+        at = (last + 1 - lo)[:, None]  # the pointer's column in cum (-1: column 0, nothing yet)
+        if nonempty:  # first pass of a visit that holds a code: E conditioned on E < c_{V-1}
+            total = cum[:, -1:]
+            u = torch.rand(total.shape, generator=generator, device=dev)
+            wait = torch.minimum(-torch.log1p(u * torch.expm1(-total)), total)
+            nonempty = False
         else:
-            at = (last - lo)[:, None]
             wait = torch.empty(at.shape, dtype=cum.dtype, device=dev).exponential_(generator=generator)
-            column = torch.maximum(torch.searchsorted(cum, cum.gather(1, at) + wait), at + 1)  # a wait lost
-            # to rounding still moves past the last code
-        pick = column.squeeze(1) + lo
+        column = torch.maximum(torch.searchsorted(cum, cum.gather(1, at) + wait), at + 1)  # a wait lost
+        # to rounding still moves past the pointer
+        pick = column.squeeze(1) - 1 + lo
         picked_rec.append(ids)
         picked_code.append(pick)  # pick >= V: "stop"
-        keep = pick < V - 1  # "stop", or the vocabulary's last code: the visit is complete
+        pointer = fine.skip[pick.clamp(max=V - 1)]
+        keep = (pick < V) & (pointer < V - 1)  # "stop", or nothing left after it: the visit is complete
         if not bool(keep.all()):
             idx = keep.nonzero().squeeze(1)
-            ids, pick, z = ids[idx], pick[idx], z[idx]
-        last = pick
-        z = z + fine.token_emb(last)
-        first_pass = False
-    rec, codes = torch.cat(picked_rec), torch.cat(picked_code)
+            ids, pick, pointer, z = ids[idx], pick[idx], pointer[idx], z[idx]
+        last = pointer
+        z = z + fine.token_emb(pick)
+    none = torch.zeros(0, dtype=torch.long, device=dev)  # every visit may have been drawn empty
+    rec, codes = torch.cat([none, *picked_rec]), torch.cat([none, *picked_code])
     rec, codes = rec[codes < V], codes[codes < V]
     order = torch.sort(rec, stable=True).indices  # passes are in code order, so codes stay sorted
     ptr = torch.zeros(B + 1, dtype=torch.long, device=dev)
@@ -122,23 +126,23 @@ def _sample_batch(model, cond, generator) -> tuple[np.ndarray, np.ndarray, np.nd
 
     n_ctx = model.config.n_ctx
     cache = model.new_cache(cond.shape[0], device=cond.device)
-    h = model.step(model.condition_input(cond), cache)
-    alive = torch.arange(cond.shape[0], device=cond.device)
+    h = model.step(model.condition_input(cond), cache, cond)
+    alive, cond_alive = torch.arange(cond.shape[0], device=cond.device), cond
     steps = []
     for t in range(n_ctx - 1):
         if t > 0:  # a record has at least one visit; afterwards "end" is a learned event
             end = torch.rand(alive.numel(), generator=generator, device=cond.device) < torch.sigmoid(
-                model.end_logit(h).float())
+                model.end_logit(h, t).float())
             if end.any():
                 keep = (~end).nonzero().squeeze(1)
-                alive, h = alive[keep], h[keep]
+                alive, h, cond_alive = alive[keep], h[keep], cond_alive[keep]
                 cache.keep(keep)
                 if not alive.numel():
                     break
-        codes, ptr = sample_visits(model.fine, h, generator, nonempty=t == 0)
+        codes, ptr = sample_visits(model.fine, h, generator, t)
         steps.append((alive.cpu().numpy(), codes.cpu().numpy(), ptr.cpu().numpy()))
         if t < n_ctx - 2:  # no state is needed after the last visit the context allows
-            h = model.step(model.visit_input(codes, ptr[:-1]), cache)
+            h = model.step(model.visit_input(codes, ptr[:-1]), cache, cond_alive)
     return _assemble(cond.shape[0], steps)
 
 
@@ -312,24 +316,30 @@ def _output_meta(model, generation: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- the plain reference sampler
 def _reference_visits(fine, h, generator):
     """Multi-hot visits ``(B, V)`` with one pointer shared by the batch: one pass per code position
-    any record samples; each pass draws Bernoulli bits for every record under its current state."""
+    any record samples; each pass draws Bernoulli bits for every record under its current state
+    (none for the codes an exclusive group has ruled out for that record)."""
     import torch
 
     B, V = h.shape[0], fine.out.out_features
     base = fine.proj(h)
     summary = torch.zeros_like(base)
     x = torch.zeros(B, V, dtype=torch.bool, device=h.device)
+    ruled_out = torch.full((B, 1), -1, dtype=torch.long, device=h.device)  # codes <= this are closed
+    column = torch.arange(V, device=h.device)
     i = 0
     while i < V:
         probs = torch.sigmoid(fine.out(fine.state(base + summary)).float())
         draws = torch.rand(B, V, generator=generator, device=h.device) < probs
         draws[:, :i] = False
+        draws &= column > ruled_out
         hit = draws.any(0).nonzero()
         if not hit.numel():
             break
         p = int(hit[0, 0])
-        x[:, p] = draws[:, p]
-        summary[draws[:, p]] += fine.token_emb.weight[p]
+        took = draws[:, p]
+        x[:, p] = took
+        summary[took] += fine.token_emb.weight[p]
+        ruled_out[took] = int(fine.skip[p])
         i = p + 1
     return x
 
@@ -349,13 +359,15 @@ def _reference_batch(model, cond, generator):
         codes = torch.from_numpy(np.concatenate(bags) if bags else empty).long().to(dev)
         h = model.hidden_states(cond, codes, offsets, t + 1)[:, t]
         if t > 0:
-            ended |= torch.rand(B, generator=generator, device=dev) < torch.sigmoid(model.end_logit(h).float())
+            ended |= torch.rand(B, generator=generator, device=dev) < torch.sigmoid(model.end_logit(h, t).float())
             if ended.all():
                 break
         x = _reference_visits(model.fine, h, generator)
-        if t == 0:  # reject empty first visits
-            while (none := ~x.any(1)).any():
-                x[none] = _reference_visits(model.fine, h[none], generator)
+        if model.fine.empty_head is not None:  # the empty-visit event, then rejection of empty chains
+            empty = torch.rand(B, generator=generator, device=dev) < torch.sigmoid(model.fine.empty_logit(h, t))
+            while (redo := ~empty & ~x.any(1)).any():
+                x[redo] = _reference_visits(model.fine, h[redo], generator)
+            x[empty] = False
         for b in np.flatnonzero(~ended.cpu().numpy()):
             visits[b].append(x[b].nonzero().squeeze(1).cpu().numpy())
     return _records_to_ragged(visits)

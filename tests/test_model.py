@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import torch
 
-from halo_balance.config import PRESETS, ConditionLayout, HaloConfig, parse_condition
+from halo_balance.config import PRESETS, ConditionLayout, HaloConfig, exclusive_token_groups, parse_condition
 from halo_balance.errors import HaloBalanceError, IncompatibleModelError
 from halo_balance.model import HaloModel
 from halo_balance.train import EncodedRecords, collate
@@ -85,7 +85,14 @@ def test_fine_parameters_grow_as_v_times_h():
 
 
 # ---------------------------------------------------------------------- coarse model and conditioning
-def test_conditioning_visit_is_context_never_target(learnable):
+# the learnable data's blocks belong to different patients: no visit holds both 7 and 8 (15 and 16, 23 and 24)
+STRUCTURES = [{"condition_every_visit": False, "empty_visit_event": False, "position_event_bias": False},
+              {"condition_every_visit": True, "empty_visit_event": True, "position_event_bias": True,
+               "exclusive_groups": [[7, 8], [15, 16], [23, 24]]}]
+
+
+@pytest.mark.parametrize("structure", STRUCTURES, ids=["plain", "structured"])
+def test_conditioning_visit_is_context_never_target(learnable, structure):
     enc = EncodedRecords.from_dataset(learnable, ConditionLayout.from_dataset(learnable), n_ctx=6)
     rows = np.arange(40)
     batch = collate(enc, rows)
@@ -98,7 +105,7 @@ def test_conditioning_visit_is_context_never_target(learnable):
     assert end_t.min() == 1  # no end bit before the first visit
     assert batch.end_target.sum() == (L < 5).sum()  # "end" after the last visit unless forced at n_ctx-1
 
-    model = random_model(learnable)
+    model = random_model(learnable, **structure)
     with torch.no_grad():
         out = model(batch)
         # conditions change the record's likelihood (they are context) ...
@@ -107,6 +114,7 @@ def test_conditioning_visit_is_context_never_target(learnable):
         assert not torch.allclose(model(flipped).record_nll, out.record_nll)
     # ... but the loss is exactly the chain over real visits and end bits, computed incrementally
     manual = _chain_nll(model, learnable.records(), rows, enc)
+    assert torch.isfinite(manual).all()
     torch.testing.assert_close(out.record_nll, manual, rtol=1e-5, atol=1e-4)
 
 
@@ -115,34 +123,35 @@ def _chain_nll(model, rec, rows, enc) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for p in rows:
-            cache = model.new_cache(1, device="cpu")
-            h = model.step(model.condition_input(torch.from_numpy(enc.cond[[p]])), cache)
+            cache, cond = model.new_cache(1, device="cpu"), torch.from_numpy(enc.cond[[p]])
+            h = model.step(model.condition_input(cond), cache, cond)
             visits, total = rec.patient(p), 0.0
-            for t, visit in enumerate(visits, start=1):
-                if t > 1:
-                    total += float(torch.nn.functional.softplus(model.end_logit(h)))  # -log P(not end)
+            for t, visit in enumerate(visits):  # h is h_t, of position t
+                if t > 0:
+                    total += float(torch.nn.functional.softplus(model.end_logit(h, t)))  # -log P(not end)
                 codes, ptr = _visits([visit])
-                total += float(model.fine.visit_nll(h, codes, ptr))
-                h = model.step(model.visit_input(codes, ptr[:-1]), cache)
+                total += float(model.fine.visit_nll(h, codes, ptr, t))
+                h = model.step(model.visit_input(codes, ptr[:-1]), cache, cond)
             if len(visits) < model.config.n_ctx - 1:
-                total += float(torch.nn.functional.softplus(-model.end_logit(h)))  # -log P(end)
+                total += float(torch.nn.functional.softplus(-model.end_logit(h, len(visits))))  # -log P(end)
             out.append(total)
     return torch.tensor(out, dtype=torch.float32)
 
 
-def test_kv_cache_matches_full_forward(learnable):
-    model = random_model(learnable)
+@pytest.mark.parametrize("structure", STRUCTURES, ids=["plain", "structured"])
+def test_kv_cache_matches_full_forward(learnable, structure):
+    model = random_model(learnable, **structure)
     enc = EncodedRecords.from_dataset(learnable, model.layout, n_ctx=6)
     rows = np.flatnonzero(enc.lengths == 4)[:5]
     batch = collate(enc, rows)
     with torch.no_grad():
         full = model.hidden_states(batch.cond, batch.visit_codes, batch.visit_offsets, batch.n_positions)
         cache = model.new_cache(len(rows), device="cpu")
-        steps = [model.step(model.condition_input(batch.cond), cache)]
+        steps = [model.step(model.condition_input(batch.cond), cache, batch.cond)]
         for t in range(batch.n_positions - 1):
             bags = [batch.visit_codes[batch.code_ptr[r * 4 + t]:batch.code_ptr[r * 4 + t + 1]] for r in range(len(rows))]
             codes, ptr = _visits([b.tolist() for b in bags])
-            steps.append(model.step(model.visit_input(codes, ptr[:-1]), cache))
+            steps.append(model.step(model.visit_input(codes, ptr[:-1]), cache, batch.cond))
         torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
         # causal: the future does not change the past
         later = collate(enc, rows)
@@ -236,7 +245,7 @@ def test_layout_encodes_and_completes_conditions(learnable):
 
 def test_blocked_logits_equal_a_direct_evaluation():
     """Every logit against its definition: the state after the visit's codes below it."""
-    model = random_model(make_learnable_dataset(40, vocab_size=200), n_ctx=4)
+    model = random_model(make_learnable_dataset(40, vocab_size=200), n_ctx=4, empty_visit_event=False)
     model.fine.max_blocks = 8  # blocks of 25 codes: visits span several blocks
     rng = np.random.default_rng(1)
     visits = [sorted(rng.choice(200, size=n, replace=False).tolist()) for n in (0, 1, 7, 40, 199, 200)]
@@ -259,3 +268,52 @@ def test_blocked_logits_equal_a_direct_evaluation():
                 s = fine.token_emb(chosen[chosen < i]).sum(0)
                 want = fine.out(fine.state(fine.proj(h[n]) + s))[i]
                 torch.testing.assert_close(got[n, i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_exclusive_groups_rule_codes_out_in_the_likelihood():
+    """After a code of an exclusive run, the run's later codes have probability 0; the rest is unchanged."""
+    groups = [[20, 29], [150, 199]]  # the second run ends at the vocabulary's end
+    free = random_model(make_learnable_dataset(40, vocab_size=200), n_ctx=4, empty_visit_event=False)
+    model = random_model(make_learnable_dataset(40, vocab_size=200), n_ctx=4, exclusive_groups=groups,
+                         empty_visit_event=False)
+    model.fine.max_blocks = 8  # blocks of 25 codes: a run spans two blocks
+    visits = [[], [3, 22, 40], [22, 31], [21, 24], [10, 25, 160], [160, 199], [199], [24, 26, 49, 50, 151]]
+    h = torch.randn(len(visits), model.config.n_embd)
+    with torch.no_grad():
+        got, want = model.fine.logits(h, *_visits(visits)), free.fine.logits(h, *_visits(visits))
+        nll = model.fine.visit_nll(h, *_visits(visits))
+    closed = torch.zeros(len(visits), 200, dtype=torch.bool)
+    for n, visit in enumerate(visits):
+        for c in visit:
+            for a, b in groups:
+                if a <= c <= b:
+                    closed[n, c + 1:b + 1] = True
+    assert torch.isneginf(got[closed]).all() and torch.equal(got[~closed], want[~closed])
+    for n, visit in enumerate(visits):
+        x = torch.zeros(200)
+        x[visit] = 1.0
+        if x[closed[n]].any():  # two codes of one run: impossible
+            assert torch.isinf(nll[n]) and n in (3, 5, 7)
+        else:
+            open_ = ~closed[n]
+            expected = torch.nn.functional.binary_cross_entropy_with_logits(got[n, open_], x[open_], reduction="sum")
+            torch.testing.assert_close(nll[n], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_exclusive_token_groups_from_the_vocabulary_and_the_visits():
+    tokens = ["dx9:428", "lab:1:1", "lab:1:2", "lab:1:3", "lab:2:1", "lab:2:2", "lab:3:1", "dx9:401",
+              "time:gap:0", "time:gap:1", "lab:x:y", "lab:x:z", "lab:4:1", "lab:4:2"]
+    kinds = ["diagnosis", *["lab"] * 6, "diagnosis", "time", "time", "lab", "lab", "lab", "lab"]
+    vocab = pl.DataFrame({"id": pl.Series(range(len(tokens)), dtype=pl.Int32), "token": tokens, "kind": kinds,
+                          "description": [""] * len(tokens)})
+    groups, dropped = exclusive_token_groups(vocab)
+    assert groups == [[1, 3], [4, 5], [8, 9], [12, 13]] and dropped == []  # a lone bin or a non-numeric one: none
+    visits = [[0, 1, 4, 8], [2, 5, 9, 12], [12, 13], [3, 7]]  # lab:4 twice in one visit
+    codes = np.array([c for v in visits for c in v])
+    ptr = np.concatenate([[0], np.cumsum([len(v) for v in visits])])
+    groups, dropped = exclusive_token_groups(vocab, codes, ptr)
+    assert groups == [[1, 3], [4, 5], [8, 9]] and dropped == ["lab:4"]
+    cfg = HaloConfig(vocab_size=len(tokens), n_conditions=4, exclusive_groups=groups)
+    assert HaloConfig.from_dict(cfg.to_dict()).exclusive_groups == groups
+    with pytest.raises(HaloBalanceError, match="exclusive_groups"):
+        HaloConfig(vocab_size=len(tokens), n_conditions=4, exclusive_groups=[[4, 5], [1, 3]])

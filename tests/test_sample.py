@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import polars as pl
 import pytest
@@ -19,7 +21,8 @@ from tests.test_model import _visits, random_model
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(seed=2, n_ctx=6, code_bias=-2.5, end_bias=-0.3)
+    return random_model(seed=2, n_ctx=6, code_bias=-2.5, end_bias=-0.3, condition_every_visit=False,
+                        empty_visit_event=False)
 
 
 def _conditions(model, n: int, seed: int = 0) -> pl.DataFrame:
@@ -36,27 +39,33 @@ def _code_rates(ds: PreparedDataset, V: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- exactness
-def test_visit_sampler_matches_the_likelihood_exactly():
-    """Over all 2^5 visits, the sampled frequencies equal exp(-visit_nll), with and without 'nonempty'."""
-    m = random_model(make_tiny_dataset(), code_bias=-1.0, scale=0.2, seed=5)
+@pytest.mark.parametrize("groups, empty_event", [([], False), ([[1, 2], [3, 4]], False), ([[1, 2], [3, 4]], True)])
+def test_visit_sampler_matches_the_likelihood_exactly(groups, empty_event):
+    """Over all 2^5 visits, the sampled frequencies equal exp(-visit_nll), with and without
+    exclusive groups (whose ruled-out visits have probability 0 on both sides) and the empty-visit event."""
+    m = random_model(make_tiny_dataset(), code_bias=-1.0, scale=0.2, seed=5, exclusive_groups=groups,
+                     empty_visit_event=empty_event)
+    if empty_event:
+        with torch.no_grad():
+            m.fine.empty_head.bias.fill_(1.5)  # far likelier than the chain's own empty visit
     visits = [[i for i in range(5) if mask >> i & 1] for mask in range(32)]
     h = torch.randn(1, m.config.n_embd, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         prob = torch.exp(-m.fine.visit_nll(h.expand(32, -1), *_visits(visits))).double().numpy()
         n = 40000
-        gen = torch.Generator().manual_seed(0)
-        for nonempty in (False, True):
-            codes, ptr = sample_visits(m.fine, h.expand(n, -1), gen, nonempty=nonempty)
-            masks = np.zeros(n, dtype=np.int64)
-            np.add.at(masks, np.repeat(np.arange(n), np.diff(ptr.numpy())), 1 << codes.numpy())
-            freq = np.bincount(masks, minlength=32) / n
-            expected = prob.copy()
-            if nonempty:
-                expected[0] = 0.0
-                expected /= expected.sum()
-            se = np.sqrt(expected * (1 - expected) / n) + 1e-12
-            assert np.max(np.abs(freq - expected) / np.maximum(se, 1e-3)) < 4.5, (nonempty, freq, expected)
-    assert prob[0] > 0.01  # empty visits are likely enough for the 'nonempty' case to matter
+        codes, ptr = sample_visits(m.fine, h.expand(n, -1), torch.Generator().manual_seed(0))
+    masks = np.zeros(n, dtype=np.int64)
+    np.add.at(masks, np.repeat(np.arange(n), np.diff(ptr.numpy())), 1 << codes.numpy())
+    freq = np.bincount(masks, minlength=32) / n
+    se = np.sqrt(prob * (1 - prob) / n) + 1e-12
+    assert prob.sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.max(np.abs(freq - prob) / np.maximum(se, 1e-3)) < 4.5, (freq, prob)
+    assert prob[0] > 0.01 and freq[0] > 0.01  # empty visits are drawn as often as the model says
+    if empty_event:
+        torch.testing.assert_close(torch.tensor(prob[0]), torch.sigmoid(m.fine.empty_logit(h))[0].double())
+    ruled_out = [mask for mask in range(32) if any(mask >> a & 1 and mask >> b & 1 for a, b in groups)]
+    assert (prob[ruled_out] == 0).all() and (freq[ruled_out] == 0).all() and len(ruled_out) == 8 * len(groups) - (
+        2 if groups else 0)
 
 
 def _z_max(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> float:
@@ -65,7 +74,20 @@ def _z_max(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(se, 1e-9)))
 
 
-def test_fast_and_reference_samplers_agree_in_distribution(model):
+@pytest.fixture(scope="module")
+def structured_model():
+    """Exclusive groups and the empty-visit event (the empty event made likely)."""
+    m = random_model(seed=2, n_ctx=6, code_bias=-2.5, end_bias=-0.3, exclusive_groups=[[3, 9], [20, 25]],
+                     empty_visit_event=True)
+    with torch.no_grad():
+        m.fine.empty_head.weight.mul_(0.05)
+        m.fine.empty_head.bias.fill_(-1.0)
+    return m
+
+
+@pytest.mark.parametrize("which", ["model", "structured_model"])
+def test_fast_and_reference_samplers_agree_in_distribution(which, request):
+    model = request.getfixturevalue(which)
     V, n = model.config.vocab_size, 3000
     cond = _conditions(model, n, seed=1)
     fast = sample_records(model, cond, batch_size=256, seed=11, device="cpu", progress=False)
@@ -76,10 +98,15 @@ def test_fast_and_reference_samplers_agree_in_distribution(model):
     assert _z_max(lengths_fast, lengths_ref, n, n) < 4.5  # record lengths
     sizes = [np.diff(d.records().code_ptr).mean() for d in (fast, ref)]
     assert sizes[0] == pytest.approx(sizes[1], rel=0.05)  # codes per visit
+    empty = np.array([(np.diff(d.records().code_ptr) == 0).mean() for d in (fast, ref)])
+    assert _z_max(empty[:1], empty[1:], n, n) < 4.5 and (empty > 0.1).all() == (which == "structured_model")
     # the comparison has power: a slightly different model is told apart
-    shifted = random_model(seed=2, n_ctx=6, code_bias=-2.5, end_bias=-0.3)
+    shifted = copy.deepcopy(model)
+    grouped = {c for a, b in model.config.exclusive_groups for c in range(a, b + 1)}
+    rates = _code_rates(fast, V)
+    code = min((c for c in range(V) if c not in grouped), key=lambda c: abs(rates[c] - 0.4))
     with torch.no_grad():
-        shifted.fine.out.bias[7] -= 0.8
+        shifted.fine.out.bias[code] -= 0.8
     other = sample_records(shifted, cond, batch_size=256, seed=13, device="cpu", progress=False)
     assert _z_max(_code_rates(fast, V), _code_rates(other, V), n, n) > 5
 
@@ -106,15 +133,16 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert not a.visits["codes"].equals(c.visits["codes"])
 
 
-def test_samples_respect_the_context_and_start_with_a_non_empty_visit():
+def test_samples_respect_the_context_and_keep_empty_visits():
     # end is unlikely and codes are rare: records would run long and visits would often be empty
-    m = random_model(n_ctx=4, code_bias=-6.0, end_bias=-6.0, scale=0.05)
+    m = random_model(n_ctx=4, code_bias=-6.0, end_bias=-6.0, scale=0.05, empty_visit_event=False)
     data = sample_records(m, _conditions(m, 400), seed=0, device="cpu", progress=False).validate()
     counts = data.records().visit_counts()
     assert counts.max() == 3 and (counts == 3).mean() > 0.9  # the end is forced at n_ctx - 1
-    lengths = data.visits.with_columns(n=pl.col("codes").list.len())
-    assert lengths.filter(pl.col("visit_index") == 0)["n"].min() >= 1
-    assert lengths.filter(pl.col("visit_index") > 0)["n"].min() == 0  # later empty visits are allowed
+    empty = data.visits.with_columns(empty=pl.col("codes").list.len() == 0)
+    # exact sampling: an empty visit is drawn as often as the model gives it, the first one included
+    assert empty.filter(pl.col("visit_index") == 0)["empty"].mean() > 0.5
+    assert empty.filter(pl.col("visit_index") > 0)["empty"].mean() > 0.5
 
 
 def test_output_is_a_synthetic_prepared_dataset(model, tmp_path):
