@@ -447,9 +447,12 @@ class FairPlaySettings:
     conditioning: GeneratorConditioning = "all"
 
     def result_settings(self) -> dict[str, Any]:
-        """The settings that change results (not ``device`` or ``batch_size``)."""
-        return {"allow_copies": self.allow_copies, "train_options": self.train_options,
-                "conditioning": self.conditioning}
+        """The settings that change results (not ``device`` or ``batch_size``), the training options
+        resolved (``TrainOptions.resolved``: defaults and generator version included)."""
+        resolved = _train_options(self.train_options, seed=0, device="cpu", resume=False).resolved()
+        if "seed" not in self.train_options:  # the fold's seed, filled in per fold
+            del resolved["options"]["seed"]
+        return {"allow_copies": self.allow_copies, "train_options": resolved, "conditioning": self.conditioning}
 
     def conditioned_on(self, train: PreparedDataset, balance_by: Sequence[str]) -> list[str]:
         """The group attributes the generator sees besides the outcome."""
@@ -466,10 +469,15 @@ def settings_hash(obj: Any) -> str:
 def generator_key(train: PreparedDataset, *, fold: int, data_fingerprint: str, train_options: Mapping[str, Any],
                   seed: int, conditioning: Sequence[str]) -> str:
     """The cache name of a fold's generator: the fold and a hash of its training patients, training
-    settings and the group attributes it is conditioned on (with the outcome)."""
+    settings and the group attributes it is conditioned on (with the outcome).
+
+    The settings are resolved (``TrainOptions.resolved``: every default and the generator version),
+    so a generator cached before a default or the training code changed is never reused.
+    """
     ids = sorted(train.patients.filter(~pl.col("synthetic"))["patient_id"].to_list())
+    resolved = _train_options(train_options, seed=seed, device="cpu", resume=False).resolved()
     return f"fold{fold}-" + settings_hash({"data": data_fingerprint, "train_ids": settings_hash(ids),
-                                            "train_options": dict(train_options), "seed": seed,
+                                            "train_options": resolved, "seed": seed,
                                             "conditioning": list(conditioning)})
 
 

@@ -108,6 +108,9 @@ class StandInTrainOptions:
             raise HaloBalanceError(f"invalid training options: epochs must be >= 1 (got {self.epochs})")
         return self
 
+    def resolved(self) -> dict:
+        return {"generator_version": 0, "options": {"epochs": self.epochs, "seed": self.seed}}
+
 
 def install_fairplay_stand_in(monkeypatch) -> dict[str, list]:
     """Replace ``halo_balance.{balance,train,model}`` by stand-ins with the documented API.
@@ -163,6 +166,26 @@ def install_fairplay_stand_in(monkeypatch) -> dict[str, list]:
 
 
 # ---------------------------------------------------------------------- methods
+def test_generator_cache_key_follows_the_resolved_training_settings(monkeypatch, tiny):
+    """Explicit defaults share a key with no options; a new default or generator version does not."""
+    import halo_balance.config
+    import halo_balance.train
+
+    key = lambda options, seed=0: methods.generator_key(tiny, fold=0, data_fingerprint="d",  # noqa: E731
+                                                        train_options=options, seed=seed)
+    plain = key({})
+    assert key({"preset": "small", "lr": 1e-3, "dropout": 0.1}) == plain
+    assert key({"epochs": 3}) != plain and key({}, seed=1) != plain
+    settings = FairPlaySettings().result_settings()
+    assert settings["train_options"]["generator_version"] == halo_balance.train.GENERATOR_VERSION
+    assert "seed" not in settings["train_options"]["options"]
+    monkeypatch.setattr(halo_balance.train, "GENERATOR_VERSION", halo_balance.train.GENERATOR_VERSION + 1)
+    assert key({}) != plain and FairPlaySettings().result_settings() != settings
+    monkeypatch.undo()
+    monkeypatch.setitem(halo_balance.config.PRESETS, "small", {**halo_balance.config.PRESETS["small"], "dropout": 0.3})
+    assert key({}) != plain
+
+
 def test_balance_targets_by_hand():
     counts = {0: 100, 1: 40, 2: 3, 3: 10}
     assert balance_targets(counts, ratio=1.0, min_cell_size=5, direction="up") == {1: 100, 3: 100}
