@@ -37,6 +37,9 @@ HF_CONFIG_KEYS = frozenset({"model_type", "architectures", "transformers_version
 #: eICU demo in minutes, ``base`` has the transformer size of the published HALO (GPU). Every preset
 #: conditions every state and models empty visits as their own event (see :class:`HaloConfig`).
 _STRUCTURE = dict(condition_every_visit=True, empty_visit_event=True, position_event_bias=True)
+#: the structure switched off: the model differentially private training uses (``dp.py`` computes
+#: per-patient gradients for its modules only)
+PLAIN_STRUCTURE = {name: False for name in _STRUCTURE}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_ctx=16, n_embd=64, n_layer=2, n_head=2, fine_hidden=64, dropout=0.0, **_STRUCTURE),
     "small": dict(n_ctx=32, n_embd=128, n_layer=4, n_head=4, fine_hidden=128, dropout=0.1, **_STRUCTURE),

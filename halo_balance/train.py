@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .config import PRESETS, ConditionLayout, HaloConfig, PresetName, exclusive_token_groups
+from .config import PLAIN_STRUCTURE, PRESETS, ConditionLayout, HaloConfig, PresetName, exclusive_token_groups
 from .copies import RecordCounts
 from .data import PreparedDataset
 from .dp import AccountantName, PrivacyPlan, PrivateSteps, private_statistics
@@ -778,8 +778,7 @@ class _Trainer:
         # the model is the plain one: no structure read off the records, no modules dp.py cannot clip
         n_ctx = (opts.n_ctx or PRESETS[opts.preset]["n_ctx"]) if opts.private else \
             _choose_n_ctx(opts, train_ds.records().visit_counts())
-        structure: dict[str, Any] = dict(condition_every_visit=False, empty_visit_event=False,
-                                         position_event_bias=False) if opts.private else {}
+        structure: dict[str, Any] = dict(PLAIN_STRUCTURE) if opts.private else {}
         if not opts.private:
             rec = dataset.records()  # training and validation visits: both must keep every group exclusive
             groups, dropped = exclusive_token_groups(dataset.vocab, rec.codes, rec.code_ptr)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from halo_balance.config import ConditionLayout, HaloConfig
+from halo_balance.config import PLAIN_STRUCTURE, ConditionLayout, HaloConfig
 from halo_balance.dp import (PrivacyPlan, PrivateSteps, calibrate_noise, epsilon_spent, private_statistics,
                              record_gradients, reference_record_gradients)
 from halo_balance.errors import HaloBalanceError
@@ -28,7 +28,7 @@ def cohort():
 def _model_and_records(dataset, *, n_ctx: int = 6, dropout: float = 0.0):
     layout = ConditionLayout.from_dataset(dataset)
     cfg = HaloConfig.from_preset("tiny", vocab_size=dataset.vocab_size, n_conditions=layout.n_slots, n_ctx=n_ctx,
-                                 dropout=dropout)
+                                 dropout=dropout, **PLAIN_STRUCTURE)  # the model DP training builds
     torch.manual_seed(0)
     model = HaloModel.for_dataset(dataset, cfg)
     with torch.no_grad():  # sizeable weights, so that every parameter gets a real gradient
@@ -183,6 +183,9 @@ def test_dp_training_records_the_guarantee(cohort, tmp_path):
     assert HaloModel.from_pretrained(tmp_path / "m").privacy == dp == model.privacy
     assert info["best_epoch"] == 2  # no model selection on the private patients: the last epoch is kept
     assert model.config.n_ctx == 16  # the preset's context, not fitted to the longest record
+    # the plain model, nothing read off the records without noise: no exclusive groups, no refits
+    assert all(getattr(model.config, name) is False for name in PLAIN_STRUCTURE) and not model.config.exclusive_groups
+    assert "bias_refit" not in info and "condition_refit" not in info
     exact = {(c["label"], c["gender"], c["age_group"]): c["n"] for c in ConditionLayout.from_dataset(cohort).cells}
     assert {(c["label"], c["gender"], c["age_group"]): c["n"] for c in model.layout.cells} != exact
 
@@ -192,6 +195,7 @@ def test_dp_validation_patients_are_reported_unprotected(cohort, tmp_path):
                 progress=False)
     info = json.loads((tmp_path / "m" / "training.json").read_text())
     assert info["n_val"] == len(info["validation_patient_ids"]) == info["dp"]["unprotected_patients"] > 0
+    assert all(h["fit_loss"] is None and h["gap"] is None for h in info["history"])  # no training-patient loss
     assert info["dp"]["n_private_patients"] == info["n_train"] == cohort.n_patients - info["n_val"]
 
 
