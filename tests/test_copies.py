@@ -152,9 +152,11 @@ def test_rebalance_keeps_shared_copies_and_counts_them(tmp_path, replaying):
     model = HaloModel.from_pretrained(_model_folder(tmp_path))
     res = rebalance(data, groups=[], model=model, seed=0, min_cell_size=1, progress=False)
     assert replaying[1] == 1
-    assert int(res.plan["rejected"].sum()) == 1 and int(res.plan["kept_copies"].sum()) == 1
+    # the forced shared copy, and any the model drew itself (a one-code record is a likely draw)
+    shared = sum(key == tuple(map(tuple, SHARED)) for key in res.synthetic.records().keys())
+    assert int(res.plan["rejected"].sum()) == 1 and int(res.plan["kept_copies"].sum()) == shared >= 1
     gen = res.dataset.meta["generation"]
-    assert (gen["rejected_copies"], gen["kept_copies"], gen["copy_k"]) == (1, 1, COPY_K)
+    assert (gen["rejected_copies"], gen["kept_copies"], gen["copy_k"]) == (1, shared, COPY_K)
     assert tuple(map(tuple, RARE)) not in res.synthetic.records().keys()
 
 
