@@ -172,7 +172,7 @@ def test_generator_cache_key_follows_the_resolved_training_settings(monkeypatch,
     import halo_balance.train
 
     key = lambda options, seed=0: methods.generator_key(tiny, fold=0, data_fingerprint="d",  # noqa: E731
-                                                        train_options=options, seed=seed)
+                                                        train_options=options, seed=seed, conditioning=["gender"])
     plain = key({})
     assert key({"preset": "small", "lr": 1e-3, "dropout": 0.1}) == plain
     assert key({"epochs": 3}) != plain and key({}, seed=1) != plain
