@@ -468,19 +468,21 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 grad += g.sum(0).double()
                 hess += w.sum(0).double()
             if reduce is not None:
-                grad, hess = (torch.tensor(reduce(t.tolist()), dtype=torch.float64, device=device) for t in (grad, hess))
+                grad, hess = (torch.tensor(reduce(t.tolist()), dtype=torch.float64, device=device)
+                              for t in (grad, hess))
             shift = fine.out.bias.double() - old["codes"].double()
             step = ((grad + shrinkage * shift) / (hess + shrinkage)).clamp(-2.0, 2.0)
             fine.out.bias.copy_((fine.out.bias.double() - step).clamp(min=floor).to(fine.out.bias.dtype))
             for name, bias in heads.items():
-                g_h, w_h = torch.zeros(len(bias), dtype=torch.float64, device=device), None
+                g_h = torch.zeros(len(bias), dtype=torch.float64, device=device)
                 w_h = torch.zeros_like(g_h)
                 for offset, target, slot in events[name]:
                     q = torch.sigmoid(offset + bias[slot]).double()
                     g_h.index_add_(0, slot, q - target.double())
                     w_h.index_add_(0, slot, q * (1 - q))
                 if reduce is not None:
-                    g_h, w_h = (torch.tensor(reduce(t.tolist()), dtype=torch.float64, device=device) for t in (g_h, w_h))
+                    g_h, w_h = (torch.tensor(reduce(t.tolist()), dtype=torch.float64, device=device)
+                                for t in (g_h, w_h))
                 g_h += shrinkage * (bias.double() - old[name].double())
                 bias -= ((g_h / (w_h + shrinkage)).clamp(-2.0, 2.0)).to(bias.dtype)
     model.train(was_training)
