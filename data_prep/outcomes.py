@@ -62,9 +62,6 @@ class OutcomeSpec:
 OUTCOME_NAMES = {"mortality": "in_hospital_mortality", "readmission-30d": "readmission_30d",
                  "long-stay": "long_stay_7d"}
 
-#: Columns :func:`select_visits` reads, beside ``patient_id`` and the sort columns.
-VISIT_COLUMNS = ("start", "end", "episode", "mortality", "died_in_visit", "los_days")
-
 
 def select_visits(df: pl.DataFrame, *, by: Sequence[str], descending: Sequence[bool] | None = None,
                   outcome: Outcome, max_visits: int | None, counts: Counts, unit: str) -> pl.DataFrame:
