@@ -85,7 +85,7 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import polars as pl
 
@@ -110,7 +110,7 @@ UNIT_DISCHARGE_COLS = ("unitdischargeoffset", "unitdischargestatus")
 HOSPITAL_DISCHARGE_COLS = ("hospitaldischargeoffset",)
 DIAGNOSIS_COLS = ("patientunitstayid", "diagnosisstring", "icd9code")
 PatientUnit = Literal["person", "hospital-stay"]
-PATIENT_UNITS = ("person", "hospital-stay")
+PATIENT_UNITS: tuple[str, ...] = get_args(PatientUnit)
 LAB_COLS = ("patientunitstayid", "labname", "labresult", "labmeasurenamesystem")
 #: apacheApsVar's laboratory variables and their units (eICU documentation).
 APACHE_LABS = {"wbc": ("WBC", "K/mcL"), "sodium": ("Sodium", "mmol/L"), "ph": ("pH", None),
