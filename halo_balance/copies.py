@@ -178,13 +178,12 @@ class Draw:
     """What :func:`draw_without_copies` returns.
 
     ``dataset`` holds one record per condition row that could be filled, in row order, with ids
-    ``{id_prefix}-{seed}-{first_row + row}``; ``rows`` the condition row of each of its patients; ``rejected``
-    per condition row the rare copies re-drawn; ``kept_copies`` per row whether its record is a
-    copy of a shared training record; ``unfilled`` the rows still a rare copy after the last round.
+    ``{id_prefix}-{seed}-{first_row + row}``; ``rejected`` per condition row the rare copies
+    re-drawn; ``kept_copies`` per row whether its record is a copy of a shared training record;
+    ``unfilled`` the rows still a rare copy after the last round.
     """
 
     dataset: PreparedDataset
-    rows: np.ndarray
     rejected: np.ndarray
     kept_copies: np.ndarray
     unfilled: np.ndarray
@@ -252,9 +251,8 @@ def draw_without_copies(model, conditions: pl.DataFrame, *, copy_filter: CopyFil
     if not parts:  # nothing drawn: an empty dataset of the model's format
         parts.append((sample_records(model, conditions.clear(), seed=seed, device=device, progress=False),
                       np.zeros(0, dtype=np.int64)))
-    return Draw(dataset=_in_row_order(parts, id_prefix, seed, first_row),
-                rows=np.sort(np.concatenate([r for _, r in parts])), rejected=rejected, kept_copies=kept_copies,
-                unfilled=todo)
+    return Draw(dataset=_in_row_order(parts, id_prefix, seed, first_row), rejected=rejected,
+                kept_copies=kept_copies, unfilled=todo)
 
 
 def _in_row_order(parts: list[tuple[PreparedDataset, np.ndarray]], id_prefix: str, seed: int,
