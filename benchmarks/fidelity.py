@@ -40,7 +40,6 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
