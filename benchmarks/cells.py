@@ -31,7 +31,7 @@ import polars as pl
 from halo_balance.data import PreparedDataset
 from halo_balance.errors import HaloBalanceError
 
-from .metrics import GROUP_SEPARATOR
+from .metrics import group_labels
 
 Direction = Literal["up", "down"]
 K = TypeVar("K", bound=Hashable)
@@ -66,8 +66,7 @@ def group_names(frame: pl.DataFrame, attributes: Sequence[str]) -> np.ndarray:
     """Each row's group over ``attributes`` (values joined by ``" & "``); ``""`` for no attribute."""
     if not attributes:
         return np.full(frame.height, "", dtype=object).astype(str)
-    return frame.select(pl.concat_str([pl.col(a) for a in attributes], separator=GROUP_SEPARATOR))\
-        .to_series().to_numpy().astype(str)
+    return group_labels(frame, attributes).to_numpy().astype(str)
 
 
 @dataclass(frozen=True)
