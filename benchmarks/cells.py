@@ -14,8 +14,8 @@ under-sampler cuts every such cell larger than ``t = max(s, floor)``, ``s`` the 
 by ``round(ratio x (n - t))`` (``ratio`` at most 1). Cells below ``min_cell_size`` are left as they
 are and do not set ``s``.
 
-A new method plugs in by asking its :class:`Balancing` for ``patient_cells(train)`` or
-``visit_cells(y, group)`` and ``targets(counts, direction=...)``; the harness builds the
+A new method plugs in by asking its :class:`Balancing` for ``patient_cells(train)`` (or taking
+:func:`cell_names` of visit rows) and ``targets(counts, direction=...)``; the harness builds the
 ``Balancing`` from ``--balance-by``, ``--ratio`` and the protocol (:mod:`benchmarks.protocols`).
 """
 
