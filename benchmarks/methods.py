@@ -73,8 +73,9 @@ from halo_balance.errors import HaloBalanceError, unknown_choice
 from halo_balance.io import atomic_dir
 
 from . import downstream
-from .cells import Balancing, balance_targets, cell_names, codes, group_names, split_cell
+from .cells import Balancing, Direction, balance_targets, cell_names, codes, group_names, split_cell
 from .generative import GENERATORS, GeneratorName, make_generator
+from .protocols import GeneratorConditioning, SmoteClasses
 
 MethodName = Literal["original", "upsample", "downsample", "smote", "smoten", "separate", "fairplay",
                      "mcrage", "sma", "ctgan", "tvae"]
@@ -82,7 +83,6 @@ METHODS: tuple[str, ...] = ("original", "upsample", "downsample", "smote", "smot
 GENERATIVE_METHODS: tuple[str, ...] = GENERATORS  # selected by name; not in the default --methods
 # methods that treat groups (not outcome x group cells) apart: Balancing.groups_for(per_group=True)
 PER_GROUP_METHODS: tuple[str, ...] = ("separate",)
-SmoteClasses = Literal["per-cell", "combined"]
 SEPARATE_MIN_PER_CLASS = 10
 SMOTEN_MAX_ROWS = 500
 SMOTE_NEIGHBOURS = 5
@@ -153,7 +153,7 @@ def _patient_rows(ptr: np.ndarray, patients: np.ndarray) -> np.ndarray:
 
 
 def resample_patients(train: PreparedDataset, sampler_cls, *, balancing: Balancing, seed: int,
-                      direction: Literal["up", "down"], cells: np.ndarray | None = None,
+                      direction: Direction, cells: np.ndarray | None = None,
                       groups: Sequence[str] | None = None) -> TrainingSet:
     """Whole patients resampled per cell by an imbalanced-learn ``sampler_cls``, expanded to their visits.
 
@@ -424,7 +424,6 @@ class SeparateModels(SingleModel):
 
 
 # ---------------------------------------------------------------------- FairPlay
-GeneratorConditioning = Literal["all", "balanced"]
 
 
 @dataclass(frozen=True)
