@@ -106,13 +106,14 @@ def describe_synthetic(X: sp.csr_matrix, cells: np.ndarray, synthetic: np.ndarra
     names, counts = np.unique(cells[synthetic], return_counts=True)
     weights = {str(c): n / counts.sum() for c, n in zip(names, counts, strict=True)}
     syn_stats = visit_statistics(syn)
+    tested: dict[str, float] = {}
+    if test_X is not None and test_cells is not None:
+        test_cells = np.asarray(test_cells).astype(str)
+        tested = {c: w for c, w in weights.items() if (test_cells == c).any()}
     for short, name in zip(("unigram", "pair"), STATISTICS, strict=True):
         real_mix = _cell_mixture(real, cells[~synthetic], weights, name)
         out[f"fidelity_{short}_r2"] = union_r2(real_mix, syn_stats[name])
-        if test_X is not None and test_cells is not None:
-            test_cells = np.asarray(test_cells).astype(str)
-            tested = {c: w for c, w in weights.items() if (test_cells == c).any()}
-            if tested:  # both sides over the cells that hold test rows
-                out[f"fidelity_ceiling_{short}_r2"] = union_r2(_cell_mixture(real, cells[~synthetic], tested, name),
-                                                               _cell_mixture(test_X, test_cells, tested, name))
+        if tested:  # both sides over the cells that hold test rows (usually all of them: real_mix again)
+            real_tested = real_mix if tested == weights else _cell_mixture(real, cells[~synthetic], tested, name)
+            out[f"fidelity_ceiling_{short}_r2"] = union_r2(real_tested, _cell_mixture(test_X, test_cells, tested, name))
     return out
