@@ -307,9 +307,17 @@ class FineModule(nn.Module):
         logit = self.empty_head(h).squeeze(-1).float()
         return logit if self.empty_position is None else logit + _position_bias(self.empty_position, position, logit)
 
-    def chain_hazard(self, h: torch.Tensor) -> torch.Tensor:
-        """``S = sum_i softplus(logit_i)`` under the state before any code: ``P_chain(no code) = exp(-S)``."""
-        return F.softplus(self.out(self.state(self.proj(h))).float()).sum(1)
+    def first_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Every code's logit under the state before any code, float32 ``(N, V)``."""
+        return self.out(self.state(self.proj(h))).float()
+
+    def chain_hazard(self, h: torch.Tensor, *, first_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``S = sum_i softplus(logit_i)`` under the state before any code: ``P_chain(no code) = exp(-S)``.
+
+        ``first_logits``, when the caller has them (:meth:`first_logits` of ``h``), are not computed again.
+        """
+        logits = self.first_logits(h) if first_logits is None else first_logits
+        return F.softplus(logits).sum(1)
 
     def log_chain_nonempty(self, h: torch.Tensor) -> torch.Tensor:
         """``log P_chain(at least one code) = log(1 - exp(-S))``, float32 ``(N,)``."""

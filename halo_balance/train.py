@@ -426,7 +426,6 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     change of the code biases and the changes of the other biases.
     """
     import torch
-    import torch.nn.functional as F
 
     was_training = model.training
     model.eval()
@@ -463,9 +462,9 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 g, w = p - x, p * (1 - p)
                 if "empty" in heads:  # non-empty visits only, given that they hold a code
                     keep = (code_ptr[1:] > code_ptr[:-1]).float()[:, None]
-                    first_logit = fine.out(fine.state(fine.proj(h))).float()  # before any code
-                    hazard = F.softplus(first_logit).sum(1).clamp(min=1e-6)  # FineModule.chain_hazard
-                    first = torch.sigmoid(first_logit)
+                    first_logits = fine.first_logits(h)
+                    hazard = fine.chain_hazard(h, first_logits=first_logits).clamp(min=1e-6)
+                    first = torch.sigmoid(first_logits)
                     g, w = (g + first / torch.expm1(hazard)[:, None]) * keep, w * keep
                 grad += g.sum(0).double()
                 hess += w.sum(0).double()
