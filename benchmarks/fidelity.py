@@ -37,7 +37,6 @@ Writes ``DIR/fidelity.json`` (every figure, the settings, training time and thre
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import time
@@ -48,8 +47,8 @@ from typing import Any
 import numpy as np
 
 import halo_balance  # noqa: F401  (sets passive OpenMP waiting before torch is imported)
+from halo_balance.cli import json_object
 from halo_balance.data import PreparedDataset
-from halo_balance.errors import HaloBalanceError
 from halo_balance.fidelity import (STATISTICS, cell_fidelity, code_statistics, compare_statistics, record_shape,
                                    size_matched_r2)
 from halo_balance.io import atomic_dir, check_output_dir, write_json
@@ -184,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="real patients outside the training data, same vocabulary")
     p.add_argument("--model", type=Path, help="a trained generator (default: train one on --data)")
     p.add_argument("--count", type=int, help="records to sample (default: the training patients)")
-    p.add_argument("--train-options", default="{}", help="JSON object of halo_balance.train.TrainOptions fields")
+    p.add_argument("--train-options", type=json_object, default={}, metavar="JSON",
+                   help="JSON object of halo_balance.train.TrainOptions fields")
     p.add_argument("--seed", type=int, default=0, help="training, conditions, sampling and ceiling draws")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=256, help="sampling batch")
@@ -204,10 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from halo_balance.sample import sample_records
     from halo_balance.train import TrainOptions, train_model
 
-    try:
-        options = json.loads(args.train_options)
-    except json.JSONDecodeError as e:
-        raise HaloBalanceError(f"--train-options is not valid JSON ({e}); e.g. '{{\"preset\": \"small\"}}'") from None
+    options = args.train_options
     train = PreparedDataset.load(args.data)
     reference = PreparedDataset.load(args.reference) if args.reference else None
     n_synthetic = args.count or train.n_patients

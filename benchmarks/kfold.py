@@ -113,6 +113,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+from halo_balance.cli import json_object
 from halo_balance.data import META_FILE, PATIENTS_FILE, VISITS_FILE, VOCAB_FILE, PreparedDataset, VisitMatrix
 from halo_balance.distributed import BACKENDS, RAY_INSTALL, check_reachable
 from halo_balance.errors import DatasetError, HaloBalanceError, unknown_choice
@@ -865,17 +866,6 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}; "
-                                         """write e.g. '{"preset": "small", "epochs": 20}'""") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object of option: value pairs, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kfold", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -920,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(project all, paper balanced)")
     p.add_argument("--fairness-aggregation", choices=("mean-of-units", "paper"), default=None,
                    help="the Theil / DI aggregation the report leads with; both are always computed")
-    p.add_argument("--train-options", type=_json_object, default={}, metavar="JSON",
+    p.add_argument("--train-options", type=json_object, default={}, metavar="JSON",
                    help="FairPlay generator training options (halo_balance.train.TrainOptions fields)")
     p.add_argument("--batch-size", type=int, default=256, help="FairPlay sampling batch size")
     p.add_argument("--allow-copies", action="store_true", help="FairPlay keeps synthetic copies of training records")
@@ -930,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the protected attribute adversarial_debiasing's adversary predicts (default: the "
                         "--balance-by attributes, or the --groups when only the outcome is balanced; "
                         "several = their intersection)")
-    p.add_argument("--generator-options", type=json.loads, default={}, metavar="JSON",
+    p.add_argument("--generator-options", type=json_object, default={}, metavar="JSON",
                    help="keyword arguments of the generative methods, by method, e.g. "
                         "'{\"mcrage\": {\"iterations\": 2000}, \"sma\": {\"n_jobs\": 2}}' (benchmarks.generative)")
     p.add_argument("--fairness-min-share", type=float, default=0.01,

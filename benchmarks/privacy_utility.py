@@ -25,7 +25,6 @@ experiment's epsilon-8 run (its ``--train-options`` must be the setting's). The 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import polars as pl
 
+from halo_balance.cli import json_object
 from halo_balance.data import PreparedDataset
 from halo_balance.errors import HaloBalanceError
 from halo_balance.io import atomic_write_bytes, read_json, write_json
@@ -163,9 +163,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", required=True, type=Path, help="output folder (one subfolder per setting)")
     p.add_argument("--epsilons", nargs="+", type=_epsilon, default=[1.0, 3.0, 8.0, 16.0, None],
                    metavar="EPS|none", help="privacy budgets; none = without differential privacy")
-    p.add_argument("--train-options", type=json.loads, default={}, metavar="JSON",
+    p.add_argument("--train-options", type=json_object, default={}, metavar="JSON",
                    help="TrainOptions fields for every setting")
-    p.add_argument("--dp-train-options", type=json.loads, default={}, metavar="JSON",
+    p.add_argument("--dp-train-options", type=json_object, default={}, metavar="JSON",
                    help="TrainOptions fields added for the private settings")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out patients (non-members)")
     p.add_argument("--seed", type=int, default=0)

@@ -4,15 +4,19 @@ Each stage is a module with its own ``main(argv)`` (``python -m halo_balance.tra
 script dispatches ``halo-balance <command> ...`` to the same functions. :func:`run` turns this
 package's input errors into one clear line on stderr and exit status 2, never a traceback, and
 Ctrl-C into exit status 130 with a line that says what was kept: commands that keep resumable
-state (training checkpoints, finished units) say so with :func:`interrupt_note`.
+state (training checkpoints, finished units) say so with :func:`interrupt_note`. Option types
+shared by several commands live here too (:func:`json_object`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from .errors import HaloBalanceError
 
@@ -60,6 +64,21 @@ def interrupt_note(note: str | Callable[[], str | None]) -> Iterator[None]:
         if not getattr(exc, "kept", None):
             exc.kept = note() if callable(note) else note
         raise
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """The argparse ``type`` of an option that takes a JSON object (``--train-options '{"epochs": 20}'``).
+
+    Invalid JSON, or JSON that is not an object, is a usage error naming the value and an example.
+    """
+    example = """write a JSON object of option: value pairs in single quotes, e.g. '{"preset": "small", "epochs": 20}'"""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}; {example}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__} {text!r}; {example}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:

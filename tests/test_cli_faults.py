@@ -182,6 +182,29 @@ def test_mistyped_options(command, argv, says, sim_prepared, sim_model, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("value,says", [("{epochs: 3}", "not valid JSON"), ('[{"epochs": 3}]', "got list"),
+                                        ('"small"', "got str")])
+@pytest.mark.parametrize("module", ["benchmarks.kfold", "benchmarks.fidelity", "benchmarks.privacy_utility",
+                                    "benchmarks.speed.ray_grid"])
+def test_malformed_train_options_give_the_same_error_in_every_command(module, value, says, tmp_path, capsys):
+    import argparse
+    import importlib
+
+    from halo_balance.cli import json_object
+
+    main = importlib.import_module(module).main
+    argv = ["--data", tmp_path / "nowhere", "--out", tmp_path / "out"]
+    if module in ("benchmarks.kfold", "benchmarks.speed.ray_grid"):
+        argv += ["--groups", "gender"]
+    code, _, err = run_cli(main, [*argv, "--train-options", value], capsys)
+    with pytest.raises(argparse.ArgumentTypeError) as expected:
+        json_object(value)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"python -m {module}: error: argument --train-options: {expected.value}"
+    assert says in str(expected.value) and """e.g. '{"preset": "small", "epochs": 20}'""" in str(expected.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_training_options_suggest_the_closest_preset():
     from halo_balance.errors import HaloBalanceError
     from halo_balance.train import TrainOptions

@@ -79,5 +79,5 @@ def test_trains_with_the_given_options_and_refuses_bad_ones(split, tmp_path, cap
     assert not (tmp_path / "t" / "model" / "checkpoint").exists()
     with pytest.raises(SystemExit) as exc:
         run(bench.main, ["--data", str(train_dir), "--out", str(tmp_path / "bad"), "--train-options", "{preset"])
-    assert exc.value.code == 2 and "--train-options is not valid JSON" in capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --train-options: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -20,7 +20,6 @@ costs it prints are the input of the full-size estimate in ``benchmarks/RESULTS.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import polars as pl
 
 import halo_balance  # noqa: F401  (sets passive OpenMP waiting before torch is imported)
+from halo_balance.cli import json_object
 
 
 def _grid(backend: str, a: argparse.Namespace, out: Path, **extra) -> tuple[float, pl.DataFrame]:
@@ -38,7 +38,7 @@ def _grid(backend: str, a: argparse.Namespace, out: Path, **extra) -> tuple[floa
     t0 = time.perf_counter()
     run_kfold(data=a.data, groups=a.groups, stratify=a.stratify, out=out, folds=a.folds, seed=a.seed,
               methods=a.methods.split(","), models=a.models.split(","), jobs=a.jobs, backend=backend,
-              fairplay=FairPlaySettings(device="cpu", train_options=json.loads(a.train_options)),
+              fairplay=FairPlaySettings(device="cpu", train_options=a.train_options),
               overwrite=True, progress=False, **extra)
     return time.perf_counter() - t0, pl.read_parquet(out / "units.parquet")
 
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="original,upsample,downsample,smote,fairplay")
     p.add_argument("--models", default="logreg,rf,xgboost")
-    p.add_argument("--train-options", default='{"preset": "tiny", "epochs": 20, "patience": 4}')
+    p.add_argument("--train-options", type=json_object, default={"preset": "tiny", "epochs": 20, "patience": 4},
+                   metavar="JSON", help="FairPlay generator training options (default %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="processes of the local backend")
     p.add_argument("--node-cpus", type=int, nargs="+", default=[1, 1], help="CPUs of the head and each worker node")
     a = p.parse_args(argv)
