@@ -53,6 +53,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
+from halo_balance.errors import unknown_choice
+
 ModelName = Literal["knn", "logreg", "mlp", "rf", "xgboost"]
 ParamSet = Literal["project", "paper"]
 MODELS: tuple[str, ...] = ("knn", "logreg", "mlp", "rf", "xgboost")
@@ -64,7 +66,7 @@ THRESHOLD = 0.5
 def make_model(name: ModelName, *, random_state: int = 0, params: ParamSet = "project"):
     """A fresh, unfitted classifier with the documented fixed hyper-parameters of ``params``."""
     if params not in PARAM_SETS:
-        raise ValueError(f"unknown downstream parameter set {params!r}; choose from {', '.join(PARAM_SETS)}")
+        raise unknown_choice("downstream parameter set", [params], PARAM_SETS, error=ValueError)
     if params == "paper":
         return _paper_model(name, random_state=random_state)
     if name == "knn":
@@ -84,7 +86,7 @@ def make_model(name: ModelName, *, random_state: int = 0, params: ParamSet = "pr
         from xgboost import XGBClassifier
         return XGBClassifier(n_estimators=200, max_depth=6, learning_rate=0.1, tree_method="hist", n_jobs=1,
                              eval_metric="logloss", random_state=random_state)
-    raise ValueError(f"unknown downstream model {name!r}; choose from {', '.join(MODELS)}")
+    raise unknown_choice("downstream model", [name], MODELS, error=ValueError)
 
 
 def _paper_model(name: ModelName, *, random_state: int):
@@ -104,7 +106,7 @@ def _paper_model(name: ModelName, *, random_state: int):
     if name == "xgboost":
         from xgboost import XGBClassifier
         return XGBClassifier(n_jobs=1, random_state=random_state)
-    raise ValueError(f"unknown downstream model {name!r}; choose from {', '.join(MODELS)}")
+    raise unknown_choice("downstream model", [name], MODELS, error=ValueError)
 
 
 def describe(name: str, params: ParamSet = "project") -> str:

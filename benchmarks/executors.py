@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from halo_balance.distributed import TASK_RETRIES, gather, ray_session, resolve_gpus
-from halo_balance.errors import HaloBalanceError
+from halo_balance.distributed import BACKENDS, TASK_RETRIES, gather, ray_session, resolve_gpus
+from halo_balance.errors import HaloBalanceError, unknown_choice
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -152,4 +152,4 @@ def make_executor(backend: str, *, jobs: int = 1, ray_address: str = "auto",
         return LocalExecutor(jobs=jobs)
     if backend == "ray":
         return RayExecutor(address=ray_address, generator_gpus=generator_gpus)
-    raise HaloBalanceError(f"unknown --backend {backend!r}; choose local or ray")
+    raise unknown_choice("--backend", [backend], BACKENDS)

@@ -60,7 +60,7 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from halo_balance.data import PreparedDataset
-from halo_balance.errors import HaloBalanceError
+from halo_balance.errors import HaloBalanceError, unknown_choice
 
 from . import downstream
 from .cells import Balancing, balance_targets, codes, group_names
@@ -104,7 +104,7 @@ def describe(method: str) -> str:
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
-        raise HaloBalanceError(f"unknown mitigation method {method!r}; choose from {', '.join(METHODS)}")
+        raise unknown_choice("mitigation method", [method], METHODS)
 
 
 # ---------------------------------------------------------------------- training rows

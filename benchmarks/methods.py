@@ -62,7 +62,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import polars as pl
@@ -226,7 +226,7 @@ def smote(train: PreparedDataset, *, balancing: Balancing, seed: int = 0, classe
     from imblearn.over_sampling import SMOTE
 
     if classes not in ("per-cell", "combined"):
-        raise HaloBalanceError(f"unknown SMOTE classes {classes!r}; choose per-cell or combined")
+        raise unknown_choice("--smote-classes", [classes], get_args(SmoteClasses))
     k = SMOTE_NEIGHBOURS
     vc = visit_targets(train, balancing=balancing, min_cell_size=k + 1 if classes == "combined" else 2)
     rows, names, cell, counts, targets = vc.rows, vc.names, vc.cells, vc.counts, vc.targets
@@ -333,8 +333,7 @@ def build_training_set(method: MethodName, train: PreparedDataset, *, balancing:
         return smote(train, balancing=balancing, seed=seed, classes=smote_classes, binarize=smote_binarize)
     builders = {"upsample": upsample, "downsample": downsample, "smoten": smoten}
     if method not in builders:
-        raise HaloBalanceError(f"unknown rebalancing method {method!r}; choose from "
-                               f"{', '.join(METHODS + GENERATIVE_METHODS)}")
+        raise unknown_choice("rebalancing method", [method], METHODS + GENERATIVE_METHODS)
     return builders[method](train, balancing=balancing, seed=seed)
 
 
@@ -456,7 +455,7 @@ class FairPlaySettings:
     def conditioned_on(self, train: PreparedDataset, balance_by: Sequence[str]) -> list[str]:
         """The group attributes the generator sees besides the outcome."""
         if self.conditioning not in ("all", "balanced"):
-            raise HaloBalanceError(f"unknown generator conditioning {self.conditioning!r}; choose all or balanced")
+            raise unknown_choice("--generator-conditioning", [self.conditioning], get_args(GeneratorConditioning))
         return [a for a in train.group_attributes if self.conditioning == "all" or a in balance_by]
 
 

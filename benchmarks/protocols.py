@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from halo_balance.errors import HaloBalanceError
+from halo_balance.errors import unknown_choice
 
 ProtocolName = Literal["project", "paper"]
 ModelParams = Literal["project", "paper"]
@@ -124,12 +124,12 @@ def resolve_protocol(name: str = "project", **overrides: Any) -> Protocol:
     Raises :class:`HaloBalanceError` naming an unknown protocol or field.
     """
     if name not in PROTOCOLS:
-        raise HaloBalanceError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOL_NAMES)}")
+        raise unknown_choice("--protocol", [name], PROTOCOL_NAMES)
     base = PROTOCOLS[name]
     fields = {f.name for f in dataclasses.fields(Protocol)} - {"name", "overrides"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise HaloBalanceError(f"unknown protocol setting(s) {unknown}; choose from {sorted(fields)}")
+        raise unknown_choice("protocol setting", unknown, sorted(fields))
     given = {k: v for k, v in overrides.items() if v is not None}
     changed = tuple(k for k in sorted(given) if given[k] != getattr(base, k))
     return dataclasses.replace(base, **given, overrides=changed)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from .errors import HaloBalanceError, did_you_mean
+from .errors import HaloBalanceError, did_you_mean, unknown_choice
 
 PresetName = Literal["tiny", "small", "base"]
 #: ``model_type`` of ``config.json``: the name under which ``halo_balance.hf`` registers the model
@@ -126,7 +126,7 @@ class HaloConfig:
     def from_preset(cls, name: str, *, vocab_size: int, n_conditions: int, **overrides: Any) -> HaloConfig:
         """The preset's sizes for this vocabulary and layout; keyword overrides win (``None`` is ignored)."""
         if name not in PRESETS:
-            raise HaloBalanceError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise unknown_choice("preset", [name], sorted(PRESETS))
         sizes = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(vocab_size=vocab_size, n_conditions=n_conditions, preset=name, **sizes)
 
@@ -290,8 +290,7 @@ class ConditionLayout:
         columns = ["label", *self.groups]
         unknown = sorted(set(fixed) - set(columns))
         if unknown:
-            bad = ", ".join(f"{u!r}{did_you_mean(u, columns)}" for u in unknown)
-            raise HaloBalanceError(f"unknown condition attribute {bad}; the model knows {columns}")
+            raise unknown_choice("condition attribute", unknown, columns)
         if "label" in fixed:
             fixed["label"] = _as_label(fixed["label"])
         for attr, value in fixed.items():

@@ -29,7 +29,7 @@ import polars as pl
 import pyarrow as pa
 import scipy.sparse as sp
 
-from .errors import DatasetError, did_you_mean
+from .errors import DatasetError, unknown_choice
 from .io import atomic_dir, read_json, write_json
 
 FORMAT_VERSION = 1
@@ -453,8 +453,7 @@ class PreparedDataset:
     def _check_attributes(self, groups: Sequence[str]) -> None:
         unknown = [g for g in groups if g not in self.meta["groups"]]
         if unknown:
-            bad = ", ".join(f"{g!r}{did_you_mean(g, self.group_attributes)}" for g in unknown)
-            raise DatasetError(f"unknown group attribute {bad}; this dataset has {self.group_attributes}")
+            raise unknown_choice("group attribute", unknown, self.group_attributes, error=DatasetError)
 
     def kfold(self, n_splits: int = 5, *, groups: Sequence[str] | None = None,
               seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import TypeVar
 
 
 class HaloBalanceError(Exception):
@@ -68,17 +69,22 @@ def import_optional(module: str, *, extra: str, needed_for: str, note: str = "")
         raise MissingDependencyError(text + (f". {note}" if note else "")) from exc
 
 
+E = TypeVar("E", bound=Exception)
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """``" (did you mean 'x'?)"`` for the closest of ``choices`` to a mistyped ``value``, else ``""``."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def unknown_choice(what: str, values: Iterable[str], choices: Iterable[str]) -> HaloBalanceError:
+def unknown_choice(what: str, values: Iterable[str], choices: Iterable[str], *,
+                   error: type[E] = HaloBalanceError) -> E:
     """The error for ``values`` that are not among ``choices``: names each, suggests the closest, lists all.
 
-    ``what`` names the option, e.g. ``"--methods"``.
+    ``what`` names the option, e.g. ``"--methods"``; ``error`` is the exception class to return
+    (e.g. :class:`DatasetError` for a dataset's attribute, ``ValueError`` for a function argument).
     """
     choices = list(choices)
     bad = ", ".join(f"{v!r}{did_you_mean(v, choices)}" for v in values)
-    return HaloBalanceError(f"{what}: unknown {bad}; choose from {', '.join(map(str, choices))}")
+    return error(f"{what}: unknown {bad}; choose from {', '.join(map(str, choices))}")

@@ -33,7 +33,7 @@ import scipy.sparse as sp
 
 from .copies import COPY_K
 from .data import PreparedDataset, Records
-from .errors import DatasetError
+from .errors import DatasetError, unknown_choice
 from .fidelity import distribution_summary, record_matrix
 
 Metric = Literal["jaccard", "hamming"]
@@ -95,7 +95,7 @@ def nearest_neighbours(queries: sp.csr_matrix, reference: sp.csr_matrix, *, k: i
     indices : ndarray of shape (n_queries, k), int64 rows of ``reference``.
     """
     if metric not in ("jaccard", "hamming"):
-        raise ValueError(f"unknown metric {metric!r}; use 'jaccard' or 'hamming'")
+        raise unknown_choice("metric", [metric], ("jaccard", "hamming"), error=ValueError)
     Q, R = _binary(queries), _binary(reference)
     n_ref = R.shape[0]
     k = min(k, n_ref - int(exclude is not None))
@@ -245,8 +245,7 @@ def attribute_inference(victims: PreparedDataset, attacker: PreparedDataset, *,
     attributes = ["label", *victims.group_attributes] if attributes is None else list(attributes)
     unknown = [a for a in attributes if a != "label" and a not in victims.group_attributes]
     if unknown:
-        raise DatasetError(f"unknown attribute(s) {unknown}; choose from label and {victims.group_attributes}",
-                           value=unknown[0])
+        raise unknown_choice("attribute", unknown, ["label", *victims.group_attributes], error=DatasetError)
     token_ids = _token_ids(victims, sensitive_tokens)
     sides = {"attacker": attacker, **({"reference": reference} if reference is not None else {})}
     known = {"victims": victims, "prior": victims if prior is None else prior, **sides}

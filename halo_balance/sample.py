@@ -54,7 +54,7 @@ from .config import parse_condition
 from .copies import RECORD_COUNTS_FILE, CopyFilter, add_copy_arguments, describe_copies, draw_without_copies
 from .data import PreparedDataset, empty_meta
 from .distributed import BACKENDS, RAY_INSTALL, BackendName
-from .errors import HaloBalanceError
+from .errors import HaloBalanceError, unknown_choice
 from .io import check_output_dir
 from .train import DeviceName, _bar, _ranges, _versions, resolve_device
 
@@ -276,7 +276,7 @@ def sample_shards(model, conditions: pl.DataFrame, *, shards: int, backend: Back
                 parts = gather(ray, [task.remote(model_ref, cond_ref, r.start, r.stop, options) for r in rows],
                                on_done=lambda i, part: bar.update(1))
     else:
-        raise HaloBalanceError(f"unknown backend {backend!r}; choose local or ray")
+        raise unknown_choice("--backend", [backend], BACKENDS)
     out = PreparedDataset.concat(parts) if parts else sample_records(model, conditions, progress=False, **options)
     out.meta["generation"].update(n_records=len(conditions), first_row=0, shards=shards)
     return out

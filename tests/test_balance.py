@@ -171,7 +171,7 @@ def test_demo_prints_the_privacy_verdict(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--groups", "zodiac"], "unknown group attribute"),
+    (["--groups", "zodiac"], "group attribute: unknown 'zodiac'"),
     (["--groups", "gender", "--ratio", "-0.5"], "ratio must be >= 0"),
 ])
 def test_cli_rejects_bad_arguments(sim_prepared, sim_model, tmp_path, capsys, extra, message):

@@ -166,7 +166,7 @@ def test_train_allow_synthetic_trains_on_every_row(augmented, tmp_path, capsys):
 
 # ---------------------------------------------------------------------- mistyped options
 @pytest.mark.parametrize("command,argv,says", [
-    ("generate", ["--groups", "gendr"], "unknown group attribute 'gendr' (did you mean 'gender'?)"),
+    ("generate", ["--groups", "gendr"], "group attribute: unknown 'gendr' (did you mean 'gender'?)"),
     ("sample", ["--condition", ""], "is empty"),
     ("sample", ["--condition", "gendr=F"], "did you mean 'gender'?"),
     ("sample", ["--condition", "label=1,race=Whte"], "did you mean 'White'?"),

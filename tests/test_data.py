@@ -108,7 +108,7 @@ def test_cell_counts(tiny):
     cc = tiny.cell_counts(["gender"])
     assert cc.to_dicts() == [{"label": 0, "gender": "F", "n": 1}, {"label": 0, "gender": "M", "n": 1},
                              {"label": 1, "gender": "F", "n": 1}, {"label": 1, "gender": "M", "n": 1}]
-    with pytest.raises(DatasetError, match="unknown group attribute"):
+    with pytest.raises(DatasetError, match="group attribute: unknown"):
         tiny.cell_counts(["race"])
 
 

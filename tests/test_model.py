@@ -211,7 +211,7 @@ def test_config_presets_and_round_trip():
         HaloConfig(vocab_size=10, n_conditions=2, n_embd=10, n_head=3)
     with pytest.raises(HaloBalanceError, match="unknown keys"):
         HaloConfig.from_dict({**cfg.to_dict(), "extra": 1})
-    with pytest.raises(HaloBalanceError, match="unknown preset"):
+    with pytest.raises(HaloBalanceError, match="preset: unknown"):
         HaloConfig.from_preset("huge", vocab_size=10, n_conditions=2)
 
 
@@ -233,7 +233,7 @@ def test_layout_encodes_and_completes_conditions(learnable):
     assert (drawn["gender"] == "M").mean() == pytest.approx(share_m, abs=0.03)  # training frequencies
     full = layout.complete(parse_condition("label=0, gender=F, age_group=65+"), 3)
     assert full.rows() == [(0, "F", "65+")] * 3
-    with pytest.raises(HaloBalanceError, match="unknown condition attribute"):
+    with pytest.raises(HaloBalanceError, match="condition attribute: unknown"):
         layout.complete({"race": "White"}, 1)
     with pytest.raises(HaloBalanceError, match="label must be 0 or 1"):
         parse_condition("label=2")

@@ -68,7 +68,7 @@ def test_targets_equal_largest(skewed):
 
 @pytest.mark.parametrize("kwargs,msg", [
     ({"ratio": -0.1}, "ratio must be >= 0"),
-    ({"groups": ["race"]}, "unknown group attribute"), ({"groups": ["gender", "gender"]}, "repeat"),
+    ({"groups": ["race"]}, "group attribute: unknown 'race'"), ({"groups": ["gender", "gender"]}, "repeat"),
 ])
 def test_bad_arguments(skewed, kwargs, msg):
     kwargs = {"groups": ["gender"], **kwargs}

@@ -45,7 +45,7 @@ def test_jaccard_and_hamming_by_hand():
     assert d[2].tolist() == pytest.approx([0.75, 1.0, 1.0]) and i[2, 0] == 1
     h, hi = nearest_neighbours(queries, reference, k=1, metric="hamming")
     assert h[:, 0].tolist() == [2.0, 0.0, 1.0] and hi[1:, 0].tolist() == [2, 2]  # row 0: a three-way tie
-    with pytest.raises(ValueError, match="unknown metric"):
+    with pytest.raises(ValueError, match="metric: unknown"):
         nearest_neighbours(queries, reference, metric="cosine")
 
 
@@ -121,7 +121,7 @@ def test_attribute_inference_by_hand():
     assert tok["majority"]["accuracy"] == 0.75 and tok["reference"]["accuracy"] == 0.75
     with pytest.raises(DatasetError, match="not in the vocabulary"):
         attribute_inference(victims, attacker, sensitive_tokens=["dx:nope"])
-    with pytest.raises(DatasetError, match="unknown attribute"):
+    with pytest.raises(DatasetError, match="attribute: unknown"):
         attribute_inference(victims, attacker, attributes=["race"])
 
 

@@ -179,7 +179,7 @@ def test_protocols_and_overrides():
         "preset"] == "small"
     mixed = resolve_protocol("paper", downsample_floor=0, smote_binarize=None)
     assert mixed.overrides == ("downsample_floor",) and mixed.smote_binarize and "downsample-floor 0" in mixed.describe()
-    with pytest.raises(HaloBalanceError, match="unknown protocol"):
+    with pytest.raises(HaloBalanceError, match="--protocol: unknown"):
         resolve_protocol("fairplay")
     params = downstream.make_model("mlp", params="paper").get_params()
     assert params["hidden_layer_sizes"] == (256, 128) and params["early_stopping"] and params["max_iter"] == 1000

@@ -185,7 +185,7 @@ def test_cli_samples_each_condition(model, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(main, ["--model", str(tmp_path / "m"), "--out", str(tmp_path / "t"), "--count", "2",
                    "--condition", "race=White"])
-    assert exc.value.code == 2 and "unknown condition attribute" in capsys.readouterr().err
+    assert exc.value.code == 2 and "condition attribute: unknown" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         run(main, ["--model", str(tmp_path / "m"), "--out", str(out), "--count", "2"])
     assert exc.value.code == 2 and "already exists" in capsys.readouterr().err

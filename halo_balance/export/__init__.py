@@ -140,7 +140,7 @@ from data_prep.common import OUTCOMES
 
 from ..cli import run
 from ..data import PreparedDataset
-from ..errors import DatasetError
+from ..errors import DatasetError, unknown_choice
 from ..io import atomic_dir, check_output_dir, write_json
 from .decode import outcome_option
 
@@ -180,7 +180,7 @@ def export(data: str | os.PathLike | PreparedDataset, out: str | os.PathLike, *,
     overwrite : replace ``out`` if it exists.
     """
     if format not in FORMATS:
-        raise DatasetError(f"unknown format; choose one of {', '.join(FORMATS)}", column="format", value=format)
+        raise unknown_choice("format", [format], FORMATS, error=DatasetError)
     check_output_dir(out, overwrite=overwrite, what="--out",
                      inputs=[None if isinstance(data, PreparedDataset) else data, dictionary])
     ds = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
