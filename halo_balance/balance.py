@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from .config import ConditionLayout
-from .copies import COPY_K, CopyFilter, RecordCounts, draw_without_copies
+from .copies import COPY_K, CopyFilter, RecordCounts, check_copy_settings, draw_without_copies
 from .data import PreparedDataset
 from .errors import HaloBalanceError
 from .plan import AmplificationWarning, amplification_warnings, cell_name, plan_cells
@@ -106,8 +106,7 @@ def rebalance(train: PreparedDataset, *, groups: Sequence[str], model: Any = Non
     from .model import HaloModel
 
     groups = list(groups)
-    if max_rounds < 1:
-        raise HaloBalanceError(f"max_rounds must be >= 1, got {max_rounds}")
+    check_copy_settings(copy_k=copy_k, max_rounds=max_rounds)
     copy_filter = None if allow_copies else CopyFilter(k=copy_k)
     real = train.select(train.patients.filter(~pl.col("synthetic"))["patient_id"]) \
         if train.patients["synthetic"].any() else train

@@ -122,6 +122,25 @@ class RecordCounts:
         return cls(salt=bytes.fromhex(meta["salt"]), counts=dict(zip(frame["digest"].to_list(), frame["n"].to_list())))
 
 
+def check_copy_settings(*, copy_k: int | None = None, max_rounds: int | None = None, options: bool = False) -> None:
+    """Refuse a ``copy_k`` or ``max_rounds`` under 1 (``None``: not given).
+
+    Applied whether or not copies are allowed, so that ``generate``, ``sample`` and
+    :class:`~halo_balance.sampler.FairPlaySampler` accept the same settings. ``options`` names them
+    as the command-line options ``--copy-k`` and ``--max-rounds``.
+    """
+    k_name, rounds_name = ("--copy-k", "--max-rounds") if options else ("copy_k", "max_rounds")
+    problems = []
+    if copy_k is not None and int(copy_k) < 1:
+        problems.append(f"{k_name} must be >= 1 (got {copy_k}); 1 re-draws no copy, and --allow-copies skips "
+                        "the check")
+    if max_rounds is not None and int(max_rounds) < 1:
+        problems.append(f"{rounds_name} must be >= 1 (got {max_rounds}); the first draw is round 1, so 1 re-draws "
+                        "nothing")
+    if problems:
+        raise HaloBalanceError("; ".join(problems))
+
+
 @dataclass
 class CopyFilter:
     """The copy rule: reject copies of records held by fewer than ``k`` patients of any reference.
@@ -139,8 +158,7 @@ class CopyFilter:
     references: Sequence[RecordCounts] = ()
 
     def __post_init__(self) -> None:
-        if int(self.k) < 1:
-            raise HaloBalanceError(f"copy_k must be >= 1 (got {self.k}); 1 rejects no copy (see --allow-copies)")
+        check_copy_settings(copy_k=self.k)
 
     def classify(self, records: Records) -> tuple[np.ndarray, np.ndarray]:
         """``(rare, common)`` boolean arrays: copies to reject, and copies of shared records to keep."""
@@ -162,6 +180,11 @@ def add_copy_arguments(parser) -> None:
                              "copies of records that at least this many share are kept (default %(default)s)")
     parser.add_argument("--max-rounds", type=int, default=10,
                         help="re-draw rounds for rejected copies (default %(default)s)")
+
+
+def check_copy_arguments(args) -> None:
+    """:func:`check_copy_settings` on the options of :func:`add_copy_arguments`, with or without ``--allow-copies``."""
+    check_copy_settings(copy_k=args.copy_k, max_rounds=args.max_rounds, options=True)
 
 
 def describe_copies(summary: dict[str, Any]) -> str:
@@ -212,8 +235,7 @@ def draw_without_copies(model, conditions: pl.DataFrame, *, copy_filter: CopyFil
     from .sample import sample_records, sample_shards
     from .train import _bar
 
-    if max_rounds < 1:
-        raise HaloBalanceError(f"max_rounds must be >= 1, got {max_rounds}")
+    check_copy_settings(max_rounds=max_rounds)
     if first_row and (shards != 1 or backend != "local"):
         raise HaloBalanceError("first_row is for one shard of a request, sampled here: pass shards=1, backend='local'")
     n = conditions.height

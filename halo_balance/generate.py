@@ -40,7 +40,7 @@ from pathlib import Path
 import polars as pl
 
 from .balance import BalanceResult, rebalance
-from .copies import add_copy_arguments, describe_copies
+from .copies import add_copy_arguments, check_copy_arguments, describe_copies
 from .data import META_FILE, PreparedDataset
 from .errors import HaloBalanceError
 from .io import atomic_dir, atomic_write_bytes, check_output_dir, write_json
@@ -161,10 +161,7 @@ class _Job:
     def checked(cls, args: argparse.Namespace, options) -> _Job:
         from .train import check_model_dir
 
-        if args.max_rounds < 1:
-            raise HaloBalanceError(f"--max-rounds must be >= 1 (got {args.max_rounds})")
-        if args.copy_k < 1:
-            raise HaloBalanceError(f"--copy-k must be >= 1 (got {args.copy_k}); --allow-copies keeps every copy")
+        check_copy_arguments(args)
         if args.sample_batch_size < 1:
             raise HaloBalanceError(f"--sample-batch-size must be >= 1 (got {args.sample_batch_size})")
         from .sample import check_shard_arguments

@@ -51,7 +51,8 @@ import numpy as np
 import polars as pl
 
 from .config import parse_condition
-from .copies import RECORD_COUNTS_FILE, CopyFilter, add_copy_arguments, describe_copies, draw_without_copies
+from .copies import (RECORD_COUNTS_FILE, CopyFilter, add_copy_arguments, check_copy_arguments, describe_copies,
+                     draw_without_copies)
 from .data import PreparedDataset, empty_meta
 from .distributed import BACKENDS, RAY_INSTALL, BackendName
 from .errors import HaloBalanceError, unknown_choice
@@ -450,8 +451,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise HaloBalanceError(f"--count must be >= 1 (got {args.count})")
     if args.batch_size < 1:
         raise HaloBalanceError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if args.max_rounds < 1:
-        raise HaloBalanceError(f"--max-rounds must be >= 1 (got {args.max_rounds})")
+    check_copy_arguments(args)
     check_shard_arguments(args)
     copy_filter = None if args.allow_copies else CopyFilter(k=args.copy_k)
     specs = [parse_condition(c) for c in args.condition] or [{}]

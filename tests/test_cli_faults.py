@@ -182,6 +182,22 @@ def test_mistyped_options(command, argv, says, sim_prepared, sim_model, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["--copy-k", "0"], "--copy-k must be >= 1 (got 0)"),
+    (["--copy-k", "0", "--allow-copies"], "--copy-k must be >= 1 (got 0)"),
+    (["--max-rounds", "0"], "--max-rounds must be >= 1 (got 0)"),
+    (["--max-rounds", "-1", "--allow-copies"], "--max-rounds must be >= 1 (got -1)"),
+])
+@pytest.mark.parametrize("command", ["generate", "sample"])
+def test_copy_options_are_checked_alike_with_or_without_allow_copies(command, argv, says, sim_prepared, sim_model,
+                                                                       tmp_path, capsys, no_training):
+    main, base = {"generate": (generate.main, ["--data", sim_prepared, "--groups", "gender", "--preset", "tiny"]),
+                  "sample": (sample.main, ["--model", sim_model, "--count", "3"])}[command]
+    code, _, err = run_cli(main, [*base, *argv, "--out", tmp_path / "out"], capsys)
+    assert_one_clear_error(code, err, says)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("value,says", [("{epochs: 3}", "not valid JSON"), ('[{"epochs": 3}]', "got list"),
                                         ('"small"', "got str")])
 @pytest.mark.parametrize("module", ["benchmarks.kfold", "benchmarks.fidelity", "benchmarks.privacy_utility",

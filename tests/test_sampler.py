@@ -165,6 +165,16 @@ def test_generator_from_a_folder_fills_the_attributes_x_lacks(where, sim_model, 
         assert after.loc[r["label"], r["gender"]] == real.loc[r["label"], r["gender"]] + r["generated"]
 
 
+@pytest.mark.parametrize("settings,says", [({"copy_k": 0}, "copy_k must be >= 1"),
+                                           ({"copy_k": 0, "allow_copies": True}, "copy_k must be >= 1")])
+def test_copy_k_is_checked_before_training_with_or_without_allow_copies(table, settings, says, monkeypatch):
+    import halo_balance.train
+
+    monkeypatch.setattr(halo_balance.train, "train_model", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(HaloBalanceError, match=says):
+        FairPlaySampler(group_columns=["gender"], **settings, **FAST).fit_resample(*table)
+
+
 def test_generator_errors_name_the_problem_and_the_fix(sim_prepared, sim_model, sim_generated, full_table, table):
     X, y = full_table
     with pytest.raises(HaloBalanceError, match="is a prepared dataset, not a model"):
