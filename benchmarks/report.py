@@ -29,6 +29,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -214,11 +215,15 @@ def _series(summary: pl.DataFrame, method: str, attribute: str, groups: Sequence
             np.array([np.nan if s is None else s for _, s in vals], dtype=float))
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: str | Path, **savefig: Any) -> None:
+    """Write ``fig`` to ``path`` atomically (rendered in memory, then a temporary file renamed), in the
+    format of its suffix (PNG without one); ``savefig`` overrides the defaults ``dpi=120, bbox_inches="tight"``."""
     import io
 
+    path = Path(path)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, **{"format": path.suffix.lstrip(".").lower() or "png", "dpi": 120, "bbox_inches": "tight",
+                        **savefig})
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -244,7 +249,7 @@ def plot_group_bars(summary: pl.DataFrame, methods: Sequence[str], attribute: st
         ax.set_title(f"{metric} by {attribute} (mean over models, ± SE over folds)")
     axes[0, 0].legend(ncol=min(len(methods), 4), fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -269,7 +274,7 @@ def plot_radar(summary: pl.DataFrame, methods: Sequence[str], attribute: str, pa
     ax.set_xticks(angles, [g.replace(GROUP_SEPARATOR, "\n") for g in groups], fontsize=8)
     ax.set_title(f"{metric} by {attribute} (mean over models and folds)")
     ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -323,7 +328,7 @@ def plot_cells(units: pl.DataFrame, run: dict, path: Path, *, ax=None) -> Path |
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if own:
         fig.tight_layout()
-        _save(fig, path)
+        save_figure(fig, path)
         plt.close(fig)
     return path
 
@@ -374,7 +379,7 @@ def plot_ratio_sweep(summary: pl.DataFrame, run: dict, path: Path, aggregation: 
         ax.set_visible(False)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -615,7 +620,7 @@ def plot_cells_of_runs(outs: Sequence[str | Path], path: Path) -> Path:
         protocol = (run.get("protocol") or {}).get("name", "project")
         ax.set_title(f"{ax.get_title()} ({protocol} protocol)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

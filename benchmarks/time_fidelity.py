@@ -82,6 +82,8 @@ def plot(report: dict[str, Any], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.9), dpi=90)
     labels = {"train": "training", "holdout": "held-out real", "synthetic": "synthetic"}
     for ax, var in zip(axes, VARIABLES):
@@ -99,8 +101,7 @@ def plot(report: dict[str, Any], path: Path, title: str) -> None:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path, dpi="figure", bbox_inches=None)
     plt.close(fig)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from benchmarks.time_fidelity import compare, main, time_distributions
+from benchmarks.time_fidelity import compare, main, plot, time_distributions
 from conftest import MIMIC_DEMO, require
 from data_prep.mimic_iv import prepare_mimic_iv
 from data_prep.time_tokens import time_token_table
@@ -59,3 +59,23 @@ def test_main_trains_samples_and_plots(timed: Path, tmp_path: Path) -> None:
         untimed = tmp_path / "untimed"
         prepare_mimic_iv(MIMIC_DEMO, untimed, n_lab_items=0, progress=False)
         main(["--data", str(untimed), "--out", str(tmp_path / "x")])
+
+
+def test_plot_replaces_the_figure_whole_or_not_at_all(timed: Path, tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    ds = PreparedDataset.load(timed)
+    report = compare(ds, ds, ds, {"age": 4, "gap": 4})
+    path = tmp_path / "figs" / "time.png"
+    plot(report, path, "title")
+    first = path.read_bytes()
+    assert first.startswith(b"\x89PNG") and sorted(p.name for p in path.parent.iterdir()) == ["time.png"]
+
+    def fails_halfway(self, fname, **kwargs):
+        fname.write(first[:100])
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", fails_halfway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        plot(report, path, "title")
+    assert path.read_bytes() == first and sorted(p.name for p in path.parent.iterdir()) == ["time.png"]
