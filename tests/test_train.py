@@ -274,3 +274,28 @@ def test_condition_refit_keeps_only_epochs_that_lower_the_validation_loss(tmp_pa
     enc = data.select(info["validation_patient_ids"])
     assert -dataset_log_likelihood(model, enc, device="cpu").sum() / enc.n_visits == pytest.approx(refit["val_loss"],
                                                                                                    rel=1e-4)
+
+
+def test_condition_embeddings_learn_at_their_own_rate(small_cohort, tmp_path):
+    opts = dict(**TINY, epochs=2, patience=5, seed=0, max_gap=None, refit_biases=False, refit_conditions=False)
+    moved = {}
+    for scale in (1.0, 10.0):
+        model = train_model(small_cohort, out_dir=tmp_path / f"m{scale:g}", progress=False,
+                            options=TrainOptions(**opts, condition_lr_scale=scale))
+        moved[scale] = model.cond_out.weight.abs().mean().item()  # starts at zero
+    assert moved[10.0] > 4 * moved[1.0] > 0
+    with pytest.raises(HaloBalanceError, match="condition_lr_scale must be > 0"):
+        TrainOptions(condition_lr_scale=0).validate()
+
+
+def test_resume_refuses_a_checkpoint_of_an_earlier_optimiser(small_cohort, tmp_path):
+    opts = dict(**TINY, seed=1, patience=10)
+    train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(**opts, epochs=1), progress=False)
+    state_file = tmp_path / "m" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["optimizer"]["param_groups"] = [{k: v for k, v in g.items() if k != "lr_scale"}
+                                          for g in state["optimizer"]["param_groups"]]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(HaloBalanceError, match="earlier version of halo_balance"):
+        train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(**opts, epochs=2, resume=True),
+                    progress=False)
