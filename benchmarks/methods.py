@@ -561,12 +561,25 @@ def load_or_train_generator(train: PreparedDataset, *, path: Path, train_options
 
     Training works in ``<path>.training`` and resumes from its checkpoint when an earlier run was
     interrupted; the finished model (and ``training.json``) is written to ``path`` atomically, so
-    an existing ``path`` is always a complete model.
+    an existing ``path`` is always a complete model. Runs sharing a cache take turns on an entry
+    (a lock file ``<path>.lock``): the first trains it, the others wait and load it.
     """
+    from filelock import FileLock
+
     from halo_balance.model import HaloModel
 
-    if path.is_dir():
+    if path.is_dir():  # the common case needs no lock
         return HaloModel.from_pretrained(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(path.name + ".lock")):
+        if path.is_dir():  # trained by another run while this one waited
+            return HaloModel.from_pretrained(path)
+        return _train_generator(train, path=path, train_options=train_options, seed=seed, device=device,
+                                progress=progress)
+
+
+def _train_generator(train: PreparedDataset, *, path: Path, train_options: Mapping[str, Any], seed: int,
+                     device: str, progress: bool):
     from halo_balance.train import CHECKPOINT_DIR, STATE_FILE, TRAINING_FILE, train_model
 
     work = path.with_name(path.name + ".training")

@@ -623,3 +623,42 @@ def test_real_fairplay_small_run(tmp_path):
     units = pl.read_parquet(out / "units.parquet").filter(pl.col("method") == "fairplay")
     assert (units["n_synthetic_rows"] > 0).all()
     assert len(list((out / "generators").iterdir())) == 2
+
+
+def test_runs_sharing_a_generator_cache_train_each_entry_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import torch
+
+    import halo_balance.train
+    from tests.conftest import make_learnable_dataset
+
+    data = make_learnable_dataset(120, seed=4)
+    trainings = []
+    train_model = halo_balance.train.train_model
+
+    def slow_train(*args, **kwargs):  # long enough that the second run arrives while the first trains
+        trainings.append(kwargs["out_dir"])
+        time.sleep(0.5)
+        return train_model(*args, **kwargs)
+
+    monkeypatch.setattr(halo_balance.train, "train_model", slow_train)
+    path, models, errors = tmp_path / "cache" / "fold0-key", [], []
+
+    def one_run():
+        try:
+            models.append(methods.load_or_train_generator(
+                data, path=path, train_options={"preset": "tiny", "epochs": 1}, seed=0, device="cpu", progress=False))
+        except Exception as exc:  # noqa: BLE001 - the assertion below names it
+            errors.append(exc)
+
+    runs = [threading.Thread(target=one_run) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert not errors and len(models) == 2 and len(trainings) == 1
+    assert (path / "model.safetensors").is_file() and not path.with_name(path.name + ".training").exists()
+    first, second = (m.state_dict() for m in models)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the waiting run loaded the trained one
