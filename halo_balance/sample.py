@@ -270,7 +270,11 @@ def sample_shards(model, conditions: pl.DataFrame, *, shards: int, backend: Back
         with ray_session(ray_address) as ray:
             task = ray.remote(_sample_shard).options(num_cpus=1, num_gpus=resolve_gpus(ray, gpus),
                                                      max_retries=TASK_RETRIES)
-            model_ref, cond_ref = ray.put(model.cpu()), ray.put(conditions)
+            device = next(model.parameters()).device
+            try:  # ray.put serialises at once: the caller's model goes back to its device
+                model_ref, cond_ref = ray.put(model.cpu()), ray.put(conditions)
+            finally:
+                model.to(device)
             from tqdm import tqdm
 
             with tqdm(total=len(rows), desc="shards", disable=not progress, leave=False, file=sys.stderr) as bar:
