@@ -126,7 +126,8 @@ from .generative import check_options, result_options
 from .methods import GENERATIVE_METHODS, METHODS, PER_GROUP_METHODS, FairPlaySettings, SeparateModels, SingleModel, \
     build_training_set, check_train_options, fairplay_dataset, generator_key, settings_hash, training_rows
 from .metrics import groupings, group_labels, paper_fairness, summarise, unit_metrics
-from .protocols import PROTOCOL_NAMES, Protocol, resolve_protocol
+from .protocols import (FAIRNESS_AGGREGATIONS, GENERATOR_CONDITIONINGS, PROTOCOL_NAMES, SMOTE_CLASSES, Protocol,
+                        resolve_protocol)
 from .synthetic_rows import describe_synthetic
 
 RUN_FILE = "run.json"
@@ -898,17 +899,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cells smaller than this are left as they are (project 5, paper 1)")
     p.add_argument("--downsample-floor", type=int, default=None,
                    help="downsampling cuts cells to max(smallest cell, this) patients (project 0, paper 1000)")
-    p.add_argument("--smote-classes", choices=("per-cell", "combined"), default=None,
+    p.add_argument("--smote-classes", choices=SMOTE_CLASSES, default=None,
                    help="one SMOTE call per cell, or one over all rows with class = cell (project per-cell, "
                         "paper combined)")
     p.add_argument("--smote-binarize", action=argparse.BooleanOptionalAction, default=None,
                    help="synthetic SMOTE values become 1 where non-zero (project no, paper yes)")
     p.add_argument("--model-params", choices=downstream.PARAM_SETS, default=None,
                    help="downstream hyper-parameters (benchmarks/downstream.py; project or paper)")
-    p.add_argument("--generator-conditioning", choices=("all", "balanced"), default=None,
+    p.add_argument("--generator-conditioning", choices=GENERATOR_CONDITIONINGS, default=None,
                    help="FairPlay's generator sees every group attribute, or only the --balance-by ones "
                         "(project all, paper balanced)")
-    p.add_argument("--fairness-aggregation", choices=("mean-of-units", "paper"), default=None,
+    p.add_argument("--fairness-aggregation", choices=FAIRNESS_AGGREGATIONS, default=None,
                    help="the Theil / DI aggregation the report leads with; both are always computed")
     p.add_argument("--train-options", type=json_object, default={}, metavar="JSON",
                    help="FairPlay generator training options (halo_balance.train.TrainOptions fields)")

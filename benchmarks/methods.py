@@ -62,7 +62,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -75,7 +75,7 @@ from halo_balance.io import atomic_dir
 from . import downstream
 from .cells import Balancing, Direction, balance_targets, cell_names, codes, group_names, split_cell
 from .generative import GENERATORS, GeneratorName, make_generator
-from .protocols import GeneratorConditioning, SmoteClasses
+from .protocols import GENERATOR_CONDITIONINGS, SMOTE_CLASSES, GeneratorConditioning, SmoteClasses
 
 MethodName = Literal["original", "upsample", "downsample", "smote", "smoten", "separate", "fairplay",
                      "mcrage", "sma", "ctgan", "tvae"]
@@ -225,8 +225,8 @@ def smote(train: PreparedDataset, *, balancing: Balancing, seed: int = 0, classe
     """SMOTE on visit rows, per (visit label x groups) cell or in one call (see the module docstring)."""
     from imblearn.over_sampling import SMOTE
 
-    if classes not in ("per-cell", "combined"):
-        raise unknown_choice("--smote-classes", [classes], get_args(SmoteClasses))
+    if classes not in SMOTE_CLASSES:
+        raise unknown_choice("--smote-classes", [classes], SMOTE_CLASSES)
     k = SMOTE_NEIGHBOURS
     vc = visit_targets(train, balancing=balancing, min_cell_size=k + 1 if classes == "combined" else 2)
     rows, names, cell, counts, targets = vc.rows, vc.names, vc.cells, vc.counts, vc.targets
@@ -454,8 +454,8 @@ class FairPlaySettings:
 
     def conditioned_on(self, train: PreparedDataset, balance_by: Sequence[str]) -> list[str]:
         """The group attributes the generator sees besides the outcome."""
-        if self.conditioning not in ("all", "balanced"):
-            raise unknown_choice("--generator-conditioning", [self.conditioning], get_args(GeneratorConditioning))
+        if self.conditioning not in GENERATOR_CONDITIONINGS:
+            raise unknown_choice("--generator-conditioning", [self.conditioning], GENERATOR_CONDITIONINGS)
         return [a for a in train.group_attributes if self.conditioning == "all" or a in balance_by]
 
 

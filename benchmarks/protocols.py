@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from halo_balance.errors import unknown_choice
 
@@ -54,7 +54,11 @@ ModelParams = Literal["project", "paper"]
 SmoteClasses = Literal["per-cell", "combined"]
 GeneratorConditioning = Literal["all", "balanced"]
 FairnessAggregation = Literal["mean-of-units", "paper"]
-PROTOCOL_NAMES: tuple[str, ...] = ("project", "paper")
+# the choices of each option, for argparse and checks: the Literals above are their one statement
+PROTOCOL_NAMES: tuple[str, ...] = get_args(ProtocolName)
+SMOTE_CLASSES: tuple[str, ...] = get_args(SmoteClasses)
+GENERATOR_CONDITIONINGS: tuple[str, ...] = get_args(GeneratorConditioning)
+FAIRNESS_AGGREGATIONS: tuple[str, ...] = get_args(FairnessAggregation)
 PAPER_DOWNSAMPLE_FLOOR = 1000
 # Adam as in HALO's training script: no weight decay, warm-up or gradient clipping.
 PAPER_TRAIN_OPTIONS: dict[str, Any] = {"preset": "base", "lr": 1e-4, "batch_size": 512, "patience": 3,

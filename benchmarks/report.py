@@ -39,10 +39,10 @@ from halo_balance.io import atomic_write_bytes, read_json
 
 from .methods import SEPARATE_MIN_PER_CLASS
 from .metrics import AGGREGATION_METRICS, GROUP_SEPARATOR, group_header, group_patient_counts, groupings
+from .protocols import FAIRNESS_AGGREGATIONS
 
 MODEL_MEAN = "mean"
 PLOT_MIN_SHARE = 0.01
-AGGREGATIONS = ("mean-of-units", "paper")
 FAIRNESS_LABELS = {"di_weighted": "DI weighted", "di_averaged": "DI averaged", "theil": "Theil",
                    "f1_variance": "F1 variance", "equalized_odds": "Eq. odds", "equal_opportunity": "Eq. opp.",
                    "fpr_difference": "FPR gap", "demographic_parity": "Dem. parity",
@@ -350,7 +350,7 @@ def plot_ratio_sweep(summary: pl.DataFrame, run: dict, path: Path, aggregation: 
     if not swept:
         return None
     first = aggregation or headline_aggregation(run)
-    order = [first, *(a for a in AGGREGATIONS if a != first)]
+    order = [first, *(a for a in FAIRNESS_AGGREGATIONS if a != first)]
     short = {"mean-of-units": "units", "paper": "paper"}
     attributes = [a for a, attrs in groupings(run["groups"]) if len(attrs) == 1]
     panels = [(None, "f1", "F1 (mean of models)")] + [
@@ -433,7 +433,7 @@ def write_report(out: str | Path) -> Path:
     finest = groupings(run["groups"])[-1][0]
     last = run["invocations"][-1]
     aggregation = headline_aggregation(run)
-    others = [a for a in AGGREGATIONS if a != aggregation]
+    others = [a for a in FAIRNESS_AGGREGATIONS if a != aggregation]
     lines = [
         "# k-fold benchmark report", "",
         _protocol_line(run),
@@ -586,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("out", nargs="+", help="the --out folder(s) of finished benchmarks.kfold runs")
     p.add_argument("--compare", action="store_true",
                    help="print one table across the runs (F1, AUROC, Theil, DI per method) instead")
-    p.add_argument("--aggregation", choices=AGGREGATIONS, default=None,
+    p.add_argument("--aggregation", choices=FAIRNESS_AGGREGATIONS, default=None,
                    help="with --compare: the fairness aggregation (default: each run's protocol's)")
     p.add_argument("--attribute", default=None,
                    help="with --compare: the grouping of the fairness columns (default: each run's last)")
