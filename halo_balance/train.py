@@ -695,19 +695,17 @@ class _Trainer:
                 self.plan.record(sigma, q, n)
         model.to(self.device)
         # "lr_scale": the group's multiple of the scheduled learning rate (see condition_lr_scale)
-        cells = [] if model.cond_out is None else [model.cond_out.weight]
-        decay = [p for p in model.parameters() if p.dim() >= 2 and all(p is not c for c in cells)]
+        table = None if model.cond_out is None else model.cond_out.weight
+        decay = [p for p in model.parameters() if p.dim() >= 2 and p is not table]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": options.weight_decay, "lr_scale": 1.0},
                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-        if cells:
-            groups.append({"params": cells, "weight_decay": options.weight_decay,
+        if table is not None:
+            groups.append({"params": [table], "weight_decay": options.weight_decay,
                            "lr_scale": options.condition_lr_scale})
         self.optimizer = torch.optim.AdamW(groups, lr=options.learning_rate, betas=(0.9, 0.95))
         if options.resume:
-            saved = self._resume_meta["optimizer"]["param_groups"]
-            if [len(g["params"]) for g in saved] != [len(g["params"]) for g in groups] or \
-                    any("lr_scale" not in g for g in saved):
+            if any("lr_scale" not in g for g in self._resume_meta["optimizer"]["param_groups"]):
                 raise HaloBalanceError(f"{self.ckpt_dir} was written by an earlier version of halo_balance, whose "
                                        "optimiser this one cannot continue; train again without --resume")
             self.optimizer.load_state_dict(_unflatten_optimizer(
