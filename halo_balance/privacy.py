@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import polars as pl
@@ -94,8 +94,8 @@ def nearest_neighbours(queries: sp.csr_matrix, reference: sp.csr_matrix, *, k: i
     distances : ndarray of shape (n_queries, k), float64, ascending per row.
     indices : ndarray of shape (n_queries, k), int64 rows of ``reference``.
     """
-    if metric not in ("jaccard", "hamming"):
-        raise unknown_choice("metric", [metric], ("jaccard", "hamming"), error=ValueError)
+    if metric not in get_args(Metric):
+        raise unknown_choice("metric", [metric], get_args(Metric), error=ValueError)
     Q, R = _binary(queries), _binary(reference)
     n_ref = R.shape[0]
     k = min(k, n_ref - int(exclude is not None))
