@@ -23,7 +23,6 @@ Distances come from sparse products in blocks of query rows, so memory stays bou
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
@@ -31,7 +30,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from .copies import COPY_K
+from .copies import COPY_K, CopyFilter, RecordCounts, record_digests
 from .data import PreparedDataset, Records
 from .errors import DatasetError, unknown_choice
 from .fidelity import distribution_summary, record_matrix
@@ -62,14 +61,14 @@ def exact_copies(synthetic: Records, train: Records, *, k: int = COPY_K) -> dict
     ``training_records_copied`` (distinct training records reproduced) and ``training_duplicates``
     (training records equal to an earlier training record: copies the data itself already holds).
     """
-    train_keys = train.keys()
-    counts = Counter(train_keys)
-    syn_keys = synthetic.keys()
-    return {"synthetic_copies": sum(k in counts for k in syn_keys),
-            "copies_of_unique_records": sum(counts.get(k, 0) == 1 for k in syn_keys),
-            "copies_of_rare_records": sum(0 < counts.get(key, 0) < k for key in syn_keys), "rare_k": k,
-            "training_records_copied": len(counts.keys() & set(syn_keys)),
-            "training_duplicates": len(train_keys) - len(counts)}
+    reference = RecordCounts.from_dataset(train)
+    digests = record_digests(synthetic, reference.salt)
+    held = np.fromiter((reference.counts.get(d, 0) for d in digests), dtype=np.int64, count=len(digests))
+    rare, _ = CopyFilter(k=k, references=[reference]).classify(synthetic)
+    return {"synthetic_copies": int((held > 0).sum()), "copies_of_unique_records": int((held == 1).sum()),
+            "copies_of_rare_records": int(rare.sum()), "rare_k": k,
+            "training_records_copied": len({d for d, n in zip(digests, held) if n > 0}),
+            "training_duplicates": reference.n_patients - len(reference.counts)}
 
 
 # ---------------------------------------------------------------------- distances
