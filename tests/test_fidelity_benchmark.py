@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import fidelity as bench
@@ -81,3 +82,38 @@ def test_trains_with_the_given_options_and_refuses_bad_ones(split, tmp_path, cap
         run(bench.main, ["--data", str(train_dir), "--out", str(tmp_path / "bad"), "--train-options", "{preset"])
     assert exc.value.code == 2 and "argument --train-options: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_draws_report_the_mean_of_independent_samples(split, sim_model, tmp_path, capsys):
+    from halo_balance.model import HaloModel
+    from halo_balance.sample import sample_records
+
+    train_dir, ref_dir = split
+    result = bench.main(["--data", str(train_dir), "--reference", str(ref_dir), "--model", str(sim_model),
+                         "--out", str(tmp_path / "d"), "--count", "120", "--seed", "3", "--draws", "2",
+                         "--cells", "race", "--min-cell-records", "5"])
+    assert result["seeds"][0] == 3 and len(set(result["seeds"])) == 2
+    train, reference = PreparedDataset.load(train_dir), PreparedDataset.load(ref_dir)
+    model = HaloModel.from_pretrained(sim_model)
+    draws = [sample_records(model, model.layout.complete({}, 120, seed=s), seed=s, device="cpu", progress=False)
+             for s in result["seeds"]]
+    saved = PreparedDataset.load(tmp_path / "d" / "synthetic")  # the first draw
+    assert saved.visits["codes"].to_list() == draws[0].visits["codes"].to_list()
+    single = [bench.score(train, d, reference=reference, seed=3, cells=[["race"]], min_cell_records=5) for d in draws]
+    for name in STATISTICS:
+        s = result["statistics"][name]
+        assert s["r2"] == pytest.approx(np.mean([r["statistics"][name]["r2"] for r in single]))
+        assert s["ceiling"] == single[0]["statistics"][name]["ceiling"] == single[1]["statistics"][name]["ceiling"]
+    compared = 0
+    for row in result["cells"]:
+        values = [next(c for c in r["cells"] if c["cell"] == row["cell"])["unigram_per_visit"] for r in single]
+        if None in values:
+            assert row["unigram_per_visit"] is None and row["unigram_per_visit_sd"] is None
+            continue
+        compared += 1
+        assert row["unigram_per_visit"] == pytest.approx(np.mean(values))
+        assert row["unigram_per_visit_sd"] == pytest.approx(np.std(values, ddof=1)) and row["unigram_per_visit_sd"] > 0
+    assert compared >= 2 and "mean of 2 draws" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        run(bench.main, ["--data", str(train_dir), "--out", str(tmp_path / "bad"), "--draws", "0"])
+    assert exc.value.code == 2 and not (tmp_path / "bad").exists()
