@@ -31,10 +31,10 @@ sampling-noise scaling of ``fidelity.size_matched_r2``, and the table says so. W
 vs reference: gains that only hold against the training records are memorisation).
 
 A cell of a hundred patients drawn as about a hundred records is a noisy figure (on 20,000 simulated
-patients the unigram R^2 of the 102 "Other" deaths has a standard deviation of 0.01-0.035 between
-draws of one model). ``--draws K`` samples K independent sets of N records from the model and reports every
-synthetic figure as the mean over them, each cell also with its standard deviation; the ceilings
-are those of one draw of the real side, as before.
+patients the unigram R^2 of the 102 "Other" deaths has a standard deviation of 0.01-0.04 between
+draws of one model). ``--draws K`` samples K independent sets of N records from the model and
+reports every synthetic figure as the mean over them, each cell also with its standard deviation;
+the ceilings are those of one draw of the real side, as before.
 
 Writes ``DIR/fidelity.json`` (every figure, the settings, training time and threads),
 ``DIR/synthetic/`` (the first draw's records, a prepared dataset) and, when it trains, ``DIR/model/``.
@@ -176,7 +176,6 @@ def mean_of_draws(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             merged[f"{key}_sd"] = None if None in values else float(np.std(values, ddof=1))
         cells.append(merged)
     out["cells"] = cells
-    out["n_synthetic"] = results[0]["n_synthetic"]
     return out
 
 
@@ -291,9 +290,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  min_cell_records=args.min_cell_records,
                                  cells=[c.split(",") for c in args.cells] if args.cells else None))
         result = mean_of_draws(results)
-        result.update(seeds=seeds, inputs={"data": str(args.data), "reference": None if reference is None else str(args.reference),
-                              "model": str(args.model) if args.model else "model/"},
-                      train_options=options, seed=args.seed, timing=timing, model_config=model.config.to_dict())
+        inputs = {"data": str(args.data), "reference": None if reference is None else str(args.reference),
+                  "model": str(args.model) if args.model else "model/"}
+        result.update(seeds=seeds, inputs=inputs, train_options=options, seed=args.seed, timing=timing,
+                      model_config=model.config.to_dict())
         write_json(tmp / "fidelity.json", result)
     print(render(result))
     extra = (f"; training {timing['train_seconds']} s wall, {timing['train_cpu_seconds']} s CPU"
