@@ -89,8 +89,11 @@ class RecordCounts:
 
     def lookup(self, records: Records) -> np.ndarray:
         """Training patients holding each of ``records`` (0: not a training record), int64."""
-        return np.fromiter((self.counts.get(d, 0) for d in record_digests(records, self.salt)),
-                           dtype=np.int64, count=len(records))
+        return self.held(record_digests(records, self.salt))
+
+    def held(self, digests: Sequence[bytes]) -> np.ndarray:
+        """Training patients holding each record of these digests (of this salt), int64."""
+        return np.fromiter((self.counts.get(d, 0) for d in digests), dtype=np.int64, count=len(digests))
 
     def to_bytes(self) -> bytes:
         import pyarrow as pa
@@ -166,9 +169,13 @@ class CopyFilter:
         copy = np.zeros(len(records), dtype=bool)
         for ref in self.references:
             n = ref.lookup(records)
-            rare |= (n > 0) & (n < self.k)
+            rare |= self.is_rare(n)
             copy |= n > 0
         return rare, copy & ~rare
+
+    def is_rare(self, held: np.ndarray) -> np.ndarray:
+        """Whether a copy of a record held by ``held`` training patients (0: none) is rare: 1 to k - 1."""
+        return (held > 0) & (held < self.k)
 
 
 def add_copy_arguments(parser) -> None:

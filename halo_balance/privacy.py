@@ -63,10 +63,9 @@ def exact_copies(synthetic: Records, train: Records, *, k: int = COPY_K) -> dict
     """
     reference = RecordCounts.from_dataset(train)
     digests = record_digests(synthetic, reference.salt)
-    held = np.fromiter((reference.counts.get(d, 0) for d in digests), dtype=np.int64, count=len(digests))
-    rare, _ = CopyFilter(k=k, references=[reference]).classify(synthetic)
+    held = reference.held(digests)  # one digest per record, for the counts and the distinct copies alike
     return {"synthetic_copies": int((held > 0).sum()), "copies_of_unique_records": int((held == 1).sum()),
-            "copies_of_rare_records": int(rare.sum()), "rare_k": k,
+            "copies_of_rare_records": int(CopyFilter(k=k).is_rare(held).sum()), "rare_k": k,
             "training_records_copied": len({d for d, n in zip(digests, held) if n > 0}),
             "training_duplicates": reference.n_patients - len(reference.counts)}
 
