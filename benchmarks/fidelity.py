@@ -90,13 +90,26 @@ def ceiling_source(train: PreparedDataset, reference: PreparedDataset | None, n_
 
 
 def score(train: PreparedDataset, synthetic: PreparedDataset, *, reference: PreparedDataset | None = None,
-          cells: Sequence[Sequence[str]] | None = None, min_cell_records: int = 20, seed: int = 0) -> dict[str, Any]:
-    """Every figure of the module docstring for ``synthetic`` against its generator's training data ``train``."""
+          cells: Sequence[Sequence[str]] | None = None, min_cell_records: int = 20, seed: int = 0,
+          real_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every figure of the module docstring for ``synthetic`` against its generator's training data ``train``.
+
+    ``real_stats``: a dict that keeps the real samples' code statistics between calls sharing
+    ``train``, ``reference``, ``seed`` and the number of synthetic records (the draws of
+    ``--draws``); the first call fills it.
+    """
     n, N = train.n_patients, synthetic.n_patients
     ref_a, ref_b, matching = ceiling_source(train, reference, N, seed=seed)
-    stats = {"train": code_statistics(train), "synthetic": code_statistics(synthetic)}
-    stats["ref_a"] = stats["train"] if ref_a is train else code_statistics(ref_a)
-    stats["ref_b"] = code_statistics(ref_b)
+    real = {} if real_stats is None else real_stats
+
+    def real_statistics(name: str, dataset: PreparedDataset):
+        if name not in real:
+            real[name] = code_statistics(dataset)
+        return real[name]
+
+    stats = {"train": real_statistics("train", train), "synthetic": code_statistics(synthetic)}
+    stats["ref_a"] = stats["train"] if ref_a is train else real_statistics("ref_a", ref_a)
+    stats["ref_b"] = real_statistics("ref_b", ref_b)
     versus, ceiling = compare_statistics(stats["train"], stats["synthetic"]), compare_statistics(stats["ref_a"],
                                                                                                  stats["ref_b"])
     sizes, target = (ref_a.n_patients, ref_b.n_patients), (n, N)
@@ -108,7 +121,7 @@ def score(train: PreparedDataset, synthetic: PreparedDataset, *, reference: Prep
                               size_matched_r2(ceiling[name]["r2"], sizes=sizes, target=target)}
                        for name in STATISTICS}}
     if reference is not None:
-        stats["reference"] = stats["ref_b"] if ref_b is reference else code_statistics(reference)
+        stats["reference"] = stats["ref_b"] if ref_b is reference else real_statistics("reference", reference)
         held = compare_statistics(stats["reference"], stats["synthetic"])
         held_ceiling = compare_statistics(stats["reference"], stats["train"])
         for name in STATISTICS:
@@ -277,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           train_cpu_seconds=round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1))
             shutil.rmtree(tmp / "model" / "checkpoint", ignore_errors=True)
         seeds = [draw_seed(args.seed, k) for k in range(args.draws)]
-        results, timing["sample_seconds"] = [], 0.0
+        cells = [c.split(",") for c in args.cells] if args.cells else None
+        results, real_stats, timing["sample_seconds"] = [], {}, 0.0
         for k, seed in enumerate(seeds):
             conditions = model.layout.complete({}, n_synthetic, seed=seed)
             t0 = time.perf_counter()
@@ -286,9 +300,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             timing["sample_seconds"] = round(timing["sample_seconds"] + time.perf_counter() - t0, 1)
             if k == 0:
                 synthetic.save(tmp / "synthetic")
-            results.append(score(train, synthetic, reference=reference, seed=args.seed,
-                                 min_cell_records=args.min_cell_records,
-                                 cells=[c.split(",") for c in args.cells] if args.cells else None))
+            results.append(score(train, synthetic, reference=reference, seed=args.seed, cells=cells,
+                                 min_cell_records=args.min_cell_records, real_stats=real_stats))
         result = mean_of_draws(results)
         inputs = {"data": str(args.data), "reference": None if reference is None else str(args.reference),
                   "model": str(args.model) if args.model else "model/"}

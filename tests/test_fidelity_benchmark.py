@@ -84,15 +84,20 @@ def test_trains_with_the_given_options_and_refuses_bad_ones(split, tmp_path, cap
     assert not (tmp_path / "bad").exists()
 
 
-def test_draws_report_the_mean_of_independent_samples(split, sim_model, tmp_path, capsys):
+def test_draws_report_the_mean_of_independent_samples(split, sim_model, tmp_path, capsys, monkeypatch):
     from halo_balance.model import HaloModel
     from halo_balance.sample import sample_records
 
     train_dir, ref_dir = split
+    calls = []
+    monkeypatch.setattr(bench, "code_statistics", lambda d, **kw: calls.append(d.n_patients) or code_statistics(d, **kw))
     result = bench.main(["--data", str(train_dir), "--reference", str(ref_dir), "--model", str(sim_model),
                          "--out", str(tmp_path / "d"), "--count", "120", "--seed", "3", "--draws", "2",
                          "--cells", "race", "--min-cell-records", "5"])
     assert result["seeds"][0] == 3 and len(set(result["seeds"])) == 2
+    # the real side (training data, the drawn reference records, the reference) once; each draw once
+    assert len(calls) == 3 + 2
+    monkeypatch.undo()
     train, reference = PreparedDataset.load(train_dir), PreparedDataset.load(ref_dir)
     model = HaloModel.from_pretrained(sim_model)
     draws = [sample_records(model, model.layout.complete({}, 120, seed=s), seed=s, device="cpu", progress=False)
