@@ -14,7 +14,8 @@ synthetic data's size when there are enough of them, since every figure depends 
 with fewer, all of them, and the report says that a larger synthetic sample may beat the
 reference by size alone. Without ``--holdout``, ``--real`` is split into two stratified halves
 (one plays the training data, a sample of the other the fresh sample), the membership attacks are
-skipped, and the report says so. With ``--model`` the likelihood membership attack runs too.
+skipped, and the report says so. With ``--model`` the likelihood membership attack runs too. Every
+membership attack also runs within each outcome x group cell of ``--cells``.
 
 Rows flagged ``synthetic`` in ``--real`` / ``--holdout`` and real rows in ``--synthetic`` (an
 augmented output holds both) are set aside and counted in the report.
@@ -39,9 +40,10 @@ from .data import PreparedDataset
 from .errors import DatasetError
 from .fidelity import STATISTICS, fidelity_report
 from .io import atomic_dir, atomic_write_bytes, check_output_dir, read_json, write_json
-from .privacy import MAX_QUERIES, Metric, privacy_report, privacy_verdict
+from .privacy import CELL_FAMILY_ERROR, MAX_QUERIES, VERDICT_LEVELS, Metric, privacy_report, privacy_verdict
 
 REPORT_FORMAT = "halo_balance.evaluate/2"  # 2: "ceiling" figures renamed "reference", size-matched
+MAX_CELL_ROWS = 10  # per-cell attacks listed in the verdict table (all of them are in the per-cell table)
 
 
 def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: PreparedDataset | None = None,
@@ -72,9 +74,11 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
     k : int
         Neighbours that vote in the attribute-inference attack.
     min_cell_records : int
-        A cell's R^2 needs at least this many records on both compared sides.
+        A cell's R^2 needs at least this many records on both compared sides, and its membership
+        attacks at least this many members and non-members.
     cells : sequence of sequences of str, optional
-        Group attributes crossed with the outcome to form cells; default: each attribute alone.
+        Group attributes crossed with the outcome to form cells (fidelity and membership per cell);
+        default: each attribute alone.
     sensitive_tokens : sequence of str
         Tokens whose presence the attribute-inference attacker also tries to infer.
     max_queries : int or None
@@ -152,7 +156,7 @@ def evaluate(real: PreparedDataset, synthetic: PreparedDataset, *, holdout: Prep
         "privacy": privacy_report(real, synthetic, holdout=holdout, log_likelihood=log_likelihood,
                                   victims_and_reference=victims_and_reference, metric=metric, k=k,
                                   sensitive_tokens=sensitive_tokens, max_queries=max_queries, seed=seed,
-                                  members=members),
+                                  members=members, cells=cells, min_cell_patients=min_cell_records),
     }
     report["privacy"]["verdict"] = privacy_verdict(report["privacy"], dp=getattr(model, "privacy", None))
     for side, (n, total) in report["privacy"]["sampled"].items():
@@ -222,12 +226,22 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"(seed {report['parameters']['seed']}, {report['elapsed_seconds']} s).", "",
              "## Privacy verdict", "", f"**{verdict['text']}**", "",
              "| attack | result | baseline | grade |", "| --- | ---: | ---: | --- |"]
-    for a in verdict["attacks"]:
+    graded_cells = sorted((a for a in verdict["attacks"] if a.get("cell") and a["level"] != VERDICT_LEVELS[0]),
+                          key=lambda a: -a["severity"])
+    for a in [a for a in verdict["attacks"] if not a.get("cell")] + graded_cells[:MAX_CELL_ROWS]:
         value = f"{a['value']:.0f}" if a["kind"] == "rare_copies" else f"{a['value']:.3f}"
         if a.get("se") is not None:
             value += f" (se {a['se']:.3f})"
         base = {"auroc": "0.500 (chance)", "rare_copies": "0"}.get(a["kind"], f"{a['baseline']:.3f}")
-        lines.append(f"| {a['attack']} | {value} | {base} | {a['level']} |")
+        lines.append(f"| {_cell(a['attack'])} | {value} | {base} | {a['level']} |")
+    ca = verdict.get("cell_attacks") or {}
+    if ca.get("attacks"):
+        lines += ["", f"The membership attacks also ran within each of {ca['cells']} outcome x group cells "
+                  f"({ca['attacks']} attacks; table below); a cell's AUROC counts only beyond {ca['z']:.2f} "
+                  f"standard errors (Bonferroni, {CELL_FAMILY_ERROR:.0%} family-wise). "
+                  + (f"{len(graded_cells)} of them graded above '{VERDICT_LEVELS[0]}'; the table lists "
+                     f"{'them' if len(graded_cells) <= MAX_CELL_ROWS else f'the {MAX_CELL_ROWS} strongest'}."
+                     if graded_cells else "None of them does measurably better than chance.")]
     lines.append("")
     for role in ("real", "synthetic", "holdout"):
         if role in data:
@@ -261,7 +275,7 @@ def render_markdown(report: dict[str, Any]) -> str:
               "| cell | n real | n synthetic | unigram/visit R^2 (reference) | unigram/record R^2 (reference) | "
               "visits per record real / synthetic |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for c in fid["cells"]:
-        lines.append(f"| {c['cell']} | {c['n_real']} | {c['n_synthetic']} | {_f(c['unigram_per_visit'])} "
+        lines.append(f"| {_cell(c['cell'])} | {c['n_real']} | {c['n_synthetic']} | {_f(c['unigram_per_visit'])} "
                      f"({_f(c['unigram_per_visit_reference'])}) | {_f(c['unigram_per_record'])} "
                      f"({_f(c['unigram_per_record_reference'])}) | {_f(c['mean_record_length_real'])} / "
                      f"{_f(c['mean_record_length_synthetic'])} |")
@@ -289,6 +303,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"- **Membership inference by {name}**: AUROC {_f(fig['auroc'])} (0.5 = no better than "
                              f"chance; TPR at 10% FPR {_f(fig['tpr_at_fpr_0.1'])}; {fig['n_members']} members, "
                              f"{fig['n_nonmembers']} non-members).")
+    cell_rows = [c for c in mia.get("cells", []) if c["attacks"]]
+    if cell_rows:
+        names = list(cell_rows[0]["attacks"])
+        lines += ["", "Membership inference within each cell (that cell's members against its non-members), AUROC "
+                  "(standard error):", "", "| cell | members | non-members | " + " | ".join(names) + " |",
+                  "| --- | ---: | ---: |" + " ---: |" * len(names)]
+        for c in cell_rows:
+            figs = [f"{_f(c['attacks'][n]['auroc'])} ({_f(c['attacks'][n]['auroc_se'])})" for n in names]
+            lines.append(f"| {_cell(c['cell'])} | {c['n_members']} | {c['n_nonmembers']} | " + " | ".join(figs) + " |")
+        skipped = [c for c in mia.get("cells", []) if not c["attacks"]]
+        if skipped:
+            lines.append(f"\n{len(skipped)} cells with {skipped[0]['skipped']} were not attacked: "
+                         + ", ".join(f"{c['cell']} ({c['n_members']} / {c['n_nonmembers']})" for c in skipped) + ".")
     lines += ["", f"Attribute inference: a {ai['k']}-nearest-neighbour attacker who knows a training patient's "
               "tokens predicts the hidden attribute from the synthetic records; the majority guess is the training "
               "data's most frequent value; the reference attacker uses real patients outside the training data "
@@ -301,6 +328,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_acc(a['attacker'])} | {_acc(a['majority'])} | {_acc(ref) if ref else '-'} | "
                      f"{a['advantage']:+.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: cell names such as ``label=1|race=Other`` hold the column separator."""
+    return text.replace("|", "\\|")
 
 
 def _f(x: float | None) -> str:
@@ -327,10 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the half split without --holdout")
     p.add_argument("--metric", choices=["jaccard", "hamming"], default="jaccard")
     p.add_argument("--k", type=int, default=5, help="neighbours of the attribute-inference attacker")
-    p.add_argument("--min-cell-records", type=int, default=20)
+    p.add_argument("--min-cell-records", type=int, default=20,
+                   help="a cell's R^2 needs this many records per side, its membership attacks this many "
+                        "members and non-members")
     p.add_argument("--cells", action="append", metavar="ATTR[,ATTR...]",
-                   help="group attributes crossed with the outcome per cell table (repeatable); "
-                        "default: each attribute alone")
+                   help="group attributes crossed with the outcome per cell table and per-cell membership "
+                        "attack (repeatable); default: each attribute alone")
     p.add_argument("--sensitive-token", action="append", default=[], metavar="TOKEN",
                    help="a token whose presence the attribute attacker infers (repeatable)")
     p.add_argument("--max-queries", type=int, default=MAX_QUERIES,

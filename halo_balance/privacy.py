@@ -8,7 +8,9 @@
   patients than new real patients do.
 - **Membership inference**: an attacker ranks training patients (members) above held-out patients
   (non-members), by closeness to the nearest synthetic record or by the model's likelihood; AUROC
-  0.5 means the attacker learns nothing.
+  0.5 means the attacker learns nothing. The same attacks run within each outcome x group cell
+  (members and non-members of that cell only): a generator that learns a small cell's few patients
+  exposes them, and they weigh little in an attack over every record.
 - **Attribute inference**: an attacker who knows a patient's tokens predicts a hidden attribute (a
   group, the outcome or a sensitive token) by majority vote of its ``k`` nearest synthetic records;
   its accuracy is set beside a guess of the training data's majority class and beside the same
@@ -47,6 +49,9 @@ MAX_QUERIES = 5_000
 #: accuracy, copies of training records held by fewer than k patients
 VERDICT_THRESHOLDS = {"auroc": (0.55, 0.65), "advantage": (0.02, 0.05), "rare_copies": (0, 0)}
 VERDICT_LEVELS = ("no measurable leak", "some leakage", "leaks")
+#: family-wise error rate of the per-cell membership attacks: a cell's AUROC counts only beyond the
+#: Bonferroni-corrected normal quantile for this rate over every cell attack of the report
+CELL_FAMILY_ERROR = 0.05
 
 
 # ---------------------------------------------------------------------- copies
@@ -178,6 +183,45 @@ def auroc_standard_error(auroc: float, n_positive: int, n_negative: int) -> floa
     return float(np.sqrt(max(var, 0.0)))
 
 
+def cell_membership_inference(members: PreparedDataset, nonmembers: PreparedDataset,
+                              scores: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                              cells: Sequence[Sequence[str]] | None = None,
+                              min_patients: int = 20) -> list[dict[str, Any]]:
+    """Each membership attack within each (outcome x group) cell: that cell's members against its non-members.
+
+    Parameters
+    ----------
+    members, nonmembers : PreparedDataset
+        The patients attacked, in the order of the scores.
+    scores : dict
+        Attack name -> (member scores, non-member scores), higher meaning likelier a member.
+    cells : sequence of sequences of str, optional
+        Group attributes crossed with the outcome to form cells; default: each attribute alone.
+    min_patients : int
+        A cell is attacked only when it holds at least this many members and non-members.
+
+    Returns
+    -------
+    list of dict, one per cell present on either side: ``cell``, ``groups``, ``n_members``,
+    ``n_nonmembers`` and ``attacks`` (name -> :func:`membership_auroc`; empty for a cell below
+    ``min_patients``, which also gets ``skipped``).
+    """
+    groups_list = [[g] for g in members.group_attributes] if cells is None else [list(c) for c in cells]
+    rows = []
+    for groups in groups_list:
+        m_cell, n_cell = members.strata(groups).to_numpy(), nonmembers.strata(groups).to_numpy()
+        for cell in sorted(set(m_cell) | set(n_cell)):
+            in_m, in_n = m_cell == cell, n_cell == cell
+            row: dict[str, Any] = {"cell": cell, "groups": groups, "n_members": int(in_m.sum()),
+                                   "n_nonmembers": int(in_n.sum()), "attacks": {}}
+            if min(row["n_members"], row["n_nonmembers"]) < max(min_patients, 1):
+                row["skipped"] = f"fewer than {min_patients} members or non-members"
+            else:
+                row["attacks"] = {name: membership_auroc(m[in_m], n[in_n]) for name, (m, n) in scores.items()}
+            rows.append(row)
+    return rows
+
+
 def distance_membership_inference(member_distances: np.ndarray, nonmember_distances: np.ndarray) -> dict[str, Any]:
     """Membership by closeness: the nearer a record's nearest synthetic record, the likelier a member."""
     return membership_auroc(-np.asarray(member_distances, float), -np.asarray(nonmember_distances, float))
@@ -194,9 +238,14 @@ def likelihood_membership_inference(member_log_likelihood: np.ndarray, nonmember
     """
     out = membership_auroc(member_log_likelihood, nonmember_log_likelihood)
     if member_sizes is not None and nonmember_sizes is not None:
-        out["per_event"] = membership_auroc(np.asarray(member_log_likelihood) / np.maximum(member_sizes, 1),
-                                            np.asarray(nonmember_log_likelihood) / np.maximum(nonmember_sizes, 1))
+        out["per_event"] = membership_auroc(per_event(member_log_likelihood, member_sizes),
+                                            per_event(nonmember_log_likelihood, nonmember_sizes))
     return out
+
+
+def per_event(log_likelihood: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Log-likelihood per event (tokens + visits), so that short records do not look like members for being short."""
+    return np.asarray(log_likelihood, float) / np.maximum(sizes, 1)
 
 
 # ---------------------------------------------------------------------- attribute inference
@@ -299,7 +348,8 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
                    victims_and_reference: tuple[PreparedDataset, PreparedDataset] | None = None,
                    metric: Metric = "jaccard", k: int = 5, sensitive_tokens: Sequence[str] = (),
                    max_queries: int | None = MAX_QUERIES, seed: int = 0,
-                   members: PreparedDataset | None = None) -> dict[str, Any]:
+                   members: PreparedDataset | None = None, cells: Sequence[Sequence[str]] | None = None,
+                   min_cell_patients: int = 20) -> dict[str, Any]:
     """Every privacy figure of ``synthetic`` against the generator's training data ``train``.
 
     Parameters
@@ -326,6 +376,8 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
     members : PreparedDataset, optional
         The patients of ``train`` the generator was fitted on, for the membership attacks (default
         ``train``): a model's early-stopping patients are in its data but were never fitted.
+    cells, min_cell_patients
+        The cells of the per-cell membership attacks (:func:`cell_membership_inference`).
     """
     rng = np.random.default_rng(seed)
     sampled: dict[str, list[int]] = {}
@@ -371,13 +423,18 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
         member_d = nearest_neighbours(X_members[q_members], X_syn, metric=metric)[0][:, 0]
         nonmember_d = nearest_neighbours(X_hold[q_hold], X_syn, metric=metric)[0][:, 0]
         mia = {"distance": {"metric": metric, **distance_membership_inference(member_d, nonmember_d)}}
+        queried, nonmembers = _subset(members, q_members), _subset(holdout, q_hold)
+        scores = {"distance": (-member_d, -nonmember_d)}
         if log_likelihood is None:
             mia["likelihood"] = {"skipped": "needs the model (--model)"}
         else:
-            queried, nonmembers = _subset(members, q_members), _subset(holdout, q_hold)
-            mia["likelihood"] = likelihood_membership_inference(
-                _checked_ll(log_likelihood(queried), queried), _checked_ll(log_likelihood(nonmembers), nonmembers),
-                member_sizes=_events(queried.records()), nonmember_sizes=_events(nonmembers.records()))
+            ll = (_checked_ll(log_likelihood(queried), queried), _checked_ll(log_likelihood(nonmembers), nonmembers))
+            sizes = (_events(queried.records()), _events(nonmembers.records()))
+            mia["likelihood"] = likelihood_membership_inference(*ll, member_sizes=sizes[0], nonmember_sizes=sizes[1])
+            scores["likelihood"] = ll
+            scores["likelihood per token"] = (per_event(ll[0], sizes[0]), per_event(ll[1], sizes[1]))
+        mia["cells"] = cell_membership_inference(queried, nonmembers, scores, cells=cells,
+                                                 min_patients=min_cell_patients)
 
     victims, reference = victims_and_reference if victims_and_reference else (train, holdout)
     attr = attribute_inference(_subset(victims, sample(victims, "victims")), synthetic, reference=reference,
@@ -421,35 +478,50 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
     majority guess and a real population sample, and the number of synthetic copies of training
     records held by fewer than k patients. An AUROC within two standard errors of 0.5 is no
     measurable leak whatever its value (with few held-out patients chance alone moves it far), and
-    the text says how small a leak the sample could have detected. The verdict is the worst grade;
-    ``dp`` (a model's ``privacy`` summary) adds its guarantee to the text.
+    the text says how small a leak the sample could have detected. The per-cell membership attacks
+    are graded alike, except that chance is ruled out only beyond ``z`` standard errors, ``z`` the
+    Bonferroni-corrected normal quantile for a family-wise error of :data:`CELL_FAMILY_ERROR` over
+    all of them (conservative: cells overlap and the attacks are correlated). The verdict is the
+    worst grade; ``dp`` (a model's ``privacy`` summary) adds its guarantee to the text.
 
     Returns
     -------
     dict with ``level`` (one of :data:`VERDICT_LEVELS`), ``worst`` (the attack), ``attacks`` (one
-    entry per attack: ``attack``, ``kind``, ``value``, ``baseline``, ``level``), ``complete``
-    (False when the membership attacks were skipped), ``dp`` and ``text``.
+    entry per attack: ``attack``, ``kind``, ``value``, ``baseline``, ``se``, ``level``,
+    ``severity`` and ``cell``, None for the attacks over every record), ``cell_attacks``
+    (``cells`` and ``attacks`` graded, ``z``), ``complete`` (False when the membership attacks
+    were skipped), ``dp`` and ``text``.
     """
+    from scipy.stats import norm
+
     attacks: list[dict[str, Any]] = []
 
-    def grade(kind: str, name: str, value: float, baseline: float, se: float | None = None) -> None:
+    def grade(kind: str, name: str, value: float, baseline: float, se: float | None = None, *,
+              z: float = 2.0, cell: str | None = None) -> None:
         some, leak = VERDICT_THRESHOLDS[kind]
         excess = abs(value - baseline) + 0.5 if kind == "auroc" else value - baseline
         level = 2 if excess > leak else 1 if excess > some else 0
-        if se is not None and abs(value - baseline) <= 2 * se:  # indistinguishable from chance
+        if se is not None and abs(value - baseline) <= z * se:  # indistinguishable from chance
             level = 0
         # how far towards (or past) the "leaks" threshold, comparable across kinds
         zero = 0.5 if kind == "auroc" else 0.0
         severity = (excess - zero) / (leak - zero) if leak > zero else float(excess)
         attacks.append({"attack": name, "kind": kind, "value": value, "baseline": baseline, "se": se,
-                        "level": VERDICT_LEVELS[level], "severity": severity})
+                        "level": VERDICT_LEVELS[level], "severity": severity, "cell": cell})
 
     mia = privacy["membership_inference"]
-    complete = all("skipped" not in m for m in mia.values())
-    for how, m in mia.items():
+    overall = {how: m for how, m in mia.items() if how != "cells"}
+    complete = all("skipped" not in m for m in overall.values())
+    for how, m in overall.items():
         for name, fig in ((how, m), (f"{how} per token", m.get("per_event", {}))):
             if fig.get("auroc") is not None:
                 grade("auroc", f"membership inference by {name}", fig["auroc"], 0.5, fig.get("auroc_se"))
+    in_cells = [(row, how, fig) for row in mia.get("cells", []) for how, fig in row["attacks"].items()
+                if fig.get("auroc") is not None]
+    z = float(norm.isf(CELL_FAMILY_ERROR / (2 * len(in_cells)))) if in_cells else None
+    for row, how, fig in in_cells:
+        grade("auroc", f"membership inference by {how} among {row['cell']} patients ({row['n_members']} members, "
+              f"{row['n_nonmembers']} non-members)", fig["auroc"], 0.5, fig.get("auroc_se"), z=z, cell=row["cell"])
     for name, a in privacy["attribute_inference"]["attributes"].items():
         value = a["attacker"]["balanced_accuracy"]
         grade("advantage", f"attribute inference of {name}", value, value - a["advantage"])
@@ -464,7 +536,8 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
     if worst["kind"] == "auroc":
         text += (f". Strongest attack: {worst['attack']}, which tells training patients from held-out ones with "
                  f"AUROC {worst['value']:.3f} (chance 0.5; some leakage beyond 0.5 +/- {some - 0.5:.2f}, leaks "
-                 f"beyond +/- {leak - 0.5:.2f}).")
+                 f"beyond +/- {leak - 0.5:.2f}" + (")." if worst["cell"] is None else
+                 f"; within a cell only beyond {z:.1f} standard errors, for {len(in_cells)} cell attacks)."))
     elif worst["kind"] == "advantage":
         text += (f". Strongest attack: {worst['attack']}, balanced accuracy {worst['value']:.3f} from the synthetic "
                  f"records against {worst['baseline']:.3f} without them (some leakage above +{some}, leaks above "
@@ -477,11 +550,13 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
                       "or more regularisation, and keep copy rejection on."}[level]
     if not complete:
         text += " Incomplete: the membership attacks need held-out real patients (--holdout)."
-    ses = [a["se"] for a in attacks if a.get("se") is not None]
+    ses = [a["se"] for a in attacks if a.get("se") is not None and a["cell"] is None]
     if ses and 2 * max(ses) > VERDICT_THRESHOLDS["auroc"][0] - 0.5:
         text += (f" With these few held-out patients a membership AUROC within 0.5 +/- {2 * max(ses):.2f} "
                  "cannot be told from chance.")
     if dp:
         text += (f" The generator is differentially private (epsilon {dp['epsilon']:.2f}, delta {dp['delta']:.1e} "
                  f"per patient, {dp['accountant']} accountant): a bound on every attack, these included.")
-    return {"level": level, "worst": worst, "attacks": attacks, "complete": complete, "dp": dp, "text": text}
+    cell_attacks = {"cells": len({row["cell"] for row, _, _ in in_cells}), "attacks": len(in_cells), "z": z}
+    return {"level": level, "worst": worst, "attacks": attacks, "cell_attacks": cell_attacks, "complete": complete,
+            "dp": dp, "text": text}

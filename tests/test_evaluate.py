@@ -116,6 +116,43 @@ def test_a_faithful_generator_scores_near_the_real_reference_and_leaks_nothing()
     assert leak["nearest_neighbour"]["median_ratio"] == 0.0
 
 
+def test_a_leak_confined_to_one_small_cell_is_found_and_named():
+    import zlib
+
+    real, holdout = draw_cohort(600, vocab_size=120, seed=1), draw_cohort(600, vocab_size=120, seed=2, prefix="h")
+    fresh = draw_cohort(600, vocab_size=120, seed=3, prefix="s", synthetic=True)
+
+    def likelihood(boost: float):
+        """Noise fixed per patient, plus ``boost`` for the training patients of one small cell."""
+        def log_likelihood(ds: PreparedDataset) -> np.ndarray:
+            p = ds.patients
+            noise = np.array([np.random.default_rng(zlib.crc32(i.encode())).normal() for i in p["patient_id"]])
+            learnt = (p["label"] == 1) & (p["gender"] == "F") & ~p["patient_id"].str.starts_with("h")
+            return noise - 30 + boost * learnt.to_numpy()
+        return log_likelihood
+
+    def cell_attacks(verdict: dict) -> list[dict]:
+        return [a for a in verdict["attacks"] if a["cell"]]
+
+    clean = evaluate(real, fresh, holdout=holdout, log_likelihood=likelihood(0.0))["privacy"]
+    assert clean["verdict"]["level"] == "no measurable leak"
+    assert clean["verdict"]["cell_attacks"]["cells"] == 8  # 2 of 10 cells hold fewer than 20 patients a side
+    # at two standard errors, the bound over all records, chance alone would flag a cell here
+    assert any(abs(a["value"] - 0.5) > max(2 * a["se"], 0.15) for a in cell_attacks(clean["verdict"]))
+
+    leaky = evaluate(real, fresh, holdout=holdout, log_likelihood=likelihood(3.0))
+    verdict = leaky["privacy"]["verdict"]
+    assert all(a["level"] == "no measurable leak" for a in verdict["attacks"] if not a["cell"])
+    assert verdict["level"] == "leaks" and verdict["worst"]["cell"] == "label=1|gender=F"
+    assert verdict["worst"]["value"] > 0.9
+    cells = {c["cell"]: c for c in leaky["privacy"]["membership_inference"]["cells"]}
+    assert cells["label=1|gender=M"]["attacks"]["likelihood"]["auroc"] < 0.6  # the other death cell is untouched
+    assert cells["label=1|age_group=<18"]["skipped"] == "fewer than 20 members or non-members"
+    md = render_markdown(leaky)
+    assert "| membership inference by likelihood among label=1\\|gender=F patients (32 members, 38 non-members) |" in md
+    assert "| label=1\\|gender=F | 32 | 38 |" in md and "label=1|age_group=<18 (2 / 2)" in md
+
+
 def test_cli_writes_both_files_and_refuses_to_overwrite(tmp_path, tiny, syn, capsys):
     tiny.save(tmp_path / "real")
     syn.save(tmp_path / "syn")

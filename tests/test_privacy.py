@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from halo_balance.errors import DatasetError
-from halo_balance.privacy import (attribute_inference, distance_membership_inference, exact_copies,
-                                  knn_vote, likelihood_membership_inference, membership_auroc,
+from halo_balance.privacy import (attribute_inference, cell_membership_inference, distance_membership_inference,
+                                  exact_copies, knn_vote, likelihood_membership_inference, membership_auroc,
                                   nearest_neighbours, privacy_report, record_features)
 from tests.conftest import tiny_like
 
@@ -191,6 +191,29 @@ def test_privacy_report_samples_queries_but_searches_everything(tiny):
         rep["nearest_neighbour"]
 
 
+def test_membership_within_each_cell_by_hand():
+    members = tiny_like([[[0]]] * 5, prefix="m", synthetic=False, labels=[1, 1, 0, 0, 0],
+                        gender=["F", "F", "F", "M", "M"])
+    nonmembers = tiny_like([[[0]]] * 4, prefix="n", synthetic=False, labels=[1, 1, 0, 0], gender=["F", "F", "M", "M"])
+    scores = {"likelihood": (np.array([3.0, 1.0, 0.0, 2.0, 0.5]), np.array([2.0, 0.0, 1.0, 1.0]))}
+    rows = {r["cell"]: r for r in cell_membership_inference(members, nonmembers, scores, cells=[["gender"]],
+                                                            min_patients=1)}
+    assert set(rows) == {"label=0|gender=F", "label=0|gender=M", "label=1|gender=F"}
+    # label=1 F: members 3, 1 against non-members 2, 0: three of four pairs won
+    assert rows["label=1|gender=F"]["attacks"]["likelihood"]["auroc"] == 0.75
+    # label=0 M: members 2, 0.5 against 1, 1: 2 beats both, 0.5 beats neither
+    assert rows["label=0|gender=M"]["attacks"]["likelihood"]["auroc"] == 0.5
+    assert (rows["label=0|gender=F"]["n_members"], rows["label=0|gender=F"]["n_nonmembers"]) == (1, 0)
+    assert rows["label=0|gender=F"]["attacks"] == {}  # no non-member to rank against
+    small = {r["cell"]: r for r in cell_membership_inference(members, nonmembers, scores, min_patients=2)}
+    assert small["label=1|gender=F"]["attacks"] and "skipped" not in small["label=1|gender=F"]
+    assert small["label=0|gender=F"] == {"cell": "label=0|gender=F", "groups": ["gender"], "n_members": 1,
+                                         "n_nonmembers": 0, "attacks": {},
+                                         "skipped": "fewer than 2 members or non-members"}
+    # default cells: each group attribute alone
+    assert {r["groups"][0] for r in small.values()} == {"gender", "age_group"}
+
+
 # ---------------------------------------------------------------------- majority guess and verdict
 def test_majority_guess_is_the_training_data_majority():
     # training patients mostly F; the synthetic records mostly M
@@ -241,6 +264,39 @@ def test_verdict_grades_every_attack_and_names_the_worst():
     assert not partial["complete"] and "Incomplete" in partial["text"]
     dp = privacy_verdict(_privacy(), dp={"epsilon": 7.99, "delta": 1e-5, "accountant": "rdp"})
     assert "differentially private (epsilon 7.99, delta 1.0e-05" in dp["text"]
+
+
+def _cells(*aurocs, se=0.04):
+    return [{"cell": f"label=1|race={i}", "groups": ["race"], "n_members": 100, "n_nonmembers": 100,
+             "attacks": {"likelihood": {"auroc": a, "auroc_se": se}}} for i, a in enumerate(aurocs)]
+
+
+def test_verdict_grades_each_cell_beyond_a_bonferroni_bound():
+    from scipy.stats import norm
+
+    from halo_balance.privacy import privacy_verdict
+
+    def verdict(*aurocs, se=0.04):
+        priv = _privacy(se=0.01)
+        priv["membership_inference"]["cells"] = _cells(*aurocs, se=se)
+        return privacy_verdict(priv)
+
+    # six cell attacks: chance is ruled out beyond norm.isf(0.05 / 12) = 2.64 standard errors
+    z = norm.isf(0.05 / 12)
+    leaky = verdict(0.75, 0.5, 0.5, 0.5, 0.5, 0.5)
+    assert leaky["cell_attacks"] == {"cells": 6, "attacks": 6, "z": pytest.approx(z)}
+    assert leaky["level"] == "leaks" and leaky["worst"]["cell"] == "label=1|race=0"
+    assert "among label=1|race=0 patients (100 members, 100 non-members)" in leaky["text"]
+    assert f"beyond {z:.1f} standard errors, for 6 cell attacks" in leaky["text"]
+    # 0.62: 3.0 standard errors of 0.04 (counted: some leakage), 2.4 of 0.05 (within the bound: chance)
+    assert verdict(0.62, 0.5, 0.5, 0.5, 0.5, 0.5)["level"] == "some leakage"
+    assert verdict(0.62, 0.5, 0.5, 0.5, 0.5, 0.5, se=0.05)["level"] == "no measurable leak"
+    # the same 0.62 over all records, two standard errors of 0.05 being the bound there, counts
+    assert privacy_verdict(_privacy(auroc=0.62, se=0.05))["level"] == "some leakage"
+    # a cell's large standard error does not widen the chance band stated for the attacks over all records
+    quiet = verdict(0.5, 0.55, se=0.2)
+    assert quiet["level"] == "no measurable leak" and "cannot be told from chance" not in quiet["text"]
+    assert all(a["cell"] is None for a in privacy_verdict(_privacy())["attacks"])
 
 
 def test_privacy_report_feeds_the_verdict(tiny):

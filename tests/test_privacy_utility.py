@@ -51,6 +51,28 @@ def test_table_from_runs(tmp_path):
     assert again[0]["token_r2"] == pytest.approx(plain["token_r2"]) and weights.stat().st_mtime_ns == stamp
 
 
+def test_row_names_the_cell_attack_farthest_from_chance():
+    from benchmarks.privacy_utility import table_row
+    from halo_balance.privacy import privacy_verdict
+
+    mia = {how: {"auroc": 0.52, "auroc_se": 0.02, "per_event": {"auroc": 0.55, "auroc_se": 0.02}}
+           for how in ("distance", "likelihood")}
+    mia["cells"] = [{"cell": f"label=1|race={r}", "groups": ["race"], "n_members": 100, "n_nonmembers": 100,
+                     "attacks": {"likelihood per token": {"auroc": a, "auroc_se": 0.04}}}
+                    for r, a in (("A", 0.62), ("B", 0.30), ("C", 0.55))]
+    priv = {"membership_inference": mia, "exact_copies": {"copies_of_rare_records": 0, "rare_k": 5},
+            "attribute_inference": {"attributes": {"label": {"attacker": {"balanced_accuracy": 0.6},
+                                                             "advantage": 0.0}}}}
+    priv["verdict"] = privacy_verdict(priv)
+    stats = {name: {"r2": 0.9, "reference_r2": 0.9} for name in ("unigram_per_visit", "pair_per_visit")}
+    row = table_row({"privacy": priv, "fidelity": {"statistics": stats}}, setting="none", options={},
+                    training={"history": [{}]}, copies={"rejected_copies": 0, "kept_copies": 0}, train_seconds=1.0)
+    # 0.30 is farther from chance than 0.62: an attacker flips a score that ranks members low
+    assert row["auroc_strongest_cell"] == 0.30 and "label=1|race=B" in row["strongest_cell"]
+    assert row["strongest_cell_level"] == "leaks" and row["verdict"] == "leaks"
+    assert "| 0.300 |" in render_table([row], {})
+
+
 def test_kfold_figures_and_bad_arguments(tmp_path, capsys):
     run = _kfold_run(tmp_path / "r", f1=0.2, theil=0.05)
     assert kfold_figures(run) == {"f1": 0.2, "f1_se": 0.01, "theil": 0.05}
