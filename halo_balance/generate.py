@@ -43,7 +43,7 @@ from .balance import BalanceResult, rebalance
 from .copies import add_copy_arguments, check_copy_arguments, describe_copies
 from .data import META_FILE, PreparedDataset
 from .errors import HaloBalanceError
-from .io import atomic_dir, atomic_write_bytes, check_output_dir, write_json
+from .io import atomic_dir, atomic_write_bytes, check_output_dir, read_json, write_json
 from .plan import AmplificationWarning, amplification_warnings, cell_name, plan_cells
 
 DEMO_PATIENTS = 2000
@@ -254,7 +254,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from data_prep.simulate import simulate
 
     from .evaluate import evaluate, render_markdown
-    from .train import train_model, train_options_from_args
+    from .train import TRAINING_FILE, train_model, train_options_from_args
 
     if args.resume or args.model is not None or args.data is not None:
         raise HaloBalanceError("--demo makes its own data and model: drop --resume, --model and --data")
@@ -286,8 +286,10 @@ def run_demo(args: argparse.Namespace) -> None:
             print(f"warning: {w.message}", file=sys.stderr)
         write_balanced(result, tmp / "augmented", model_path=str(out / "model"))
         stage("5/5 evaluating fidelity and privacy of the synthetic patients")
+        # the early-stopping patients were never fitted: not members, as `evaluate --model` treats them
         report = evaluate(train, result.synthetic, holdout=holdout, model=result.model, seed=args.seed,
-                          cells=[DEMO_GROUPS])
+                          cells=[DEMO_GROUPS],
+                          not_members=read_json(tmp / "model" / TRAINING_FILE).get("validation_patient_ids", []))
         (tmp / "report").mkdir()
         write_json(tmp / "report" / "report.json", report)
         atomic_write_bytes(tmp / "report" / "report.md", render_markdown(report).encode())

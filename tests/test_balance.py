@@ -168,6 +168,11 @@ def test_demo_prints_the_privacy_verdict(tmp_path, capsys):
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert f"privacy verdict: {report['privacy']['verdict']['text']}" in io.out
     assert report["privacy"]["verdict"]["complete"]  # the demo holds patients out for the membership attacks
+    # its generator's early-stopping patients were never fitted: not counted as members
+    validation = json.loads((tmp_path / "demo" / "model" / "training.json").read_text())["validation_patient_ids"]
+    assert validation and report["data"]["not_members"] == len(validation)
+    assert report["privacy"]["membership_inference"]["distance"]["n_members"] == \
+        report["data"]["real"]["patients"] - len(validation)
 
 
 @pytest.mark.parametrize("extra,message", [
