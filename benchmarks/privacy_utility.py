@@ -13,8 +13,9 @@ training patients are drawn as ``python -m halo_balance.sample`` draws them by d
 from the model's training cells, copies of rare training records re-drawn), and
 ``halo_balance.evaluate`` scores them against the training records with the held-out patients as
 non-members: every membership attack's AUROC, the one farthest from chance among the attacks within
-an outcome x group cell, the largest attribute-inference advantage, and the token and within-visit
-pair R^2. Each setting's model, synthetic records and report stay in
+an outcome x group cell (with the same attack by the code-frequency model of the training patients,
+when it is a likelihood attack), the largest attribute-inference advantage, and the token and
+within-visit pair R^2. Each setting's model, synthetic records and report stay in
 ``DIR/<setting>/`` and are reused by a rerun.
 
 ``--kfold`` adds FairPlay's mean F1 (over the downstream models) and Theil index of group F1s from
@@ -96,7 +97,8 @@ def table_row(report: dict[str, Any], *, setting: str, options: dict[str, Any], 
     in_cells = [a for a in priv["verdict"]["attacks"] if a.get("cell") and a["kind"] == "auroc"]
     strongest = max(in_cells, key=lambda a: a["severity"], default=None)  # the farthest from chance
     row.update(auroc_strongest_cell=strongest and strongest["value"], strongest_cell=strongest and strongest["attack"],
-               strongest_cell_level=strongest and strongest["level"])
+               strongest_cell_level=strongest and strongest["level"],
+               auroc_strongest_cell_code_frequency=strongest and strongest.get("code_frequency"))
     attributes = priv["attribute_inference"]["attributes"]
     worst = max(attributes, key=lambda a: attributes[a]["advantage"])
     row.update(attribute_advantage=attributes[worst]["advantage"], attribute_worst=worst,
@@ -126,8 +128,8 @@ def kfold_figures(run_dir: str | Path, *, method: str = "fairplay") -> dict[str,
 def render_table(rows: Sequence[dict[str, Any]], kfold: dict[str, dict[str, dict[str, float]]]) -> str:
     """The table as markdown: one row per setting."""
     experiments = sorted({e for per in kfold.values() for e in per})
-    head = ["setting", "epsilon spent", "MIA distance", "MIA likelihood", "MIA per token", "MIA in a cell",
-            "attribute adv.", "token R^2", "pair R^2", "verdict"]
+    head = ["setting", "epsilon spent", "MIA distance", "MIA likelihood", "MIA per token",
+            "MIA in a cell (code frequencies)", "attribute adv.", "token R^2", "pair R^2", "verdict"]
     head += [f"{e}: {m}" for e in experiments for m in ("FairPlay F1", "Theil")]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
 
@@ -136,7 +138,9 @@ def render_table(rows: Sequence[dict[str, Any]], kfold: dict[str, dict[str, dict
 
     for r in rows:
         cells = [r["setting"], f(r["epsilon_spent"], ".2f"), f(r["auroc_distance"]), f(r["auroc_likelihood"]),
-                 f(r["auroc_likelihood_per_event"]), f(r.get("auroc_strongest_cell")),
+                 f(r["auroc_likelihood_per_event"]),
+                 f(r.get("auroc_strongest_cell")) + (f" ({f(r['auroc_strongest_cell_code_frequency'])})"
+                                                     if r.get("auroc_strongest_cell_code_frequency") is not None else ""),
                  f(r["attribute_advantage"], "+.3f"), f(r["token_r2"]),
                  f(r["pair_r2"]), r["verdict"]]
         for e in experiments:

@@ -231,7 +231,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for a in [a for a in verdict["attacks"] if not a.get("cell")] + graded_cells[:MAX_CELL_ROWS]:
         value = f"{a['value']:.0f}" if a["kind"] == "rare_copies" else f"{a['value']:.3f}"
         if a.get("se") is not None:
-            value += f" (se {a['se']:.3f})"
+            value += f" (se {a['se']:.3f}" + (f"; code frequencies {a['code_frequency']:.3f})"
+                                              if a.get("code_frequency") is not None else ")")
         base = {"auroc": "0.500 (chance)", "rare_copies": "0"}.get(a["kind"], f"{a['baseline']:.3f}")
         lines.append(f"| {_cell(a['attack'])} | {value} | {base} | {a['level']} |")
     ca = verdict.get("cell_attacks") or {}
@@ -298,19 +299,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         if "skipped" in m:
             lines.append(f"- **Membership inference by {how}**: skipped ({m['skipped']}).")
             continue
-        for name, fig in ((how, m), (f"{how} per token (log-likelihood / (tokens + visits))", m.get("per_event"))):
+        ref = m.get("code_frequency", {})
+        for name, fig, ref_fig in ((how, m, ref), (f"{how} per token (log-likelihood / (tokens + visits))",
+                                                   m.get("per_event"), ref.get("per_event"))):
             if fig is not None:
                 lines.append(f"- **Membership inference by {name}**: AUROC {_f(fig['auroc'])} (0.5 = no better than "
                              f"chance; TPR at 10% FPR {_f(fig['tpr_at_fpr_0.1'])}; {fig['n_members']} members, "
-                             f"{fig['n_nonmembers']} non-members).")
+                             f"{fig['n_nonmembers']} non-members)"
+                             + (f"; the code-frequency model of the same members: AUROC {_f(ref_fig['auroc'])}."
+                                if ref_fig else "."))
+    if any(m.get("code_frequency") for m in mia.values() if isinstance(m, dict)):
+        lines.append("- The **code-frequency model** (each code an independent Bernoulli of its visit frequency "
+                     "among the members) knows the training patients only through their code counts: its "
+                     "attack is what such a summary reveals, a reference for the generator's.")
     cell_rows = [c for c in mia.get("cells", []) if c["attacks"]]
     if cell_rows:
         names = list(cell_rows[0]["attacks"])
+        refs = list(cell_rows[0].get("code_frequency", {}))
         lines += ["", "Membership inference within each cell (that cell's members against its non-members), AUROC "
-                  "(standard error):", "", "| cell | members | non-members | " + " | ".join(names) + " |",
-                  "| --- | ---: | ---: |" + " ---: |" * len(names)]
+                  "(standard error):", "", "| cell | members | non-members | " + " | ".join(names)
+                  + "".join(f" | {n}, code frequencies" for n in refs) + " |",
+                  "| --- | ---: | ---: |" + " ---: |" * (len(names) + len(refs))]
         for c in cell_rows:
             figs = [f"{_f(c['attacks'][n]['auroc'])} ({_f(c['attacks'][n]['auroc_se'])})" for n in names]
+            figs += [_f(c["code_frequency"][n]["auroc"]) for n in refs]
             lines.append(f"| {_cell(c['cell'])} | {c['n_members']} | {c['n_nonmembers']} | " + " | ".join(figs) + " |")
         skipped = [c for c in mia.get("cells", []) if not c["attacks"]]
         if skipped:

@@ -185,8 +185,9 @@ def auroc_standard_error(auroc: float, n_positive: int, n_negative: int) -> floa
 
 def cell_membership_inference(members: PreparedDataset, nonmembers: PreparedDataset,
                               scores: dict[str, tuple[np.ndarray, np.ndarray]], *,
-                              cells: Sequence[Sequence[str]] | None = None,
-                              min_patients: int = 20) -> list[dict[str, Any]]:
+                              cells: Sequence[Sequence[str]] | None = None, min_patients: int = 20,
+                              references: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                              ) -> list[dict[str, Any]]:
     """Each membership attack within each (outcome x group) cell: that cell's members against its non-members.
 
     Parameters
@@ -199,12 +200,15 @@ def cell_membership_inference(members: PreparedDataset, nonmembers: PreparedData
         Group attributes crossed with the outcome to form cells; default: each attribute alone.
     min_patients : int
         A cell is attacked only when it holds at least this many members and non-members.
+    references : dict, optional
+        Scores of the same form from a reference model (:func:`code_frequency_log_likelihood`).
 
     Returns
     -------
     list of dict, one per cell present on either side: ``cell``, ``groups``, ``n_members``,
-    ``n_nonmembers`` and ``attacks`` (name -> :func:`membership_auroc`; empty for a cell below
-    ``min_patients``, which also gets ``skipped``).
+    ``n_nonmembers``, ``attacks`` (name -> :func:`membership_auroc`; empty for a cell below
+    ``min_patients``, which also gets ``skipped``) and, with ``references``, ``code_frequency``
+    (the same for the reference scores).
     """
     groups_list = [[g] for g in members.group_attributes] if cells is None else [list(c) for c in cells]
     rows = []
@@ -218,6 +222,9 @@ def cell_membership_inference(members: PreparedDataset, nonmembers: PreparedData
                 row["skipped"] = f"fewer than {min_patients} members or non-members"
             else:
                 row["attacks"] = {name: membership_auroc(m[in_m], n[in_n]) for name, (m, n) in scores.items()}
+                if references:
+                    row["code_frequency"] = {name: membership_auroc(m[in_m], n[in_n])
+                                             for name, (m, n) in references.items()}
             rows.append(row)
     return rows
 
@@ -241,6 +248,27 @@ def likelihood_membership_inference(member_log_likelihood: np.ndarray, nonmember
         out["per_event"] = membership_auroc(per_event(member_log_likelihood, member_sizes),
                                             per_event(nonmember_log_likelihood, nonmember_sizes))
     return out
+
+
+def code_frequency_log_likelihood(fit_on: PreparedDataset) -> Callable[[PreparedDataset], np.ndarray]:
+    """``dataset -> per-patient log-likelihood`` under the marginal-frequency model of ``fit_on``.
+
+    Each code an independent Bernoulli of its visit frequency among ``fit_on``'s patients and a
+    constant end-of-record hazard (:class:`halo_balance.train.MarginalModel`, the baseline of the
+    training loss). It knows those patients only through their code counts, so its membership
+    attack is what such a summary of them reveals (records holding codes that few of them share
+    stand out): a reference for a generator's attack, which only noise (differential privacy) takes
+    below it.
+    """
+    from .config import ConditionLayout
+    from .train import EncodedRecords, MarginalModel
+
+    def encode(ds: PreparedDataset) -> EncodedRecords:  # no truncation: a context beyond the longest record
+        n_ctx = int(ds.records().visit_counts().max(initial=0)) + 2
+        return EncodedRecords.from_dataset(ds, ConditionLayout.from_dataset(ds), n_ctx)
+
+    model = MarginalModel.fit(encode(fit_on), fit_on.vocab_size)
+    return lambda ds: model.record_log_likelihood(encode(ds))
 
 
 def per_event(log_likelihood: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -362,7 +390,9 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
         are skipped (there is no non-member) and the nearest-neighbour baseline is each training
         record's nearest *other* training record.
     log_likelihood : callable, optional
-        ``dataset -> per-patient log-likelihood`` under the generator, for the likelihood attack.
+        ``dataset -> per-patient log-likelihood`` under the generator, for the likelihood attack;
+        the same attack with the code-frequency model of the members
+        (:func:`code_frequency_log_likelihood`) goes beside it, under ``code_frequency``.
     victims_and_reference : (PreparedDataset, PreparedDataset), optional
         For attribute inference without ``holdout``: the training patients attacked and the real
         patients of the reference attacker (e.g. two halves of ``train``). Default with ``holdout``:
@@ -424,17 +454,25 @@ def privacy_report(train: PreparedDataset, synthetic: PreparedDataset, *, holdou
         nonmember_d = nearest_neighbours(X_hold[q_hold], X_syn, metric=metric)[0][:, 0]
         mia = {"distance": {"metric": metric, **distance_membership_inference(member_d, nonmember_d)}}
         queried, nonmembers = _subset(members, q_members), _subset(holdout, q_hold)
-        scores = {"distance": (-member_d, -nonmember_d)}
+        scores, references = {"distance": (-member_d, -nonmember_d)}, None
         if log_likelihood is None:
             mia["likelihood"] = {"skipped": "needs the model (--model)"}
         else:
-            ll = (_checked_ll(log_likelihood(queried), queried), _checked_ll(log_likelihood(nonmembers), nonmembers))
             sizes = (_events(queried.records()), _events(nonmembers.records()))
-            mia["likelihood"] = likelihood_membership_inference(*ll, member_sizes=sizes[0], nonmember_sizes=sizes[1])
-            scores["likelihood"] = ll
-            scores["likelihood per token"] = (per_event(ll[0], sizes[0]), per_event(ll[1], sizes[1]))
+
+            def likelihood_scores(fn: Callable[[PreparedDataset], np.ndarray]) -> dict[str, Any]:
+                ll = (_checked_ll(fn(queried), queried), _checked_ll(fn(nonmembers), nonmembers))
+                return {"likelihood": ll, "likelihood per token": (per_event(ll[0], sizes[0]),
+                                                                   per_event(ll[1], sizes[1]))}
+
+            scores.update(likelihood_scores(log_likelihood))
+            references = likelihood_scores(code_frequency_log_likelihood(members))
+            mia["likelihood"] = likelihood_membership_inference(*scores["likelihood"], member_sizes=sizes[0],
+                                                                nonmember_sizes=sizes[1])
+            mia["likelihood"]["code_frequency"] = likelihood_membership_inference(
+                *references["likelihood"], member_sizes=sizes[0], nonmember_sizes=sizes[1])
         mia["cells"] = cell_membership_inference(queried, nonmembers, scores, cells=cells,
-                                                 min_patients=min_cell_patients)
+                                                 min_patients=min_cell_patients, references=references)
 
     victims, reference = victims_and_reference if victims_and_reference else (train, holdout)
     attr = attribute_inference(_subset(victims, sample(victims, "victims")), synthetic, reference=reference,
@@ -497,7 +535,7 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
     attacks: list[dict[str, Any]] = []
 
     def grade(kind: str, name: str, value: float, baseline: float, se: float | None = None, *,
-              z: float = 2.0, cell: str | None = None) -> None:
+              z: float = 2.0, cell: str | None = None, reference: float | None = None) -> None:
         some, leak = VERDICT_THRESHOLDS[kind]
         excess = abs(value - baseline) + 0.5 if kind == "auroc" else value - baseline
         level = 2 if excess > leak else 1 if excess > some else 0
@@ -507,21 +545,25 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
         zero = 0.5 if kind == "auroc" else 0.0
         severity = (excess - zero) / (leak - zero) if leak > zero else float(excess)
         attacks.append({"attack": name, "kind": kind, "value": value, "baseline": baseline, "se": se,
-                        "level": VERDICT_LEVELS[level], "severity": severity, "cell": cell})
+                        "level": VERDICT_LEVELS[level], "severity": severity, "cell": cell,
+                        "code_frequency": reference})
 
     mia = privacy["membership_inference"]
     overall = {how: m for how, m in mia.items() if how != "cells"}
     complete = all("skipped" not in m for m in overall.values())
     for how, m in overall.items():
-        for name, fig in ((how, m), (f"{how} per token", m.get("per_event", {}))):
+        ref = m.get("code_frequency", {})
+        for name, fig, ref_fig in ((how, m, ref), (f"{how} per token", m.get("per_event", {}), ref.get("per_event", {}))):
             if fig.get("auroc") is not None:
-                grade("auroc", f"membership inference by {name}", fig["auroc"], 0.5, fig.get("auroc_se"))
+                grade("auroc", f"membership inference by {name}", fig["auroc"], 0.5, fig.get("auroc_se"),
+                      reference=ref_fig.get("auroc"))
     in_cells = [(row, how, fig) for row in mia.get("cells", []) for how, fig in row["attacks"].items()
                 if fig.get("auroc") is not None]
     z = float(norm.isf(CELL_FAMILY_ERROR / (2 * len(in_cells)))) if in_cells else None
     for row, how, fig in in_cells:
         grade("auroc", f"membership inference by {how} among {row['cell']} patients ({row['n_members']} members, "
-              f"{row['n_nonmembers']} non-members)", fig["auroc"], 0.5, fig.get("auroc_se"), z=z, cell=row["cell"])
+              f"{row['n_nonmembers']} non-members)", fig["auroc"], 0.5, fig.get("auroc_se"), z=z, cell=row["cell"],
+              reference=row.get("code_frequency", {}).get(how, {}).get("auroc"))
     for name, a in privacy["attribute_inference"]["attributes"].items():
         value = a["attacker"]["balanced_accuracy"]
         grade("advantage", f"attribute inference of {name}", value, value - a["advantage"])
@@ -538,6 +580,10 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
                  f"AUROC {worst['value']:.3f} (chance 0.5; some leakage beyond 0.5 +/- {some - 0.5:.2f}, leaks "
                  f"beyond +/- {leak - 0.5:.2f}" + (")." if worst["cell"] is None else
                  f"; within a cell only beyond {z:.1f} standard errors, for {len(in_cells)} cell attacks)."))
+        if worst["code_frequency"] is not None:
+            text += (f" A model that knows these training patients only through their code frequencies reaches "
+                     f"{worst['code_frequency']:.3f} on the same patients: that much a summary of their code counts "
+                     "alone reveals.")
     elif worst["kind"] == "advantage":
         text += (f". Strongest attack: {worst['attack']}, balanced accuracy {worst['value']:.3f} from the synthetic "
                  f"records against {worst['baseline']:.3f} without them (some leakage above +{some}, leaks above "

@@ -318,15 +318,20 @@ class MarginalModel:
 
     def loss(self, enc: EncodedRecords) -> float:
         """Negative log-likelihood of ``enc`` in nats per visit (the unit of the model's loss)."""
+        return float(-self.record_log_likelihood(enc).sum() / max(int(enc.lengths.sum()), 1))
+
+    def record_log_likelihood(self, enc: EncodedRecords) -> np.ndarray:
+        """Log-likelihood of each record of ``enc`` in nats: every code bit of every visit, and the end bits."""
         p = self.code_frequency
         log1m, logit = np.log1p(-p), np.log(p) - np.log1p(-p)
         vis = enc.visit_ids()
         k = enc.code_ptr[vis + 1] - enc.code_ptr[vis]
         present = enc.codes[_ranges(enc.code_ptr[vis], k)]
-        code_nll = -len(vis) * log1m.sum() - logit[present].sum()
-        slots, ends = enc.end_slots()
-        end_nll = -(ends * math.log(self.end_rate) + (slots - ends) * math.log1p(-self.end_rate))
-        return float((code_nll + end_nll) / max(len(vis), 1))
+        visit_ll = log1m.sum() + np.bincount(np.repeat(np.arange(len(vis)), k), weights=logit[present],
+                                             minlength=len(vis))
+        ll = np.bincount(np.repeat(np.arange(len(enc)), enc.lengths), weights=visit_ll, minlength=len(enc))
+        ends = enc.lengths < enc.n_ctx - 1  # the end at n_ctx - 1 is forced, not a bit (``end_slots``)
+        return ll + ends * math.log(self.end_rate) + (enc.lengths - 1) * math.log1p(-self.end_rate)
 
 
 # ---------------------------------------------------------------------- devices and processes

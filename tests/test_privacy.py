@@ -214,6 +214,39 @@ def test_membership_within_each_cell_by_hand():
     assert {r["groups"][0] for r in small.values()} == {"gender", "age_group"}
 
 
+def test_code_frequency_model_is_the_likelihood_attacks_reference(tiny):
+    from halo_balance.privacy import code_frequency_log_likelihood
+
+    syn = tiny_like([[[0, 3]], [[1, 4]], [[2]]])
+    holdout = tiny_like([[[3]], [[2, 3]], [[2]]], prefix="h", synthetic=False, labels=[0, 1, 1])
+    # visit frequencies of the members a, b, c (+0.5 / +1): code 3 is held by a alone, code 2 by b alone
+    members = tiny.select(["a", "b", "c"])
+    freq = code_frequency_log_likelihood(members)
+    p = (np.array([2, 2, 1, 1, 2]) + 0.5) / 6
+    end = 3.5 / 6  # three records end in 5 end slots
+    visit = lambda codes: np.log(np.where(np.isin(np.arange(5), codes), p, 1 - p)).sum()  # noqa: E731
+    assert freq(holdout) == pytest.approx([visit([3]) + np.log(end), visit([2, 3]) + np.log(end),
+                                           visit([2]) + np.log(end)])
+    # a generator that is this very model: its attacks and their reference coincide, overall and per cell
+    rep = privacy_report(tiny, syn, holdout=holdout, log_likelihood=freq, members=members, min_cell_patients=1)
+    lik = rep["membership_inference"]["likelihood"]
+    assert lik["code_frequency"]["auroc"] == lik["auroc"] and lik["n_members"] == 3
+    assert lik["code_frequency"]["per_event"]["auroc"] == lik["per_event"]["auroc"]
+    by_cell = {c["cell"]: c for c in rep["membership_inference"]["cells"]}
+    female_deaths = by_cell["label=1|gender=F"]  # d is not a member here: h1, h2 against no one
+    assert female_deaths["attacks"] == {} and female_deaths["n_members"] == 0
+    deaths = by_cell["label=1|age_group=65+"]  # b against h1, h2
+    assert deaths["code_frequency"]["likelihood"] == deaths["attacks"]["likelihood"]
+    # fitted on the members only: with d among them the reference moves (d holds code 3, as h0 and h1 do)
+    again = privacy_report(tiny, syn, holdout=holdout, log_likelihood=freq)["membership_inference"]["likelihood"]
+    assert again["code_frequency"]["auroc"] != again["auroc"]
+    # the verdict names it beside the strongest likelihood attack
+    from halo_balance.privacy import privacy_verdict
+
+    strongest = {a["attack"]: a for a in privacy_verdict(rep)["attacks"]}["membership inference by likelihood"]
+    assert strongest["code_frequency"] == lik["auroc"]
+
+
 # ---------------------------------------------------------------------- majority guess and verdict
 def test_majority_guess_is_the_training_data_majority():
     # training patients mostly F; the synthetic records mostly M

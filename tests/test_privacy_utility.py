@@ -58,7 +58,8 @@ def test_row_names_the_cell_attack_farthest_from_chance():
     mia = {how: {"auroc": 0.52, "auroc_se": 0.02, "per_event": {"auroc": 0.55, "auroc_se": 0.02}}
            for how in ("distance", "likelihood")}
     mia["cells"] = [{"cell": f"label=1|race={r}", "groups": ["race"], "n_members": 100, "n_nonmembers": 100,
-                     "attacks": {"likelihood per token": {"auroc": a, "auroc_se": 0.04}}}
+                     "attacks": {"likelihood per token": {"auroc": a, "auroc_se": 0.04}},
+                     "code_frequency": {"likelihood per token": {"auroc": a - 0.01}}}
                     for r, a in (("A", 0.62), ("B", 0.30), ("C", 0.55))]
     priv = {"membership_inference": mia, "exact_copies": {"copies_of_rare_records": 0, "rare_k": 5},
             "attribute_inference": {"attributes": {"label": {"attacker": {"balanced_accuracy": 0.6},
@@ -70,7 +71,8 @@ def test_row_names_the_cell_attack_farthest_from_chance():
     # 0.30 is farther from chance than 0.62: an attacker flips a score that ranks members low
     assert row["auroc_strongest_cell"] == 0.30 and "label=1|race=B" in row["strongest_cell"]
     assert row["strongest_cell_level"] == "leaks" and row["verdict"] == "leaks"
-    assert "| 0.300 |" in render_table([row], {})
+    assert row["auroc_strongest_cell_code_frequency"] == pytest.approx(0.29)
+    assert "| 0.300 (0.290) |" in render_table([row], {})
 
 
 def test_kfold_figures_and_bad_arguments(tmp_path, capsys):

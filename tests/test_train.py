@@ -56,6 +56,14 @@ def test_marginal_model_matches_a_direct_computation(tiny):
     end_nll = -(4 * np.log(m.end_rate) + 2 * np.log1p(-m.end_rate))
     assert m.loss(enc) == pytest.approx((code_nll + end_nll) / len(visits))
     assert m.code_frequency[0] == pytest.approx((2 + 0.5) / (6 + 1))
+    # per record: b (three visits) has two "not end" bits and its end; the others one visit and an end
+    per_record = [-sum(np.log(np.where(np.isin(np.arange(5), v), p, 1 - p)).sum() for v in tiny.records().patient(i))
+                  for i in range(4)]
+    ends = np.log(m.end_rate) + np.array([0, 2, 0, 0]) * np.log1p(-m.end_rate)
+    assert m.record_log_likelihood(enc) == pytest.approx(-np.array(per_record) + ends)
+    # a record that reaches n_ctx - 1 visits ends by force: no end bit
+    short = EncodedRecords.from_dataset(tiny, ConditionLayout.from_dataset(tiny), n_ctx=4)
+    assert m.record_log_likelihood(short)[1] == pytest.approx(-per_record[1] + 2 * np.log1p(-m.end_rate))
 
 
 def test_batches_are_bucketed_by_length(learnable):
