@@ -308,26 +308,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                              f"{fig['n_nonmembers']} non-members)"
                              + (f"; the code-frequency model of the same members: AUROC {_f(ref_fig['auroc'])}."
                                 if ref_fig else "."))
-    if any(m.get("code_frequency") for m in mia.values() if isinstance(m, dict)):
+    if mia["likelihood"].get("code_frequency"):
         lines.append("- The **code-frequency model** (each code an independent Bernoulli of its visit frequency "
                      "among the members) knows the training patients only through their code counts: its "
                      "attack is what such a summary reveals, a reference for the generator's.")
-    cell_rows = [c for c in mia.get("cells", []) if c["attacks"]]
-    if cell_rows:
-        names = list(cell_rows[0]["attacks"])
-        refs = list(cell_rows[0].get("code_frequency", {}))
-        lines += ["", "Membership inference within each cell (that cell's members against its non-members), AUROC "
-                  "(standard error):", "", "| cell | members | non-members | " + " | ".join(names)
-                  + "".join(f" | {n}, code frequencies" for n in refs) + " |",
-                  "| --- | ---: | ---: |" + " ---: |" * (len(names) + len(refs))]
-        for c in cell_rows:
-            figs = [f"{_f(c['attacks'][n]['auroc'])} ({_f(c['attacks'][n]['auroc_se'])})" for n in names]
-            figs += [_f(c["code_frequency"][n]["auroc"]) for n in refs]
-            lines.append(f"| {_cell(c['cell'])} | {c['n_members']} | {c['n_nonmembers']} | " + " | ".join(figs) + " |")
-        skipped = [c for c in mia.get("cells", []) if not c["attacks"]]
-        if skipped:
-            lines.append(f"\n{len(skipped)} cells with {skipped[0]['skipped']} were not attacked: "
-                         + ", ".join(f"{c['cell']} ({c['n_members']} / {c['n_nonmembers']})" for c in skipped) + ".")
+    lines += _cell_membership_lines(mia.get("cells", []))
     lines += ["", f"Attribute inference: a {ai['k']}-nearest-neighbour attacker who knows a training patient's "
               "tokens predicts the hidden attribute from the synthetic records; the majority guess is the training "
               "data's most frequent value; the reference attacker uses real patients outside the training data "
@@ -340,6 +325,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_acc(a['attacker'])} | {_acc(a['majority'])} | {_acc(ref) if ref else '-'} | "
                      f"{a['advantage']:+.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell_membership_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """The per-cell membership table, then the cells too small to attack."""
+    attacked = [c for c in cells if c["attacks"]]
+    if not attacked:
+        return []
+    names, refs = list(attacked[0]["attacks"]), list(attacked[0].get("code_frequency", {}))
+    lines = ["", "Membership inference within each cell (that cell's members against its non-members), AUROC "
+             "(standard error):", "", "| cell | members | non-members | " + " | ".join(names)
+             + "".join(f" | {n}, code frequencies" for n in refs) + " |",
+             "| --- | ---: | ---: |" + " ---: |" * (len(names) + len(refs))]
+    for c in attacked:
+        figs = [f"{_f(c['attacks'][n]['auroc'])} ({_f(c['attacks'][n]['auroc_se'])})" for n in names]
+        figs += [_f(c["code_frequency"][n]["auroc"]) for n in refs]
+        lines.append(f"| {_cell(c['cell'])} | {c['n_members']} | {c['n_nonmembers']} | " + " | ".join(figs) + " |")
+    skipped = [c for c in cells if not c["attacks"]]
+    if skipped:
+        lines += ["", f"{len(skipped)} cells with {skipped[0]['skipped']} were not attacked: "
+                  + ", ".join(f"{c['cell']} ({c['n_members']} / {c['n_nonmembers']})" for c in skipped) + "."]
+    return lines
 
 
 def _cell(text: str) -> str:
