@@ -238,8 +238,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     ca = verdict.get("cell_attacks") or {}
     if ca.get("attacks"):
         lines += ["", f"The membership attacks also ran within each of {ca['cells']} outcome x group cells "
-                  f"({ca['attacks']} attacks; table below); a cell's AUROC counts only beyond {ca['z']:.2f} "
-                  f"standard errors (Bonferroni, {CELL_FAMILY_ERROR:.0%} family-wise). "
+                  f"({ca['attacks']} attacks; table below); a cell's AUROC counts only where Holm's step-down "
+                  f"procedure over all of them rules chance out ({CELL_FAMILY_ERROR:.0%} family-wise; the strongest "
+                  f"must pass {ca['z']:.2f} standard errors, the next a little less). "
                   + (f"{len(graded_cells)} of them graded above '{VERDICT_LEVELS[0]}'; the table lists "
                      f"{'them' if len(graded_cells) <= MAX_CELL_ROWS else f'the {MAX_CELL_ROWS} strongest'}."
                      if graded_cells else "None of them does measurably better than chance.")]

@@ -49,8 +49,8 @@ MAX_QUERIES = 5_000
 #: accuracy, copies of training records held by fewer than k patients
 VERDICT_THRESHOLDS = {"auroc": (0.55, 0.65), "advantage": (0.02, 0.05), "rare_copies": (0, 0)}
 VERDICT_LEVELS = ("no measurable leak", "some leakage", "leaks")
-#: family-wise error rate of the per-cell membership attacks: a cell's AUROC counts only beyond the
-#: Bonferroni-corrected normal quantile for this rate over every cell attack of the report
+#: family-wise error rate of the per-cell membership attacks: a cell's AUROC counts only where Holm's
+#: step-down procedure over every cell attack of the report rules chance out at this rate
 CELL_FAMILY_ERROR = 0.05
 
 
@@ -507,6 +507,22 @@ def _checked_ll(values: np.ndarray, dataset: PreparedDataset) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- the verdict
+def holm_rejections(p_values: np.ndarray, alpha: float) -> np.ndarray:
+    """Holm's (1979) step-down procedure: which of these hypotheses are rejected at family-wise error ``alpha``.
+
+    The smallest p-value is compared with ``alpha / m``, the next with ``alpha / (m - 1)``, and so on;
+    the first that fails stops the procedure, and it and every larger one are kept.
+    """
+    p_values = np.asarray(p_values, dtype=float)
+    m = len(p_values)
+    order = np.argsort(p_values, kind="stable")
+    passed = p_values[order] <= alpha / (m - np.arange(m))
+    n_rejected = m if passed.all() else int(np.argmin(passed))
+    reject = np.zeros(m, dtype=bool)
+    reject[order[:n_rejected]] = True
+    return reject
+
+
 def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None) -> dict[str, Any]:
     """A plain-language verdict from every attack of a :func:`privacy_report`, the worst one named.
 
@@ -517,29 +533,33 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
     records held by fewer than k patients. An AUROC within two standard errors of 0.5 is no
     measurable leak whatever its value (with few held-out patients chance alone moves it far), and
     the text says how small a leak the sample could have detected. The per-cell membership attacks
-    are graded alike, except that chance is ruled out only beyond ``z`` standard errors, ``z`` the
-    Bonferroni-corrected normal quantile for a family-wise error of :data:`CELL_FAMILY_ERROR` over
-    all of them (conservative: cells overlap and the attacks are correlated). The verdict is the
-    worst grade; ``dp`` (a model's ``privacy`` summary) adds its guarantee to the text.
+    are graded alike, except that chance is ruled out only where Holm's step-down procedure
+    (:func:`holm_rejections`, two-sided normal p-values of the AUROCs) rejects it at a family-wise
+    error of :data:`CELL_FAMILY_ERROR` over all of them; it holds whatever their dependence (cells
+    overlap, and a cell's attacks are correlated). The verdict is the worst grade; ``dp`` (a
+    model's ``privacy`` summary) adds its guarantee to the text.
 
     Returns
     -------
     dict with ``level`` (one of :data:`VERDICT_LEVELS`), ``worst`` (the attack), ``attacks`` (one
     entry per attack: ``attack``, ``kind``, ``value``, ``baseline``, ``se``, ``level``,
-    ``severity`` and ``cell``, None for the attacks over every record), ``cell_attacks``
-    (``cells`` and ``attacks`` graded, ``z``), ``complete`` (False when the membership attacks
-    were skipped), ``dp`` and ``text``.
+    ``severity``, ``cell`` (None for the attacks over every record) and ``code_frequency`` (the
+    reference of a likelihood attack)), ``cell_attacks`` (``cells`` and ``attacks`` graded, ``z``:
+    the standard errors the strongest of them must pass), ``complete`` (False when the membership
+    attacks were skipped), ``dp`` and ``text``.
     """
     from scipy.stats import norm
 
     attacks: list[dict[str, Any]] = []
 
     def grade(kind: str, name: str, value: float, baseline: float, se: float | None = None, *,
-              z: float = 2.0, cell: str | None = None, reference: float | None = None) -> None:
+              chance: bool | None = None, cell: str | None = None, reference: float | None = None) -> None:
         some, leak = VERDICT_THRESHOLDS[kind]
         excess = abs(value - baseline) + 0.5 if kind == "auroc" else value - baseline
         level = 2 if excess > leak else 1 if excess > some else 0
-        if se is not None and abs(value - baseline) <= z * se:  # indistinguishable from chance
+        if chance is None:
+            chance = se is not None and abs(value - baseline) <= 2 * se
+        if chance:  # indistinguishable from chance
             level = 0
         # how far towards (or past) the "leaks" threshold, comparable across kinds
         zero = 0.5 if kind == "auroc" else 0.0
@@ -559,11 +579,14 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
                       reference=ref_fig.get("auroc"))
     in_cells = [(row, how, fig) for row in mia.get("cells", []) for how, fig in row["attacks"].items()
                 if fig.get("auroc") is not None]
-    z = float(norm.isf(CELL_FAMILY_ERROR / (2 * len(in_cells)))) if in_cells else None
-    for row, how, fig in in_cells:
+    z = float(norm.isf(CELL_FAMILY_ERROR / (2 * len(in_cells)))) if in_cells else None  # Holm's first step
+    distance = np.array([abs(fig["auroc"] - 0.5) / fig["auroc_se"] if fig.get("auroc_se") else
+                         (np.inf if fig["auroc"] != 0.5 else 0.0) for _, _, fig in in_cells])
+    counts = holm_rejections(2 * norm.sf(distance), CELL_FAMILY_ERROR)
+    for (row, how, fig), real in zip(in_cells, counts):
         grade("auroc", f"membership inference by {how} among {row['cell']} patients ({row['n_members']} members, "
-              f"{row['n_nonmembers']} non-members)", fig["auroc"], 0.5, fig.get("auroc_se"), z=z, cell=row["cell"],
-              reference=row.get("code_frequency", {}).get(how, {}).get("auroc"))
+              f"{row['n_nonmembers']} non-members)", fig["auroc"], 0.5, fig.get("auroc_se"), chance=not real,
+              cell=row["cell"], reference=row.get("code_frequency", {}).get(how, {}).get("auroc"))
     for name, a in privacy["attribute_inference"]["attributes"].items():
         value = a["attacker"]["balanced_accuracy"]
         grade("advantage", f"attribute inference of {name}", value, value - a["advantage"])
@@ -579,7 +602,8 @@ def privacy_verdict(privacy: dict[str, Any], *, dp: dict[str, Any] | None = None
         text += (f". Strongest attack: {worst['attack']}, which tells training patients from held-out ones with "
                  f"AUROC {worst['value']:.3f} (chance 0.5; some leakage beyond 0.5 +/- {some - 0.5:.2f}, leaks "
                  f"beyond +/- {leak - 0.5:.2f}" + (")." if worst["cell"] is None else
-                 f"; within a cell only beyond {z:.1f} standard errors, for {len(in_cells)} cell attacks)."))
+                 f"; within a cell only where Holm's procedure over the {len(in_cells)} cell attacks rules chance "
+                 f"out, {CELL_FAMILY_ERROR:.0%} family-wise)."))
         if worst["code_frequency"] is not None:
             text += (f" A model that knows these training patients only through their code frequencies reaches "
                      f"{worst['code_frequency']:.3f} on the same patients: that much a summary of their code counts "

@@ -304,7 +304,17 @@ def _cells(*aurocs, se=0.04):
              "attacks": {"likelihood": {"auroc": a, "auroc_se": se}}} for i, a in enumerate(aurocs)]
 
 
-def test_verdict_grades_each_cell_beyond_a_bonferroni_bound():
+def test_holm_step_down_by_hand():
+    from halo_balance.privacy import holm_rejections
+
+    # sorted: 0.005 <= 0.05/4, 0.01 <= 0.05/3, 0.03 > 0.05/2: the procedure stops there, keeping 0.04 too
+    assert holm_rejections(np.array([0.01, 0.04, 0.03, 0.005]), 0.05).tolist() == [True, False, False, True]
+    assert holm_rejections(np.array([0.001, 0.002]), 0.05).all()
+    assert not holm_rejections(np.array([0.03, 0.04]), 0.05).any()  # Bonferroni's first step fails
+    assert holm_rejections(np.array([]), 0.05).tolist() == []
+
+
+def test_verdict_grades_each_cell_by_holms_procedure():
     from scipy.stats import norm
 
     from halo_balance.privacy import privacy_verdict
@@ -314,18 +324,23 @@ def test_verdict_grades_each_cell_beyond_a_bonferroni_bound():
         priv["membership_inference"]["cells"] = _cells(*aurocs, se=se)
         return privacy_verdict(priv)
 
-    # six cell attacks: chance is ruled out beyond norm.isf(0.05 / 12) = 2.64 standard errors
-    z = norm.isf(0.05 / 12)
+    # six cell attacks: the strongest must pass norm.isf(0.05 / 12) = 2.64 standard errors
     leaky = verdict(0.75, 0.5, 0.5, 0.5, 0.5, 0.5)
-    assert leaky["cell_attacks"] == {"cells": 6, "attacks": 6, "z": pytest.approx(z)}
+    assert leaky["cell_attacks"] == {"cells": 6, "attacks": 6, "z": pytest.approx(norm.isf(0.05 / 12))}
     assert leaky["level"] == "leaks" and leaky["worst"]["cell"] == "label=1|race=0"
     assert "among label=1|race=0 patients (100 members, 100 non-members)" in leaky["text"]
-    assert f"beyond {z:.1f} standard errors, for 6 cell attacks" in leaky["text"]
+    assert "Holm's procedure over the 6 cell attacks" in leaky["text"]
     # 0.62: 3.0 standard errors of 0.04 (counted: some leakage), 2.4 of 0.05 (within the bound: chance)
     assert verdict(0.62, 0.5, 0.5, 0.5, 0.5, 0.5)["level"] == "some leakage"
     assert verdict(0.62, 0.5, 0.5, 0.5, 0.5, 0.5, se=0.05)["level"] == "no measurable leak"
     # the same 0.62 over all records, two standard errors of 0.05 being the bound there, counts
     assert privacy_verdict(_privacy(auroc=0.62, se=0.05))["level"] == "some leakage"
+    # 0.604 is 2.6 standard errors (p 0.0093): short of Bonferroni's 0.05 / 6, but Holm's second step
+    # asks 0.05 / 5 once the 0.75 is ruled out
+    second = {a["cell"]: a["level"] for a in verdict(0.75, 0.604, 0.5, 0.5, 0.5, 0.5)["attacks"] if a["cell"]}
+    assert second["label=1|race=1"] == "some leakage"
+    alone = {a["cell"]: a["level"] for a in verdict(0.5, 0.604, 0.5, 0.5, 0.5, 0.5)["attacks"] if a["cell"]}
+    assert alone["label=1|race=1"] == "no measurable leak"
     # a cell's large standard error does not widen the chance band stated for the attacks over all records
     quiet = verdict(0.5, 0.55, se=0.2)
     assert quiet["level"] == "no measurable leak" and "cannot be told from chance" not in quiet["text"]
