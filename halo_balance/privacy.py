@@ -257,8 +257,7 @@ def code_frequency_log_likelihood(fit_on: PreparedDataset) -> Callable[[Prepared
     constant end-of-record hazard (:class:`halo_balance.train.MarginalModel`, the baseline of the
     training loss). It knows those patients only through their code counts, so its membership
     attack is what such a summary of them reveals (records holding codes that few of them share
-    stand out): a reference for a generator's attack, which only noise (differential privacy) takes
-    below it.
+    stand out): a reference for a generator's attack.
     """
     from .config import ConditionLayout
     from .train import EncodedRecords, MarginalModel
