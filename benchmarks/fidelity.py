@@ -134,7 +134,7 @@ def score(train: PreparedDataset, synthetic: PreparedDataset, *, reference: Prep
         real_n, real_n_source = record_shape(train, rows), "training records resampled"
     out["shape"] = {"train": record_shape(train), "synthetic": record_shape(synthetic), "real_N": real_n,
                     "real_N_source": real_n_source}
-    groups = [[g] for g in train.group_attributes] if cells is None else [list(c) for c in cells]
+    groups = train.cell_groupings(cells)
     rows = []
     for g in groups:
         for row in cell_fidelity(train, synthetic, reference=(ref_a, ref_b), groups=g, min_records=min_cell_records):

@@ -442,6 +442,10 @@ class PreparedDataset:
         visits = pl.concat([d.visits.select(list(VISITS_SCHEMA)) for d in datasets])
         return cls(visits, patients, first.vocab, copy.deepcopy(first.meta))
 
+    def cell_groupings(self, cells: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+        """The group attributes of each per-cell table: ``cells`` as lists, or each attribute alone."""
+        return [[g] for g in self.group_attributes] if cells is None else [list(c) for c in cells]
+
     def strata(self, groups: Sequence[str] | None = None) -> pl.Series:
         """Per-patient cell name: the outcome crossed with the given group attributes."""
         groups = self.group_attributes if groups is None else list(groups)

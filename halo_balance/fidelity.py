@@ -352,8 +352,7 @@ def fidelity_report(real: PreparedDataset, synthetic: PreparedDataset, *,
                         "reference_wasserstein": ref[f"{name}_wasserstein"]}
     report["label_rate"] = {"real": _rate(real.patients["label"]), "synthetic": _rate(synthetic.patients["label"])}
     report["group_rates"] = {g: _category_shares(real, synthetic, g) for g in real.group_attributes}
-    cells = [[g] for g in real.group_attributes] if cells is None else [list(c) for c in cells]
-    report["cells"] = [row for groups in cells
+    report["cells"] = [row for groups in real.cell_groupings(cells)
                        for row in cell_fidelity(real, synthetic, reference=reference, groups=groups,
                                                 min_records=min_cell_records)]
     return report

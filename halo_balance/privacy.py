@@ -210,9 +210,8 @@ def cell_membership_inference(members: PreparedDataset, nonmembers: PreparedData
     ``min_patients``, which also gets ``skipped``) and, with ``references``, ``code_frequency``
     (the same for the reference scores).
     """
-    groups_list = [[g] for g in members.group_attributes] if cells is None else [list(c) for c in cells]
     rows = []
-    for groups in groups_list:
+    for groups in members.cell_groupings(cells):
         m_cell, n_cell = members.strata(groups).to_numpy(), nonmembers.strata(groups).to_numpy()
         for cell in sorted(set(m_cell) | set(n_cell)):
             in_m, in_n = m_cell == cell, n_cell == cell
