@@ -254,8 +254,14 @@ class EncodedRecords:
 
     def end_slots(self) -> tuple[int, int]:
         """(trained end bits, of which "end"): h_1..h_L per record, minus the forced end at n_ctx - 1."""
-        positives = int((self.lengths < self.n_ctx - 1).sum())
-        return int((self.lengths - 1).sum()) + positives, positives
+        continues, ends = self.end_bits()
+        positives = int(ends.sum())
+        return int(continues.sum()) + positives, positives
+
+    def end_bits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per record: its "not end" bits (one before each later visit) and whether it has an "end" bit
+        (not when it reaches n_ctx - 1 visits, where the end is forced)."""
+        return self.lengths - 1, self.lengths < self.n_ctx - 1
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -330,8 +336,8 @@ class MarginalModel:
         visit_ll = log1m.sum() + np.bincount(np.repeat(np.arange(len(vis)), k), weights=logit[present],
                                              minlength=len(vis))
         ll = np.bincount(np.repeat(np.arange(len(enc)), enc.lengths), weights=visit_ll, minlength=len(enc))
-        ends = enc.lengths < enc.n_ctx - 1  # the end at n_ctx - 1 is forced, not a bit (``end_slots``)
-        return ll + ends * math.log(self.end_rate) + (enc.lengths - 1) * math.log1p(-self.end_rate)
+        continues, ends = enc.end_bits()
+        return ll + ends * math.log(self.end_rate) + continues * math.log1p(-self.end_rate)
 
 
 # ---------------------------------------------------------------------- devices and processes
