@@ -81,6 +81,10 @@ class HaloConfig:
         Give the end and empty-visit events a learned bias per visit position, beside the one the
         state predicts: their rates change with the position (on the eICU demo 77% of records end
         after one stay, 65% of the rest after two; 5% of first stays are empty, 28% of later ones).
+    n_pairs : int
+        Within-visit pair terms of the fine module: a logit added to code i for each earlier code j
+        of the visit, for the (j, i) pairs that enough training patients share (fitted after
+        training, ``train.refit_output_biases``; 0 for a model without them).
     preset : str or None
         Name of the preset these sizes came from (informational).
     """
@@ -99,6 +103,7 @@ class HaloConfig:
     exclusive_groups: list[list[int]] = field(default_factory=list)
     empty_visit_event: bool = False
     position_event_bias: bool = False
+    n_pairs: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,6 +114,8 @@ class HaloConfig:
             problems.append(f"n_ctx must be >= 2: the conditioning visit and one visit (got {self.n_ctx})")
         if self.n_embd % max(self.n_head, 1):
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_pairs < 0:
+            problems.append(f"n_pairs must be >= 0 (got {self.n_pairs})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must lie in [0, 1) (got {self.dropout})")
         self.exclusive_groups = [[int(a), int(b)] for a, b in self.exclusive_groups]

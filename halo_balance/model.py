@@ -40,6 +40,17 @@ of code i depends on h and on the codes chosen before i, through a running addit
 
 so perturbing any x_j with j >= i leaves logit_i unchanged.
 
+**Pair terms** (``config.n_pairs``): a fitted logit a_ji for each code pair (j, i), j < i, that at
+least ``pair_min_patients`` training patients share within a visit, added to logit_i when j was
+chosen before it::
+
+    logit_i = w_i . u_{<i} + b_i + sum_{j < i, x_j = 1, (j, i) a pair} a_ji
+
+The network learns common clinical associations (diabetes with a high glucose bin, creatinine with
+BUN) only weakly by the epoch model selection stops at; these direct terms, fitted after training
+with everything else fixed (``train.refit_output_biases``), carry them. A pair that few patients
+share gets no term, so no term describes a handful of patients.
+
 **Empty visits** (``config.empty_visit_event``, every preset) are an event of their own: a bit
 "empty" predicted from h, then, for a visit that is not empty, the chain above conditioned on
 holding at least one code::
@@ -185,6 +196,11 @@ class FineModule(nn.Module):
         for a, b in cfg.exclusive_groups:
             skip[a:b + 1] = b
         self.register_buffer("skip", skip, persistent=False)
+        # pair terms (j, i) sorted by j then i, and their logits; None without any (a buffer that
+        # is None stays out of the state dict, so models without pair terms load as before)
+        pairs = cfg.n_pairs > 0
+        self.register_buffer("pair_index", torch.zeros(cfg.n_pairs, 2, dtype=torch.long) if pairs else None)
+        self.register_buffer("pair_weight", torch.zeros(cfg.n_pairs) if pairs else None)
         self.empty_head = nn.Linear(cfg.n_embd, 1) if cfg.empty_visit_event else None
         self.empty_position = (nn.Embedding(cfg.n_ctx, 1) if cfg.empty_visit_event and cfg.position_event_bias
                                else None)
@@ -192,6 +208,30 @@ class FineModule(nn.Module):
     def state(self, z: torch.Tensor) -> torch.Tensor:
         """u from z = P h + b_P + s (the summary of the codes chosen so far)."""
         return self.ln_2(z + self.mlp(self.ln_1(z)))
+
+    def set_pairs(self, index: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Give the module the pair terms ``index`` ``(P, 2)`` (earlier code j, later code i) with
+        logits ``weight`` (zeros by default); sorted here. The caller updates ``config.n_pairs``."""
+        V = self.out.out_features
+        index = index.long().to(self.out.weight.device).reshape(-1, 2)
+        weight = (torch.zeros(len(index)) if weight is None else weight.float()).to(self.out.weight.device)
+        if len(index) and not bool(((index[:, 0] < index[:, 1]) & (index[:, 1] < V) & (index[:, 0] >= 0)).all()):
+            raise HaloBalanceError(f"pair terms must be (j, i) with 0 <= j < i < {V}")
+        if not len(index):
+            self.pair_index = self.pair_weight = None
+            return
+        order = torch.argsort(index[:, 0] * V + index[:, 1])
+        self.pair_index, self.pair_weight = index[order].contiguous(), weight[order].contiguous()
+
+    def pair_edges(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair terms leaving each code of ``sources``: ``(which source, pair id)`` per term."""
+        V, dev = self.out.out_features, sources.device
+        ptr = F.pad(torch.bincount(self.pair_index[:, 0], minlength=V).cumsum(0), (1, 0))
+        sources = sources.long()
+        degree = ptr[sources + 1] - ptr[sources]
+        which = torch.repeat_interleave(torch.arange(sources.numel(), device=dev), degree)
+        pair = ptr[sources][which] + torch.arange(which.numel(), device=dev) - (degree.cumsum(0) - degree)[which]
+        return which, pair
 
     def _blocks(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor, *,
                 isolated: bool = False) -> _FineBlocks:
@@ -259,8 +299,17 @@ class FineModule(nn.Module):
         bias = F.pad(self.out.bias, (0, C * size - V)).view(C, 1, size)
         logits = torch.baddbmm(bias, rows.view(C, -1, rows.shape[1]), weight.transpose(1, 2))
         logits = logits.view(-1, size).index_select(0, slot)  # (R, size)
-        code_row = row_start.view(C, N)[block_of_code, visit_of_code] + (
+        first_row = row_start.view(C, N)
+        code_row = first_row[block_of_code, visit_of_code] + (
             torch.arange(codes.numel(), device=dev) - code_ptr[:-1][visit_of_code] - lo[visit_of_code, block_of_code])
+        if self.pair_index is not None and codes.numel():
+            # a_ji goes to code i's row in visit n: its state is the one after the visit's codes below i
+            which, pair = self.pair_edges(codes)
+            n, target = visit_of_code[which], self.pair_index[pair, 1]
+            below = torch.searchsorted(visit_of_code * V + codes, n * V + target) - code_ptr[:-1][n]
+            block = target // size
+            logits = logits.index_put((first_row[block, n] + below - lo[n, block], target % size),
+                                      self.pair_weight[pair].to(logits.dtype), accumulate=True)
         return _FineBlocks(logits=logits, row_state=row_state, row_visit=row_visit, row_block=row_block,
                            col_lo=col_lo, col_hi=col_hi, code_row=code_row, code_col=codes % size,
                            visit_of_code=visit_of_code, size=size, n_visits=N)
@@ -485,6 +534,11 @@ class HaloModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_pairs(self, index: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Pair terms for the fine module (:meth:`FineModule.set_pairs`); ``config.n_pairs`` follows."""
+        self.fine.set_pairs(index, weight)
+        self.config.n_pairs = 0 if self.fine.pair_index is None else len(self.fine.pair_index)
 
     @torch.no_grad()
     def init_output_biases(self, code_frequency: torch.Tensor, end_rate: float, empty_rate: float = 0.0) -> None:

@@ -20,7 +20,8 @@ The sampler (:func:`sample_records`) draws from the model's distribution exactly
   its last one (after the last one's exclusive group, see ``model.py``), or "stop", from the exact
   distribution of the per-code Bernoulli chain (an exponential waiting time on the cumulated
   hazard and a binary search per record), so a visit costs max(codes per visit) + 1 fine passes
-  over the still-sampling records;
+  over the still-sampling records; with pair terms (``model.py``) each record also carries the sum
+  of the terms its visit's codes so far add to the later codes' logits;
 - nothing is rejected or reweighted: an empty visit, the first one included, is drawn as often as
   the model gives it (real records hold them: 4.6% of the eICU demo's first stays have no token);
 - a record never exceeds the trained context (``n_ctx - 1`` visits; the end is forced there).
@@ -87,10 +88,13 @@ def sample_visits(fine, h, generator, position: int = 0):
         ids = (~empty).nonzero().squeeze(1)
     z = fine.proj(h[ids])  # ... pre-states P h + b_P + (sum of the embeddings of their codes so far)
     last = torch.full((len(ids),), -1, dtype=torch.long, device=dev)  # ... and pointers
+    pairs = fine.pair_index is not None  # ... and the pair terms their codes so far add to each logit
+    added = torch.zeros(len(ids), V if pairs else 0, device=dev)
     picked_rec, picked_code = [], []
     while ids.numel():
         lo = max(int(last.min()), 0)  # columns from the smallest pointer on
-        hazard = F.softplus(F.linear(fine.state(z), fine.out.weight[lo:], fine.out.bias[lo:]).float())
+        logits = F.linear(fine.state(z), fine.out.weight[lo:], fine.out.bias[lo:]).float()
+        hazard = F.softplus(logits + added[:, lo:] if pairs else logits)
         cum = F.pad(hazard.cumsum(1), (1, 0))  # cum[:, q] = c_{lo+q-1} - c_{lo-1}
         at = (last + 1 - lo)[:, None]  # the pointer's column in cum (-1: column 0, nothing yet)
         if nonempty:  # first pass of a visit that holds a code: E conditioned on E < c_{V-1}
@@ -109,9 +113,13 @@ def sample_visits(fine, h, generator, position: int = 0):
         keep = (pick < V) & (pointer < V - 1)  # "stop", or nothing left after it: the visit is complete
         if not bool(keep.all()):
             idx = keep.nonzero().squeeze(1)
-            ids, pick, pointer, z = ids[idx], pick[idx], pointer[idx], z[idx]
+            ids, pick, pointer, z, added = ids[idx], pick[idx], pointer[idx], z[idx], added[idx]
         last = pointer
         z = z + fine.token_emb(pick)
+        if pairs:
+            which, pair = fine.pair_edges(pick)
+            added = added.index_put((which, fine.pair_index[pair, 1]), fine.pair_weight[pair].float(),
+                                    accumulate=True)
     none = torch.zeros(0, dtype=torch.long, device=dev)  # every visit may have been drawn empty
     rec, codes = torch.cat([none, *picked_rec]), torch.cat([none, *picked_code])
     rec, codes = rec[codes < V], codes[codes < V]
@@ -328,12 +336,13 @@ def _reference_visits(fine, h, generator):
     B, V = h.shape[0], fine.out.out_features
     base = fine.proj(h)
     summary = torch.zeros_like(base)
+    added = torch.zeros(B, V, device=h.device)  # the pair terms of the codes taken so far
     x = torch.zeros(B, V, dtype=torch.bool, device=h.device)
     ruled_out = torch.full((B, 1), -1, dtype=torch.long, device=h.device)  # codes <= this are closed
     column = torch.arange(V, device=h.device)
     i = 0
     while i < V:
-        probs = torch.sigmoid(fine.out(fine.state(base + summary)).float())
+        probs = torch.sigmoid(fine.out(fine.state(base + summary)).float() + added)
         draws = torch.rand(B, V, generator=generator, device=h.device) < probs
         draws[:, :i] = False
         draws &= column > ruled_out
@@ -344,6 +353,10 @@ def _reference_visits(fine, h, generator):
         took = draws[:, p]
         x[:, p] = took
         summary[took] += fine.token_emb.weight[p]
+        if fine.pair_index is not None:
+            _, pair = fine.pair_edges(torch.tensor([p], device=h.device))
+            added[took] += torch.zeros(V, device=h.device).index_put(
+                (fine.pair_index[pair, 1],), fine.pair_weight[pair].float())
         ruled_out[took] = int(fine.skip[p])
         i = p + 1
     return x

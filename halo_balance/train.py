@@ -48,6 +48,7 @@ from .data import PreparedDataset
 from .dp import AccountantName, PrivacyPlan, PrivateSteps, private_statistics
 from .errors import HaloBalanceError, OutputExistsError, unknown_choice
 from .io import atomic_dir, check_output_dir, read_json, write_json
+from .pairs import shared_pairs
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 CHECKPOINT_DIR, STATE_FILE, BEST_FILE, OPTIMIZER_FILE, TRAINING_FILE = (
@@ -55,7 +56,7 @@ CHECKPOINT_DIR, STATE_FILE, BEST_FILE, OPTIMIZER_FILE, TRAINING_FILE = (
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 3e-4}
 #: Raised whenever training or sampling changes what a generator trained with the same options
 #: produces; caches of trained generators key on it (``benchmarks.methods.generator_key``).
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 #: option fields that do not change the trained generator
 RUNTIME_OPTIONS = ("device", "resume", "overwrite", "allow_synthetic")
 
@@ -125,6 +126,13 @@ class TrainOptions:
     refit_biases : bool
         Then refit the code, end and empty-visit biases by maximum likelihood on the training
         patients with the rest of the model fixed (:func:`refit_output_biases`).
+    pair_min_patients : int
+        With the bias refit, fit a pair term (``model.py``) for every code pair that at least this
+        many training patients hold together in a visit (0: none). The early-stopped network
+        draws strong common associations (diabetes with a high glucose bin) at a fraction of their
+        real rate; fewer patients than this describe too few people to be fitted directly.
+    pair_shrinkage : float
+        Gaussian penalty on each pair term, worth about this many observations.
     max_gap : float or None
         The model is the best epoch (by validation loss) among those whose generalisation gap is
         at most this (the first epoch always qualifies); ``None`` or 0: no limit. The gap is
@@ -158,6 +166,8 @@ class TrainOptions:
     condition_lr_scale: float = 10.0
     refit_conditions: bool = True
     refit_biases: bool = True
+    pair_min_patients: int = 25
+    pair_shrinkage: float = 3.0
 
     def validate(self) -> TrainOptions:
         problems = []
@@ -182,6 +192,10 @@ class TrainOptions:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if not self.condition_lr_scale > 0:
             problems.append(f"condition_lr_scale must be > 0 (got {self.condition_lr_scale})")
+        if self.pair_min_patients < 0:
+            problems.append(f"pair_min_patients must be >= 0 (got {self.pair_min_patients}; 0: no pair terms)")
+        if not self.pair_shrinkage > 0:
+            problems.append(f"pair_shrinkage must be > 0 (got {self.pair_shrinkage})")
         if self.n_ctx is not None and self.n_ctx < 2:
             problems.append(f"n_ctx must be >= 2 (got {self.n_ctx})")
         if self.resume and self.overwrite:
@@ -252,6 +266,13 @@ class EncodedRecords:
         first = self.first_visit if rows is None else self.first_visit[rows]
         return _ranges(first, L)
 
+    def ragged(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The kept visits of ``rows`` as ragged arrays ``(visit_ptr, code_ptr, codes)``."""
+        vis = self.visit_ids(rows)
+        k = self.code_ptr[vis + 1] - self.code_ptr[vis]
+        return (np.concatenate([[0], np.cumsum(self.lengths[rows])]), np.concatenate([[0], np.cumsum(k)]),
+                self.codes[_ranges(self.code_ptr[vis], k)])
+
     def end_slots(self) -> tuple[int, int]:
         """(trained end bits, of which "end"): h_1..h_L per record, minus the forced end at n_ctx - 1."""
         continues, ends = self.end_bits()
@@ -281,10 +302,8 @@ def collate(enc: EncodedRecords, rows: np.ndarray):
     rows = np.asarray(rows, dtype=np.int64)
     L = enc.lengths[rows]
     B, T = len(rows), int(L.max()) + 1
-    vis = enc.visit_ids(rows)
-    k = enc.code_ptr[vis + 1] - enc.code_ptr[vis]
-    codes = enc.codes[_ranges(enc.code_ptr[vis], k)]
-    code_ptr = np.concatenate([[0], np.cumsum(k)])
+    _, code_ptr, codes = enc.ragged(rows)
+    k = np.diff(code_ptr)
     bag = np.zeros((B, T - 1), dtype=np.int64)
     bag[np.arange(T - 1)[None, :] < L[:, None]] = k  # row-major fill = record by record, visit by visit
     offsets = np.concatenate([[0], np.cumsum(bag.ravel())[:-1]]) if T > 1 else np.zeros(0, dtype=np.int64)
@@ -431,9 +450,11 @@ def _record_nll(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int
 
 
 def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int, device,
-                        shrinkage: float = 5.0, iterations: int = 10, reduce=None) -> dict[str, float]:
+                        shrinkage: float = 5.0, iterations: int = 10, reduce=None, pairs: np.ndarray | None = None,
+                        pair_shrinkage: float = 3.0) -> dict[str, float]:
     """Refit the code biases ``b_i``, the end bias and the empty-visit bias by maximum likelihood on
-    ``rows``, the rest of the model fixed.
+    ``rows``, the rest of the model fixed; with ``pairs`` (``(P, 2)`` code pairs j < i, see
+    :func:`halo_balance.pairs.shared_pairs`), fit their pair terms a_ji jointly, from zero.
 
     With the states fixed (teacher forcing), each bias is a one-dimensional convex problem: the
     logistic likelihood of its code's bits (or of the end or empty-visit bits) with the other terms
@@ -445,12 +466,20 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     With the empty-visit event the codes are fitted on the visits that hold one, under the
     condition that they do. ``reduce`` sums per-process lists under DDP. Returns the mean absolute
     change of the code biases and the changes of the other biases.
+
+    A pair term a_ji enters the logit of code i in the visits that hold j, next to b_i and the
+    other pairs into i: each Newton step divides a parameter's curvature by the number of
+    parameters sharing each of its logits (a diagonal bound on the Hessian, so the joint steps do
+    not overshoot), and ``pair_shrinkage / 2 * a_ji^2`` shrinks it towards no term.
     """
     import torch
 
     was_training = model.training
     model.eval()
     fine, V = model.fine, model.config.vocab_size
+    if pairs is not None:
+        model.set_pairs(torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 2)))
+    with_pairs = fine.pair_index is not None
     # each event's bias: per visit position when the model has position biases, else the head's one
     heads = {"end": (model.end_position.weight[:, 0] if model.end_position is not None else model.end_head.bias)}
     if fine.empty_head is not None:
@@ -462,8 +491,15 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             h = model.hidden_states(b.cond, b.visit_codes, b.visit_offsets, b.n_positions)
             h = h.reshape(b.n_records * b.n_positions, -1).float()
             x = torch.zeros(b.n_visits, V, device=device)
-            x[torch.repeat_interleave(torch.arange(b.n_visits, device=device), b.code_ptr.diff()), b.visit_codes] = 1.0
-            visits.append((h[b.target_hidden], b.visit_codes, b.code_ptr, x))
+            visit_of_code = torch.repeat_interleave(torch.arange(b.n_visits, device=device), b.code_ptr.diff())
+            x[visit_of_code, b.visit_codes] = 1.0
+            terms = None
+            if with_pairs:  # each pair's (visit, code) logits, and how many parameters share each logit
+                which, pair = fine.pair_edges(b.visit_codes)
+                at = (visit_of_code[which], fine.pair_index[pair, 1])
+                sharing = torch.ones_like(x).index_put(at, torch.ones(len(pair), device=device), accumulate=True)
+                terms = (at, pair, sharing)
+            visits.append((h[b.target_hidden], b.visit_codes, b.code_ptr, x, terms))
             T = b.n_positions
             end_at, visit_at = b.end_hidden % T, b.target_hidden % T
             end_slot = end_at if model.end_position is not None else torch.zeros_like(end_at)
@@ -475,12 +511,20 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                                         (b.code_ptr[1:] == b.code_ptr[:-1]).float(), slot))
         old = {"codes": fine.out.bias.detach().clone(), **{k: v.detach().clone() for k, v in heads.items()}}
         floor = math.log(1e-6) - math.log1p(-1e-6)  # the marginal model's smallest frequency
+        n_pairs = model.config.n_pairs
         for _ in range(iterations):
             grad = torch.zeros(V, dtype=torch.float64, device=device)
             hess = torch.zeros_like(grad)
-            for h, codes, code_ptr, x in visits:
+            pair_grad = torch.zeros(n_pairs, dtype=torch.float64, device=device)
+            pair_hess = torch.zeros_like(pair_grad)
+            for h, codes, code_ptr, x, terms in visits:
                 p = torch.sigmoid(fine.logits(h, codes, code_ptr).float())  # 0 where a group rules a code out
                 g, w = p - x, p * (1 - p)
+                if terms is not None:  # pair terms sit on chosen codes' visits: never the empty-chain term
+                    at, pair, sharing = terms
+                    w = w * sharing
+                    pair_grad.index_add_(0, pair, g[at].double())
+                    pair_hess.index_add_(0, pair, w[at].double())
                 if "empty" in heads:  # non-empty visits only, given that they hold a code
                     keep = (code_ptr[1:] > code_ptr[:-1]).float()[:, None]
                     first_logits = fine.first_logits(h)
@@ -495,6 +539,13 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             shift = fine.out.bias.double() - old["codes"].double()
             step = ((grad + shrinkage * shift) / (hess + shrinkage)).clamp(-2.0, 2.0)
             fine.out.bias.copy_((fine.out.bias.double() - step).clamp(min=floor).to(fine.out.bias.dtype))
+            if n_pairs:
+                if reduce is not None:
+                    pair_grad, pair_hess = (torch.tensor(reduce(t.tolist()), dtype=torch.float64, device=device)
+                                            for t in (pair_grad, pair_hess))
+                a = fine.pair_weight.double()
+                a -= ((pair_grad + pair_shrinkage * a) / (pair_hess + pair_shrinkage)).clamp(-2.0, 2.0)
+                fine.pair_weight.copy_(a.to(fine.pair_weight.dtype))
             for name, bias in heads.items():
                 g_h = torch.zeros(len(bias), dtype=torch.float64, device=device)
                 w_h = torch.zeros_like(g_h)
@@ -508,8 +559,11 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 g_h += shrinkage * (bias.double() - old[name].double())
                 bias -= ((g_h / (w_h + shrinkage)).clamp(-2.0, 2.0)).to(bias.dtype)
     model.train(was_training)
-    return {"code_bias_mean_abs_change": float((fine.out.bias.detach() - old["codes"]).abs().mean()),
-            **{f"{name}_bias_change": (bias.detach() - old[name]).tolist() for name, bias in heads.items()}}
+    out = {"code_bias_mean_abs_change": float((fine.out.bias.detach() - old["codes"]).abs().mean()),
+           **{f"{name}_bias_change": (bias.detach() - old[name]).tolist() for name, bias in heads.items()}}
+    if with_pairs:
+        out.update(pairs=model.config.n_pairs, pair_term_mean_abs=float(fine.pair_weight.abs().mean()))
+    return out
 
 
 def dataset_log_likelihood(model, dataset: PreparedDataset, *, batch_size: int = 256,
@@ -990,9 +1044,15 @@ class _Trainer:
             self.summary["condition_refit"] = self._refit_conditions()
         if self.options.refit_biases and self.plan is None:
             shard = np.arange(len(self.train))[self.dist.rank::self.dist.world]
+            pairs = None
+            if self.options.pair_min_patients:  # every process counts all training patients: the same pairs
+                pairs, _ = shared_pairs(*self.train.ragged(np.arange(len(self.train))),
+                                        vocab_size=model.config.vocab_size,
+                                        min_patients=self.options.pair_min_patients, skip=model.fine.skip.cpu().numpy())
             self.summary["bias_refit"] = refit_output_biases(
                 model, self.train, shard, batch_size=max(self.options.batch_size, 256), device=self.device,
-                reduce=self.dist.sum if self.dist.world > 1 else None)
+                reduce=self.dist.sum if self.dist.world > 1 else None, pairs=pairs,
+                pair_shrinkage=self.options.pair_shrinkage)
             if self.val is not None:
                 self.summary["bias_refit"]["val_loss"] = self._validate()
         model.eval()
@@ -1069,6 +1129,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="after training, go on fitting the outcome x group embeddings alone")
     g.add_argument("--refit-biases", action=argparse.BooleanOptionalAction, default=d.refit_biases,
                    help="refit the code and end biases on the training patients after training")
+    g.add_argument("--pair-min-patients", type=int, default=d.pair_min_patients, metavar="N",
+                   help="with the bias refit, fit a pair term for every code pair at least N training patients "
+                        "hold together in a visit (default %(default)s; 0: none)")
+    g.add_argument("--pair-shrinkage", type=float, default=d.pair_shrinkage,
+                   help="penalty on each pair term, in observations (default %(default)s)")
     p = parser.add_argument_group("differential privacy (DP-SGD; the unit of privacy is the patient)")
     p.add_argument("--dp-epsilon", type=float, default=None, metavar="EPS",
                    help="train (EPS, delta)-differentially private (default: no DP)")

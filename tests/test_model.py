@@ -270,6 +270,60 @@ def test_blocked_logits_equal_a_direct_evaluation():
                 torch.testing.assert_close(got[n, i], want, rtol=1e-5, atol=1e-5)
 
 
+def test_pair_terms_add_to_the_logits_of_later_codes():
+    """With pair terms, logit i gains a_ji for every chosen j < i of the visit, across blocks, next to
+    exclusive groups; the visit NLL is the BCE of those logits; save/load keeps them."""
+    groups = [[20, 29]]
+    model = random_model(make_learnable_dataset(40, vocab_size=200), n_ctx=4, exclusive_groups=groups,
+                         empty_visit_event=False)
+    model.fine.max_blocks = 8  # blocks of 25 codes
+    visits = [[], [3, 22, 40], [22, 31], [10, 25, 160], [24, 49, 50, 151], [0, 199], [5, 24, 26, 30]]
+    h = torch.randn(len(visits), model.config.n_embd)
+    with torch.no_grad():
+        plain = model.fine.logits(h, *_visits(visits))
+    pairs = torch.tensor([[3, 40], [22, 40], [3, 22], [10, 160], [25, 160], [24, 26], [24, 151], [49, 50],
+                          [0, 199], [5, 24], [5, 26], [22, 100], [150, 151]])
+    weight = torch.linspace(-2.0, 2.0, len(pairs))
+    model.set_pairs(pairs[torch.randperm(len(pairs))], None)  # zeros first: nothing changes
+    assert model.config.n_pairs == len(pairs)
+    with torch.no_grad():
+        torch.testing.assert_close(model.fine.logits(h, *_visits(visits)), plain)
+    model.set_pairs(pairs, weight)
+    with torch.no_grad():
+        got = model.fine.logits(h, *_visits(visits))
+        nll = model.fine.visit_nll(h, *_visits(visits))
+    want = plain.clone()
+    for n, visit in enumerate(visits):
+        for (j, i), a in zip(pairs.tolist(), weight.tolist()):
+            if j in visit and not torch.isneginf(want[n, i]):
+                want[n, i] += a
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, plain)
+    for n, visit in enumerate(visits):
+        x = torch.zeros(200)
+        x[visit] = 1.0
+        open_ = ~torch.isneginf(got[n])
+        if x[~open_].any():  # two codes of the run [20, 29]: impossible, pair terms or not
+            assert torch.isinf(nll[n]) and n == 6
+            continue
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(got[n, open_], x[open_], reduction="sum")
+        torch.testing.assert_close(nll[n], expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(HaloBalanceError, match="pair terms"):
+        model.set_pairs(torch.tensor([[40, 3]]))
+
+
+def test_pair_terms_round_trip_and_models_without_them_load(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path / "plain")
+    assert not any(k.startswith("fine.pair") for k in model.state_dict())
+    assert HaloModel.from_pretrained(tmp_path / "plain").config.n_pairs == 0
+    model.set_pairs(torch.tensor([[1, 4], [0, 2]]), torch.tensor([0.5, -1.0]))
+    model.save_pretrained(tmp_path / "pairs")
+    back = HaloModel.from_pretrained(tmp_path / "pairs")
+    assert back.config.n_pairs == 2
+    assert back.fine.pair_index.tolist() == [[0, 2], [1, 4]] and back.fine.pair_weight.tolist() == [-1.0, 0.5]
+
+
 def test_exclusive_groups_rule_codes_out_in_the_likelihood():
     """After a code of an exclusive run, the run's later codes have probability 0; the rest is unchanged."""
     groups = [[20, 29], [150, 199]]  # the second run ends at the vocabulary's end

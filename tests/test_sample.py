@@ -38,13 +38,26 @@ def _code_rates(ds: PreparedDataset, V: int) -> np.ndarray:
     return np.bincount(pairs % V, minlength=V) / len(rec)
 
 
+def _pair_rates(ds: PreparedDataset, pairs: np.ndarray) -> np.ndarray:
+    """Fraction of visits holding both codes of each pair (j, i)."""
+    rec = ds.records()
+    visit = np.repeat(np.arange(len(rec.code_ptr) - 1), np.diff(rec.code_ptr))
+    held = set(zip(visit.tolist(), rec.codes.tolist()))
+    n_visits = len(rec.code_ptr) - 1
+    return np.array([sum((v, j) in held and (v, i) in held for v in range(n_visits)) for j, i in pairs]) / n_visits
+
+
 # ---------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("groups, empty_event", [([], False), ([[1, 2], [3, 4]], False), ([[1, 2], [3, 4]], True)])
-def test_visit_sampler_matches_the_likelihood_exactly(groups, empty_event):
+@pytest.mark.parametrize("groups, empty_event, pairs", [([], False, False), ([[1, 2], [3, 4]], False, False),
+                                                       ([[1, 2], [3, 4]], True, False), ([[1, 2], [3, 4]], True, True)])
+def test_visit_sampler_matches_the_likelihood_exactly(groups, empty_event, pairs):
     """Over all 2^5 visits, the sampled frequencies equal exp(-visit_nll), with and without
-    exclusive groups (whose ruled-out visits have probability 0 on both sides) and the empty-visit event."""
+    exclusive groups (whose ruled-out visits have probability 0 on both sides), the empty-visit
+    event and pair terms."""
     m = random_model(make_tiny_dataset(), code_bias=-1.0, scale=0.2, seed=5, exclusive_groups=groups,
                      empty_visit_event=empty_event)
+    if pairs:  # strong ones, one into a code an exclusive group can rule out
+        m.set_pairs(torch.tensor([[0, 3], [1, 4], [0, 2], [2, 4]]), torch.tensor([2.5, -2.0, 1.5, 1.0]))
     if empty_event:
         with torch.no_grad():
             m.fine.empty_head.bias.fill_(1.5)  # far likelier than the chain's own empty visit
@@ -85,7 +98,20 @@ def structured_model():
     return m
 
 
-@pytest.mark.parametrize("which", ["model", "structured_model"])
+@pytest.fixture(scope="module")
+def paired_model(structured_model):
+    """The structured model with pair terms, strong enough to move the co-occurrence of their codes."""
+    m = copy.deepcopy(structured_model)
+    V = m.config.vocab_size
+    rng = np.random.default_rng(3)
+    j = rng.integers(0, V - 1, size=60)
+    i = np.minimum(j + rng.integers(1, 12, size=60), V - 1)
+    index = np.unique(np.stack([j, i], 1)[j < i], axis=0)
+    m.set_pairs(torch.from_numpy(index), torch.from_numpy(rng.choice([-2.0, 2.5], size=len(index))).float())
+    return m
+
+
+@pytest.mark.parametrize("which", ["model", "structured_model", "paired_model"])
 def test_fast_and_reference_samplers_agree_in_distribution(which, request):
     model = request.getfixturevalue(which)
     V, n = model.config.vocab_size, 3000
@@ -99,7 +125,15 @@ def test_fast_and_reference_samplers_agree_in_distribution(which, request):
     sizes = [np.diff(d.records().code_ptr).mean() for d in (fast, ref)]
     assert sizes[0] == pytest.approx(sizes[1], rel=0.05)  # codes per visit
     empty = np.array([(np.diff(d.records().code_ptr) == 0).mean() for d in (fast, ref)])
-    assert _z_max(empty[:1], empty[1:], n, n) < 4.5 and (empty > 0.1).all() == (which == "structured_model")
+    assert _z_max(empty[:1], empty[1:], n, n) < 4.5 and (empty > 0.1).all() == (which != "model")
+    if which == "paired_model":  # the pairs' co-occurrence agrees, and differs from the model without them
+        pairs = model.fine.pair_index.numpy()
+        unpaired = sample_records(request.getfixturevalue("structured_model"), cond, batch_size=256, seed=14,
+                                  device="cpu", progress=False)
+        n_visits = [len(d.records().code_ptr) - 1 for d in (fast, ref, unpaired)]
+        rates = [_pair_rates(d, pairs) for d in (fast, ref, unpaired)]
+        assert _z_max(rates[0], rates[1], n_visits[0], n_visits[1]) < 4.5
+        assert _z_max(rates[0], rates[2], n_visits[0], n_visits[2]) > 8
     # the comparison has power: a slightly different model is told apart
     shifted = copy.deepcopy(model)
     grouped = {c for a, b in model.config.exclusive_groups for c in range(a, b + 1)}

@@ -1,0 +1,65 @@
+"""The code pairs that enough patients share within a visit: the fine module's pair terms (``model.py``).
+
+A pair term is fitted from the visits that hold its first code (``train.refit_output_biases``). Only
+pairs that at least ``min_patients`` of the fitting patients hold together, in at least one of their
+visits, get one: a pair held by a handful of patients would describe those patients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: pairs are counted for this many patients at a time (memory: the pairs of their visits)
+_CHUNK_CODES = 2_000_000
+
+
+def shared_pairs(visit_ptr: np.ndarray, code_ptr: np.ndarray, codes: np.ndarray, *, vocab_size: int,
+                 min_patients: int, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Code pairs (j, i), j < i, held together in a visit by at least ``min_patients`` patients.
+
+    Parameters
+    ----------
+    visit_ptr : (P + 1,) int
+        Patient p's visits are ``visit_ptr[p]:visit_ptr[p + 1]`` (rows of ``code_ptr``).
+    code_ptr, codes : int arrays
+        Visit v holds ``codes[code_ptr[v]:code_ptr[v + 1]]``, sorted.
+    vocab_size : int
+    min_patients : int
+    skip : (V,) int, optional
+        ``skip[j]``: the last id of j's exclusive group (``FineModule.skip``); pairs within a group
+        are never held together and are left out.
+
+    Returns
+    -------
+    pairs : (K, 2) int64, sorted by j then i
+    patients : (K,) int64, the patients holding each
+    """
+    V = int(vocab_size)
+    visit_ptr, code_ptr = np.asarray(visit_ptr, np.int64), np.asarray(code_ptr, np.int64)
+    keys, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    first = 0
+    n_patients = len(visit_ptr) - 1
+    while first < n_patients:  # whole patients per chunk, about _CHUNK_CODES codes each
+        start = code_ptr[visit_ptr[first]]
+        last = max(int(np.searchsorted(code_ptr[visit_ptr], start + _CHUNK_CODES, side="right")) - 1, first + 1)
+        last = min(last, n_patients)
+        v0, v1 = visit_ptr[first], visit_ptr[last]
+        k = np.diff(code_ptr[v0:v1 + 1])
+        owner = np.repeat(np.repeat(np.arange(first, last), np.diff(visit_ptr[first:last + 1])), k)
+        at = np.arange(code_ptr[v0], code_ptr[v1])
+        later = np.repeat(code_ptr[v0 + 1:v1 + 1], k) - at - 1  # codes after each in its visit
+        src = np.repeat(at, later)
+        dst = src + 1 + np.arange(len(src)) - np.repeat(np.cumsum(later) - later, later)
+        pair = codes[src].astype(np.int64) * V + codes[dst]
+        held = np.unique(owner[src - code_ptr[v0]] * (V * V) + pair) % (V * V)  # once per patient
+        key, count = np.unique(held, return_counts=True)
+        keys.append(key)
+        counts.append(count)
+        first = last
+    key, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    patients = np.bincount(inverse, weights=np.concatenate(counts), minlength=len(key)).astype(np.int64)
+    j, i = key // V, key % V
+    keep = patients >= min_patients
+    if skip is not None:
+        keep &= i > np.asarray(skip)[j]
+    return np.stack([j[keep], i[keep]], 1), patients[keep]
