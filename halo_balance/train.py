@@ -131,6 +131,9 @@ class TrainOptions:
         many training patients hold together in a visit (0: none). The early-stopped network
         draws strong common associations (diabetes with a high glucose bin) at a fraction of their
         real rate; fewer patients than this describe too few people to be fitted directly.
+    pair_min_score : float
+        Of those pairs, only the ones whose co-occurrence the model (its biases refitted) misses by
+        at least this many standard errors get a term, the 2 V strongest at most.
     pair_shrinkage : float
         Gaussian penalty on each pair term, worth about this many observations.
     max_gap : float or None
@@ -167,6 +170,7 @@ class TrainOptions:
     refit_conditions: bool = True
     refit_biases: bool = True
     pair_min_patients: int = 25
+    pair_min_score: float = 2.0
     pair_shrinkage: float = 3.0
 
     def validate(self) -> TrainOptions:
@@ -194,6 +198,8 @@ class TrainOptions:
             problems.append(f"condition_lr_scale must be > 0 (got {self.condition_lr_scale})")
         if self.pair_min_patients < 0:
             problems.append(f"pair_min_patients must be >= 0 (got {self.pair_min_patients}; 0: no pair terms)")
+        if self.pair_min_score < 0:
+            problems.append(f"pair_min_score must be >= 0 (got {self.pair_min_score})")
         if not self.pair_shrinkage > 0:
             problems.append(f"pair_shrinkage must be > 0 (got {self.pair_shrinkage})")
         if self.n_ctx is not None and self.n_ctx < 2:
@@ -451,10 +457,11 @@ def _record_nll(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int
 
 def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int, device,
                         shrinkage: float = 5.0, iterations: int = 10, reduce=None, pairs: np.ndarray | None = None,
-                        pair_shrinkage: float = 3.0) -> dict[str, float]:
+                        pair_shrinkage: float = 3.0, pair_min_score: float = 0.0, max_pairs: int | None = None,
+                        pair_iterations: int = 40) -> dict[str, Any]:
     """Refit the code biases ``b_i``, the end bias and the empty-visit bias by maximum likelihood on
-    ``rows``, the rest of the model fixed; with ``pairs`` (``(P, 2)`` code pairs j < i, see
-    :func:`halo_balance.pairs.shared_pairs`), fit their pair terms a_ji jointly, from zero.
+    ``rows``, the rest of the model fixed; then, given candidate ``pairs`` (``(P, 2)`` code pairs
+    j < i, :func:`halo_balance.pairs.shared_pairs`), fit pair terms for them jointly with the biases.
 
     With the states fixed (teacher forcing), each bias is a one-dimensional convex problem: the
     logistic likelihood of its code's bits (or of the end or empty-visit bits) with the other terms
@@ -464,27 +471,114 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     ``shrinkage / 2 * (b - b_trained)^2`` keeps a rare code's bias near its trained value (worth
     about ``shrinkage`` observations) instead of fitting its few training occurrences exactly.
     With the empty-visit event the codes are fitted on the visits that hold one, under the
-    condition that they do. ``reduce`` sums per-process lists under DDP. Returns the mean absolute
-    change of the code biases and the changes of the other biases.
+    condition that they do. ``reduce`` sums per-process lists under DDP.
 
-    A pair term a_ji enters the logit of code i in the visits that hold j, next to b_i and the
-    other pairs into i: each Newton step divides a parameter's curvature by the number of
-    parameters sharing each of its logits (a diagonal bound on the Hessian, so the joint steps do
-    not overshoot), and ``pair_shrinkage / 2 * a_ji^2`` shrinks it towards no term.
+    Pair terms: a candidate gets one when, under the refitted biases, the model misses its pair's
+    co-occurrence by at least ``pair_min_score`` standard errors (the score statistic of a_ji at 0:
+    observed minus expected count of code i in the visits that hold j, over the root of the summed
+    variances), the ``max_pairs`` strongest at most. A term enters the logit of code i in the visits
+    that hold j, next to b_i and the other terms into i; ``pair_iterations`` Newton steps then fit
+    terms and biases together, each parameter's curvature multiplied by the number of parameters
+    sharing each of its logits (a diagonal bound on the joint Hessian), a step that raises the
+    penalised NLL halved until it does not, and ``pair_shrinkage / 2 * a_ji^2`` shrinking each term
+    towards none. Returns the mean absolute change of the code biases, the changes of the other
+    biases and, with pair terms, their number and size.
     """
     import torch
+    import torch.nn.functional as F
 
     was_training = model.training
     model.eval()
     fine, V = model.fine, model.config.vocab_size
     if pairs is not None:
-        model.set_pairs(torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 2)))
-    with_pairs = fine.pair_index is not None
+        model.set_pairs(torch.zeros(0, 2, dtype=torch.long))  # candidates are scored without any term
     # each event's bias: per visit position when the model has position biases, else the head's one
     heads = {"end": (model.end_position.weight[:, 0] if model.end_position is not None else model.end_head.bias)}
     if fine.empty_head is not None:
         heads["empty"] = fine.empty_position.weight[:, 0] if fine.empty_position is not None else fine.empty_head.bias
-    visits, events = [], {name: [] for name in heads}
+    visits, chosen_codes, events = [], [], {name: [] for name in heads}
+    summed = (lambda t: torch.tensor(reduce(t.flatten().tolist()), dtype=t.dtype, device=device).view(t.shape)
+              ) if reduce is not None else (lambda t: t)
+
+    def pair_terms(codes, visit_of_code, n_visits):
+        """Each pair term's (visit, code) logit in these visits, and how many parameters share each logit."""
+        if fine.pair_index is None:
+            return None
+        which, pair = fine.pair_edges(codes)
+        at = (visit_of_code[which], fine.pair_index[pair, 1])
+        sharing = torch.ones(n_visits, V, device=device).index_put(at, torch.ones(len(pair), device=device),
+                                                                   accumulate=True)
+        return at, pair, sharing
+
+    def newton(n_steps: int, score: torch.Tensor | None = None) -> None:
+        """Newton steps on the code biases and pair terms (and the event biases); with ``score`` (V, V),
+        the last evaluation also sums the score statistic's parts of every pair into it."""
+        n_pairs = model.config.n_pairs
+        last = None  # the last accepted point: (loss, biases, pair terms, step, pair step, multiple)
+        for it in range(n_steps):
+            loss = 0.0
+            grad = torch.zeros(V, dtype=torch.float64, device=device)
+            hess = torch.zeros_like(grad)
+            pair_grad = torch.zeros(n_pairs, dtype=torch.float64, device=device)
+            pair_hess = torch.zeros_like(pair_grad)
+            bias_now = fine.out.bias.float()
+            for base, first_base, x, terms in visits:
+                logits = base + bias_now  # -inf where a group rules a code out
+                if terms is not None:
+                    logits = logits.index_put(terms[0], fine.pair_weight[terms[1]].float(), accumulate=True)
+                p = torch.sigmoid(logits)
+                g, w = p - x, p * (1 - p)
+                nll = torch.where(torch.isfinite(logits), F.softplus(logits) - x * logits, 0.0).sum(1)
+                if score is not None and it == n_steps - 1:  # rows of empty visits are 0 in x
+                    score[0] += (x.T @ g).double()
+                    score[1] += (x.T @ w).double()
+                if terms is not None:  # pair terms sit on chosen codes' visits: never the empty-chain term
+                    at, pair, sharing = terms
+                    w = w * sharing
+                    pair_grad.index_add_(0, pair, g[at].double())
+                    pair_hess.index_add_(0, pair, w[at].double())
+                if "empty" in heads:  # non-empty visits only, given that they hold a code
+                    keep = (x.sum(1) > 0).float()[:, None]
+                    first_logits = first_base + bias_now
+                    hazard = F.softplus(first_logits).sum(1).clamp(min=1e-6)
+                    first = torch.sigmoid(first_logits)
+                    g, w = (g + first / torch.expm1(hazard)[:, None]) * keep, w * keep
+                    nll = (nll + torch.log(-torch.expm1(-hazard))) * keep[:, 0]
+                loss += float(nll.double().sum())
+                grad += g.sum(0).double()
+                hess += w.sum(0).double()
+            grad, hess, pair_grad, pair_hess = (summed(t) for t in (grad, hess, pair_grad, pair_hess))
+            loss = float(summed(torch.tensor([loss], dtype=torch.float64))[0])
+            shift = fine.out.bias.double() - old["codes"].double()
+            a = fine.pair_weight.double() if n_pairs else torch.zeros(0, dtype=torch.float64, device=device)
+            loss += 0.5 * (shrinkage * float((shift ** 2).sum()) + pair_shrinkage * float((a ** 2).sum()))
+            # near 0 or 1 the curvature vanishes and a full step can overshoot: undo and halve it
+            if last is not None and loss > last[0] + 1e-9 * abs(last[0]):
+                last = (*last[:5], last[5] / 2)
+                bias, a, step, pair_step, multiple = last[1:]
+            else:
+                step = ((grad + shrinkage * shift) / (hess + shrinkage)).clamp(-2.0, 2.0)
+                pair_step = ((pair_grad + pair_shrinkage * a) / (pair_hess + pair_shrinkage)).clamp(-2.0, 2.0)
+                last = (loss, fine.out.bias.double().clone(), a.clone(), step, pair_step, 1.0)
+                bias, multiple = last[1], 1.0
+            if score is not None and it == n_steps - 1:
+                break  # the scores are of these biases
+            fine.out.bias.copy_((bias - multiple * step).clamp(min=floor).to(fine.out.bias.dtype))
+            if n_pairs:
+                fine.pair_weight.copy_((a - multiple * pair_step).to(fine.pair_weight.dtype))
+            for name, bias in heads.items():
+                g_h = torch.zeros(len(bias), dtype=torch.float64, device=device)
+                w_h = torch.zeros_like(g_h)
+                for offset, target, slot in events[name]:
+                    q = torch.sigmoid(offset + bias[slot]).double()
+                    g_h.index_add_(0, slot, q - target.double())
+                    w_h.index_add_(0, slot, q * (1 - q))
+                g_h, w_h = summed(g_h), summed(w_h)
+                g_h += shrinkage * (bias.double() - old[name].double())
+                bias -= ((g_h / (w_h + shrinkage)).clamp(-2.0, 2.0)).to(bias.dtype)
+
+    kept = (fine.pair_index, fine.pair_weight)
+    fine.pair_index = fine.pair_weight = None  # the logits without biases and pair terms, fixed from here on
     with torch.no_grad(), _autocast(device):
         for i in range(0, len(rows), batch_size):
             b = collate(enc, rows[i:i + batch_size]).to(device)
@@ -493,13 +587,10 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             x = torch.zeros(b.n_visits, V, device=device)
             visit_of_code = torch.repeat_interleave(torch.arange(b.n_visits, device=device), b.code_ptr.diff())
             x[visit_of_code, b.visit_codes] = 1.0
-            terms = None
-            if with_pairs:  # each pair's (visit, code) logits, and how many parameters share each logit
-                which, pair = fine.pair_edges(b.visit_codes)
-                at = (visit_of_code[which], fine.pair_index[pair, 1])
-                sharing = torch.ones_like(x).index_put(at, torch.ones(len(pair), device=device), accumulate=True)
-                terms = (at, pair, sharing)
-            visits.append((h[b.target_hidden], b.visit_codes, b.code_ptr, x, terms))
+            hv, bias = h[b.target_hidden], fine.out.bias.float()
+            visits.append([fine.logits(hv, b.visit_codes, b.code_ptr).float() - bias,
+                           fine.first_logits(hv) - bias, x, None])
+            chosen_codes.append((b.visit_codes, visit_of_code))
             T = b.n_positions
             end_at, visit_at = b.end_hidden % T, b.target_hidden % T
             end_slot = end_at if model.end_position is not None else torch.zeros_like(end_at)
@@ -509,59 +600,32 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 slot = visit_at if fine.empty_position is not None else torch.zeros_like(visit_at)
                 events["empty"].append((fine.empty_logit(h[b.target_hidden], visit_at) - heads["empty"][slot],
                                         (b.code_ptr[1:] == b.code_ptr[:-1]).float(), slot))
+        fine.pair_index, fine.pair_weight = kept
+        for visit, codes in zip(visits, chosen_codes):
+            visit[3] = pair_terms(*codes, len(visit[2]))
         old = {"codes": fine.out.bias.detach().clone(), **{k: v.detach().clone() for k, v in heads.items()}}
         floor = math.log(1e-6) - math.log1p(-1e-6)  # the marginal model's smallest frequency
-        n_pairs = model.config.n_pairs
-        for _ in range(iterations):
-            grad = torch.zeros(V, dtype=torch.float64, device=device)
-            hess = torch.zeros_like(grad)
-            pair_grad = torch.zeros(n_pairs, dtype=torch.float64, device=device)
-            pair_hess = torch.zeros_like(pair_grad)
-            for h, codes, code_ptr, x, terms in visits:
-                p = torch.sigmoid(fine.logits(h, codes, code_ptr).float())  # 0 where a group rules a code out
-                g, w = p - x, p * (1 - p)
-                if terms is not None:  # pair terms sit on chosen codes' visits: never the empty-chain term
-                    at, pair, sharing = terms
-                    w = w * sharing
-                    pair_grad.index_add_(0, pair, g[at].double())
-                    pair_hess.index_add_(0, pair, w[at].double())
-                if "empty" in heads:  # non-empty visits only, given that they hold a code
-                    keep = (code_ptr[1:] > code_ptr[:-1]).float()[:, None]
-                    first_logits = fine.first_logits(h)
-                    hazard = fine.chain_hazard(h, first_logits=first_logits).clamp(min=1e-6)
-                    first = torch.sigmoid(first_logits)
-                    g, w = (g + first / torch.expm1(hazard)[:, None]) * keep, w * keep
-                grad += g.sum(0).double()
-                hess += w.sum(0).double()
-            if reduce is not None:
-                grad, hess = (torch.tensor(reduce(t.tolist()), dtype=torch.float64, device=device)
-                              for t in (grad, hess))
-            shift = fine.out.bias.double() - old["codes"].double()
-            step = ((grad + shrinkage * shift) / (hess + shrinkage)).clamp(-2.0, 2.0)
-            fine.out.bias.copy_((fine.out.bias.double() - step).clamp(min=floor).to(fine.out.bias.dtype))
-            if n_pairs:
-                if reduce is not None:
-                    pair_grad, pair_hess = (torch.tensor(reduce(t.tolist()), dtype=torch.float64, device=device)
-                                            for t in (pair_grad, pair_hess))
-                a = fine.pair_weight.double()
-                a -= ((pair_grad + pair_shrinkage * a) / (pair_hess + pair_shrinkage)).clamp(-2.0, 2.0)
-                fine.pair_weight.copy_(a.to(fine.pair_weight.dtype))
-            for name, bias in heads.items():
-                g_h = torch.zeros(len(bias), dtype=torch.float64, device=device)
-                w_h = torch.zeros_like(g_h)
-                for offset, target, slot in events[name]:
-                    q = torch.sigmoid(offset + bias[slot]).double()
-                    g_h.index_add_(0, slot, q - target.double())
-                    w_h.index_add_(0, slot, q * (1 - q))
-                if reduce is not None:
-                    g_h, w_h = (torch.tensor(reduce(t.tolist()), dtype=torch.float64, device=device)
-                                for t in (g_h, w_h))
-                g_h += shrinkage * (bias.double() - old[name].double())
-                bias -= ((g_h / (w_h + shrinkage)).clamp(-2.0, 2.0)).to(bias.dtype)
+        out: dict[str, Any] = {}
+        if pairs is None or not len(pairs):
+            newton(iterations if fine.pair_index is None else pair_iterations)
+        else:  # the biases first; the candidates scored under them; then the chosen terms and the biases
+            score = torch.zeros(2, V, V, dtype=torch.float64, device=device)
+            newton(iterations + 1, score)
+            score = summed(score)
+            j, i = torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), device=device).T
+            z = -score[0, j, i] / score[1, j, i].clamp(min=1e-12).sqrt()  # > 0: the pair is too rare
+            order = torch.argsort(z.abs(), descending=True)
+            order = order[z.abs()[order] >= pair_min_score][:max_pairs]
+            model.set_pairs(torch.stack([j[order], i[order]], 1))
+            for visit, codes in zip(visits, chosen_codes):
+                visit[3] = pair_terms(*codes, len(visit[2]))
+            out.update(pair_candidates=len(z), pair_score_abs_median=float(z.abs().median()) if len(z) else None)
+            if fine.pair_index is not None:
+                newton(pair_iterations)
     model.train(was_training)
-    out = {"code_bias_mean_abs_change": float((fine.out.bias.detach() - old["codes"]).abs().mean()),
-           **{f"{name}_bias_change": (bias.detach() - old[name]).tolist() for name, bias in heads.items()}}
-    if with_pairs:
+    out.update(code_bias_mean_abs_change=float((fine.out.bias.detach() - old["codes"]).abs().mean()),
+               **{f"{name}_bias_change": (bias.detach() - old[name]).tolist() for name, bias in heads.items()})
+    if fine.pair_index is not None:
         out.update(pairs=model.config.n_pairs, pair_term_mean_abs=float(fine.pair_weight.abs().mean()))
     return out
 
@@ -1052,7 +1116,8 @@ class _Trainer:
             self.summary["bias_refit"] = refit_output_biases(
                 model, self.train, shard, batch_size=max(self.options.batch_size, 256), device=self.device,
                 reduce=self.dist.sum if self.dist.world > 1 else None, pairs=pairs,
-                pair_shrinkage=self.options.pair_shrinkage)
+                pair_shrinkage=self.options.pair_shrinkage, pair_min_score=self.options.pair_min_score,
+                max_pairs=2 * model.config.vocab_size)
             if self.val is not None:
                 self.summary["bias_refit"]["val_loss"] = self._validate()
         model.eval()
@@ -1132,6 +1197,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--pair-min-patients", type=int, default=d.pair_min_patients, metavar="N",
                    help="with the bias refit, fit a pair term for every code pair at least N training patients "
                         "hold together in a visit (default %(default)s; 0: none)")
+    g.add_argument("--pair-min-score", type=float, default=d.pair_min_score, metavar="Z",
+                   help="of those pairs, only the ones whose co-occurrence the model misses by at least Z "
+                        "standard errors get a term (default %(default)s)")
     g.add_argument("--pair-shrinkage", type=float, default=d.pair_shrinkage,
                    help="penalty on each pair term, in observations (default %(default)s)")
     p = parser.add_argument_group("differential privacy (DP-SGD; the unit of privacy is the patient)")

@@ -255,6 +255,67 @@ def test_bias_refit_matches_expected_and_observed_code_counts(small_cohort, tmp_
     assert float(empty.sum()) == pytest.approx(float((~nonempty).sum()), rel=1e-4, abs=1e-3)
 
 
+def test_pair_refit_matches_expected_and_observed_pair_counts(small_cohort, tmp_path):
+    """Without shrinkage, the fitted pair terms make every pair's expected count (code i's
+    probability over the training visits that hold j, teacher forced) equal the visits holding
+    both, and the code biases still match every code's count; the likelihood improves."""
+    from halo_balance.pairs import shared_pairs
+    from halo_balance.train import refit_output_biases
+
+    model = train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(
+        **TINY, epochs=2, seed=0, val_fraction=0.0), progress=False)  # biases refitted, pair terms fitted
+    assert model.config.n_pairs > 0 and model.fine.pair_weight.abs().max() > 0.1
+    enc = EncodedRecords.from_dataset(small_cohort, model.layout, model.config.n_ctx)
+    rows = np.arange(len(enc))
+    pairs, _ = shared_pairs(*enc.ragged(rows), vocab_size=model.config.vocab_size, min_patients=10)
+    before = -dataset_log_likelihood(model, small_cohort, device="cpu").sum()
+    refit_output_biases(model, enc, rows, batch_size=64, device=torch.device("cpu"), shrinkage=1e-9,
+                        iterations=30, pair_iterations=300, pairs=pairs, pair_shrinkage=1e-9)
+    after = -dataset_log_likelihood(model, small_cohort, device="cpu").sum()
+    assert model.config.n_pairs == len(pairs) > 20 and after < before
+    batch = collate(enc, rows)
+    with torch.no_grad():
+        h = model.hidden_states(batch.cond, batch.visit_codes, batch.visit_offsets, batch.n_positions).flatten(0, 1)
+        visits = h[batch.target_hidden]
+        p = torch.sigmoid(model.fine.logits(visits, batch.visit_codes, batch.code_ptr)).double()
+        first = torch.sigmoid(model.fine.out(model.fine.state(model.fine.proj(visits)))).double()
+        correction = first / torch.expm1(model.fine.chain_hazard(visits).double())[:, None]
+    x = torch.zeros_like(p)
+    x[torch.repeat_interleave(torch.arange(len(p)), batch.code_ptr.diff()), batch.visit_codes] = 1.0
+    nonempty = x.sum(1, keepdim=True) > 0
+    j, i = torch.from_numpy(pairs).T
+    expected = (x[:, j] * p[:, i]).sum(0)
+    observed = (x[:, j] * x[:, i]).sum(0)
+    torch.testing.assert_close(expected, observed, rtol=0, atol=2e-2)
+    gradient = ((p + correction) * nonempty).sum(0) - x.sum(0)
+    seen = x.sum(0) > 0
+    assert torch.allclose(gradient[seen], torch.zeros_like(gradient[seen]), atol=1e-2)
+
+
+def test_pair_terms_only_for_pairs_enough_patients_share(small_cohort, tmp_path):
+    """The threshold decides which pairs get a term; 0 gives none, and so does DP training."""
+    from halo_balance.pairs import shared_pairs
+
+    enc = EncodedRecords.from_dataset(small_cohort, ConditionLayout.from_dataset(small_cohort), 6)
+    _, counts = shared_pairs(*enc.ragged(np.arange(len(enc))), vocab_size=small_cohort.vocab_size, min_patients=1)
+    sizes = {}
+    for n in (0, 30):
+        model = train_model(small_cohort, out_dir=tmp_path / f"m{n}", options=TrainOptions(
+            **TINY, epochs=1, seed=0, pair_min_patients=n), progress=False)
+        info = json.loads((tmp_path / f"m{n}" / "training.json").read_text())
+        sizes[n] = model.config.n_pairs
+        assert HaloModel.from_pretrained(tmp_path / f"m{n}").config.n_pairs == sizes[n]
+        assert info["bias_refit"].get("pairs", 0) == sizes[n]
+    assert sizes[0] == 0
+    # counted on the training patients only (the validation tenth left out): at most those of all
+    assert 0 < sizes[30] <= int((counts >= 30).sum())
+    private = train_model(small_cohort, out_dir=tmp_path / "dp", options=TrainOptions(
+        **TINY, epochs=1, seed=0, dp_epsilon=8.0), progress=False)
+    assert private.config.n_pairs == 0 and private.fine.pair_index is None
+    with pytest.raises(HaloBalanceError, match="pair_min_patients"):
+        TrainOptions(pair_min_patients=-1).validate()
+
+
 def test_default_training_reproduces_record_lengths(tmp_path):
     """Every record weighs the same and the end bias is refitted: the sampled lengths match the data's."""
     from halo_balance.sample import sample_records
