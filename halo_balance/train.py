@@ -56,7 +56,7 @@ CHECKPOINT_DIR, STATE_FILE, BEST_FILE, OPTIMIZER_FILE, TRAINING_FILE = (
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 3e-4}
 #: Raised whenever training or sampling changes what a generator trained with the same options
 #: produces; caches of trained generators key on it (``benchmarks.methods.generator_key``).
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 3
 #: option fields that do not change the trained generator
 RUNTIME_OPTIONS = ("device", "resume", "overwrite", "allow_synthetic")
 
@@ -127,10 +127,12 @@ class TrainOptions:
         Then refit the code, end and empty-visit biases by maximum likelihood on the training
         patients with the rest of the model fixed (:func:`refit_output_biases`).
     pair_min_patients : int
-        With the bias refit, fit a pair term (``model.py``) for every code pair that at least this
-        many training patients hold together in a visit (0: none). The early-stopped network
-        draws strong common associations (diabetes with a high glucose bin) at a fraction of their
-        real rate; fewer patients than this describe too few people to be fitted directly.
+        With the bias refit, fit pair terms (``model.py``) for code pairs that at least this many
+        training patients hold together in a visit (0, the default: none). The early-stopped
+        network draws strong common associations (diabetes with a high glucose bin) at a fraction
+        of their real rate; fewer patients than this describe too few people to be fitted
+        directly. Off by default: on 20,000 simulated patients the terms raised the membership
+        attacks and not the fidelity (``benchmarks/RESULTS.md``); 25 is the value measured.
     pair_min_score : float
         Of those pairs, only the ones whose co-occurrence the model (its biases refitted) misses by
         at least this many standard errors get a term, the 2 V strongest at most.
@@ -169,7 +171,7 @@ class TrainOptions:
     condition_lr_scale: float = 10.0
     refit_conditions: bool = True
     refit_biases: bool = True
-    pair_min_patients: int = 25
+    pair_min_patients: int = 0
     pair_min_score: float = 2.0
     pair_shrinkage: float = 3.0
 
@@ -589,7 +591,7 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             x[visit_of_code, b.visit_codes] = 1.0
             hv, bias = h[b.target_hidden], fine.out.bias.float()
             visits.append([fine.logits(hv, b.visit_codes, b.code_ptr).float() - bias,
-                           fine.first_logits(hv) - bias, x, None])
+                           fine.first_logits(hv) - bias if "empty" in heads else None, x, None])
             chosen_codes.append((b.visit_codes, visit_of_code))
             T = b.n_positions
             end_at, visit_at = b.end_hidden % T, b.target_hidden % T
@@ -1195,8 +1197,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--refit-biases", action=argparse.BooleanOptionalAction, default=d.refit_biases,
                    help="refit the code and end biases on the training patients after training")
     g.add_argument("--pair-min-patients", type=int, default=d.pair_min_patients, metavar="N",
-                   help="with the bias refit, fit a pair term for every code pair at least N training patients "
-                        "hold together in a visit (default %(default)s; 0: none)")
+                   help="with the bias refit, fit pair terms for code pairs at least N training patients hold "
+                        "together in a visit (default %(default)s: none; 25 is the value measured)")
     g.add_argument("--pair-min-score", type=float, default=d.pair_min_score, metavar="Z",
                    help="of those pairs, only the ones whose co-occurrence the model misses by at least Z "
                         "standard errors get a term (default %(default)s)")

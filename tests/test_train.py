@@ -263,7 +263,7 @@ def test_pair_refit_matches_expected_and_observed_pair_counts(small_cohort, tmp_
     from halo_balance.train import refit_output_biases
 
     model = train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(
-        **TINY, epochs=2, seed=0, val_fraction=0.0), progress=False)  # biases refitted, pair terms fitted
+        **TINY, epochs=2, seed=0, val_fraction=0.0, pair_min_patients=25), progress=False)  # with pair terms
     assert model.config.n_pairs > 0 and model.fine.pair_weight.abs().max() > 0.1
     enc = EncodedRecords.from_dataset(small_cohort, model.layout, model.config.n_ctx)
     rows = np.arange(len(enc))
@@ -298,17 +298,19 @@ def test_pair_terms_only_for_pairs_enough_patients_share(small_cohort, tmp_path)
 
     enc = EncodedRecords.from_dataset(small_cohort, ConditionLayout.from_dataset(small_cohort), 6)
     _, counts = shared_pairs(*enc.ragged(np.arange(len(enc))), vocab_size=small_cohort.vocab_size, min_patients=1)
-    sizes = {}
-    for n in (0, 30):
-        model = train_model(small_cohort, out_dir=tmp_path / f"m{n}", options=TrainOptions(
-            **TINY, epochs=1, seed=0, pair_min_patients=n), progress=False)
-        info = json.loads((tmp_path / f"m{n}" / "training.json").read_text())
-        sizes[n] = model.config.n_pairs
-        assert HaloModel.from_pretrained(tmp_path / f"m{n}").config.n_pairs == sizes[n]
-        assert info["bias_refit"].get("pairs", 0) == sizes[n]
-    assert sizes[0] == 0
-    # counted on the training patients only (the validation tenth left out): at most those of all
-    assert 0 < sizes[30] <= int((counts >= 30).sum())
+    sizes, candidates = {}, {}
+    for n, z in ((0, 2.0), (30, 0.0), (30, 5.0), (30, 1e6)):
+        model = train_model(small_cohort, out_dir=tmp_path / f"m{n}-{z}", options=TrainOptions(
+            **TINY, epochs=1, seed=0, pair_min_patients=n, pair_min_score=z), progress=False)
+        info = json.loads((tmp_path / f"m{n}-{z}" / "training.json").read_text())
+        sizes[n, z], candidates[n, z] = model.config.n_pairs, info["bias_refit"].get("pair_candidates", 0)
+        assert HaloModel.from_pretrained(tmp_path / f"m{n}-{z}").config.n_pairs == sizes[n, z]
+        assert info["bias_refit"].get("pairs", 0) == sizes[n, z]
+    assert sizes[0, 2.0] == candidates[0, 2.0] == 0
+    # candidates counted on the training patients only (the validation tenth left out): at most those of all
+    assert 0 < candidates[30, 0.0] == candidates[30, 5.0] == candidates[30, 1e6] <= int((counts >= 30).sum())
+    # every candidate at score 0; those the model misses by 5 standard errors; none beyond any score
+    assert sizes[30, 0.0] == candidates[30, 0.0] > sizes[30, 5.0] > sizes[30, 1e6] == 0
     private = train_model(small_cohort, out_dir=tmp_path / "dp", options=TrainOptions(
         **TINY, epochs=1, seed=0, dp_epsilon=8.0), progress=False)
     assert private.config.n_pairs == 0 and private.fine.pair_index is None
