@@ -234,6 +234,12 @@ class FineModule(nn.Module):
         pair = ptr[sources][which] + torch.arange(which.numel(), device=dev) - (degree.cumsum(0) - degree)[which]
         return which, pair
 
+    def add_pair_terms(self, logits: torch.Tensor, rows: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """``logits`` (R, V) with the pair terms leaving code ``sources[k]`` added to row ``rows[k]``."""
+        which, pair = self.pair_edges(sources)
+        return logits.index_put((rows[which], self.pair_index[pair, 1]), self.pair_weight[pair].to(logits.dtype),
+                                accumulate=True)
+
     def _blocks(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor, *,
                 isolated: bool = False) -> _FineBlocks:
         """Teacher-forced logits of N visits, laid out by blocks of codes (see :class:`_FineBlocks`).

@@ -117,9 +117,7 @@ def sample_visits(fine, h, generator, position: int = 0):
         last = pointer
         z = z + fine.token_emb(pick)
         if pairs:
-            which, pair = fine.pair_edges(pick)
-            added = added.index_put((which, fine.pair_index[pair, 1]), fine.pair_weight[pair].float(),
-                                    accumulate=True)
+            added = fine.add_pair_terms(added, torch.arange(len(pick), device=dev), pick)
     none = torch.zeros(0, dtype=torch.long, device=dev)  # every visit may have been drawn empty
     rec, codes = torch.cat([none, *picked_rec]), torch.cat([none, *picked_code])
     rec, codes = rec[codes < V], codes[codes < V]
@@ -354,9 +352,8 @@ def _reference_visits(fine, h, generator):
         x[:, p] = took
         summary[took] += fine.token_emb.weight[p]
         if fine.pair_index is not None:
-            _, pair = fine.pair_edges(torch.tensor([p], device=h.device))
-            added[took] += torch.zeros(V, device=h.device).index_put(
-                (fine.pair_index[pair, 1],), fine.pair_weight[pair].float())
+            rows = took.nonzero().squeeze(1)
+            added = fine.add_pair_terms(added, rows, torch.full_like(rows, p))
         ruled_out[took] = int(fine.skip[p])
         i = p + 1
     return x
