@@ -85,6 +85,10 @@ class HaloConfig:
         Within-visit pair terms of the fine module: a logit added to code i for each earlier code j
         of the visit, for the (j, i) pairs that enough training patients share (fitted after
         training, ``train.refit_output_biases``; 0 for a model without them).
+    n_cell_terms : int
+        Cell terms of the fine module: a logit added to code i in every visit of the records of one
+        outcome x group cell, for the (cell, code) pairs that enough of the cell's training patients
+        hold (fitted after training; 0 for a model without them).
     preset : str or None
         Name of the preset these sizes came from (informational).
     """
@@ -104,6 +108,7 @@ class HaloConfig:
     empty_visit_event: bool = False
     position_event_bias: bool = False
     n_pairs: int = 0
+    n_cell_terms: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -114,8 +119,9 @@ class HaloConfig:
             problems.append(f"n_ctx must be >= 2: the conditioning visit and one visit (got {self.n_ctx})")
         if self.n_embd % max(self.n_head, 1):
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_pairs < 0:
-            problems.append(f"n_pairs must be >= 0 (got {self.n_pairs})")
+        for name in ("n_pairs", "n_cell_terms"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must lie in [0, 1) (got {self.dropout})")
         self.exclusive_groups = [[int(a), int(b)] for a, b in self.exclusive_groups]

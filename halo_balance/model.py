@@ -52,6 +52,17 @@ BUN) only weakly by the epoch model selection stops at; these direct terms, fitt
 with everything else fixed (``train.refit_output_biases``), carry them. A pair that few patients
 share gets no term, so no term describes a handful of patients.
 
+**Cell terms** (``config.n_cell_terms``): likewise a fitted logit c_si added to code i in every
+visit of the records whose conditions hold the outcome x group crossing s (the crossings of
+``condition_every_visit``), for the codes that at least ``cell_min_patients`` of that cell's
+training patients hold and whose rate in it the model misses::
+
+    logit_i = w_i . u_{<i} + b_i + sum_{j < i, x_j = 1} a_ji + sum_{s in cells(record)} c_si
+
+The crossings' embeddings reach the codes only through the fine module's LayerNorms, and a small
+cell's embedding, learned from its own few patients, is still far from its cell's pattern when the
+validation loss stops training; these terms give each cell its own code rates directly.
+
 **Empty visits** (``config.empty_visit_event``, every preset) are an event of their own: a bit
 "empty" predicted from h, then, for a visit that is not empty, the chain above conditioned on
 holding at least one code::
@@ -202,6 +213,11 @@ class FineModule(nn.Module):
         pairs = cfg.n_pairs > 0
         self.register_buffer("pair_index", torch.zeros(cfg.n_pairs, 2, dtype=torch.long) if pairs else None)
         self.register_buffer("pair_weight", torch.zeros(cfg.n_pairs) if pairs else None)
+        # cell terms (crossing s, code i) and their logits, likewise None without any
+        cells = cfg.n_cell_terms > 0
+        self.n_crossings = 2 * cfg.n_conditions
+        self.register_buffer("cell_index", torch.zeros(cfg.n_cell_terms, 2, dtype=torch.long) if cells else None)
+        self.register_buffer("cell_weight", torch.zeros(cfg.n_cell_terms) if cells else None)
         self.empty_head = nn.Linear(cfg.n_embd, 1) if cfg.empty_visit_event else None
         self.empty_position = (nn.Embedding(cfg.n_ctx, 1) if cfg.empty_visit_event and cfg.position_event_bias
                                else None)
@@ -212,17 +228,40 @@ class FineModule(nn.Module):
 
     def set_pairs(self, index: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Give the module the pair terms ``index`` ``(P, 2)`` (earlier code j, later code i) with
-        logits ``weight`` (zeros by default); sorted here. The caller updates ``config.n_pairs``."""
+        logits ``weight`` (zeros by default). The caller updates ``config.n_pairs``."""
         V = self.out.out_features
-        index = index.long().to(self.out.weight.device).reshape(-1, 2)
-        weight = (torch.zeros(len(index)) if weight is None else weight.float()).to(self.out.weight.device)
-        if len(index) and not bool(((index[:, 0] < index[:, 1]) & (index[:, 1] < V) & (index[:, 0] >= 0)).all()):
-            raise HaloBalanceError(f"pair terms must be (j, i) with 0 <= j < i < {V}")
+        self.pair_index, self.pair_weight = self._terms(
+            index, weight, lambda j, i: (j >= 0) & (j < i) & (i < V), f"pair terms must be (j, i) with 0 <= j < i < {V}")
+
+    def set_cell_terms(self, index: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Give the module the cell terms ``index`` ``(K, 2)`` (crossing s, code i) with logits
+        ``weight`` (zeros by default). The caller updates ``config.n_cell_terms``."""
+        V, S = self.out.out_features, self.n_crossings
+        self.cell_index, self.cell_weight = self._terms(
+            index, weight, lambda s, i: (s >= 0) & (s < S) & (i >= 0) & (i < V),
+            f"cell terms must be (s, i) with 0 <= s < {S}, 0 <= i < {V}")
+
+    def _terms(self, index, weight, valid, message: str):
+        """``index`` ``(K, 2)`` and its logits on the module's device, sorted by (first column, code);
+        ``(None, None)`` for no terms (a None buffer stays out of the state dict)."""
+        V, dev = self.out.out_features, self.out.weight.device
+        index = index.long().to(dev).reshape(-1, 2)
+        weight = (torch.zeros(len(index)) if weight is None else weight.float()).to(dev)
+        if not bool(valid(index[:, 0], index[:, 1]).all()):
+            raise HaloBalanceError(message)
         if not len(index):
-            self.pair_index = self.pair_weight = None
-            return
+            return None, None
         order = torch.argsort(index[:, 0] * V + index[:, 1])
-        self.pair_index, self.pair_weight = index[order].contiguous(), weight[order].contiguous()
+        return index[order].contiguous(), weight[order].contiguous()
+
+    def cell_offsets(self, crossings: torch.Tensor) -> torch.Tensor | None:
+        """Each record's summed cell terms ``(B, V)`` from its crossing ids ``(B, A)``; None without terms."""
+        if self.cell_index is None:
+            return None
+        V = self.out.out_features
+        table = self.cell_weight.new_zeros(self.n_crossings, V).index_put(
+            (self.cell_index[:, 0], self.cell_index[:, 1]), self.cell_weight)
+        return F.embedding_bag(crossings, table, mode="sum")
 
     def pair_edges(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair terms leaving each code of ``sources``: ``(which source, pair id)`` per term."""
@@ -241,7 +280,7 @@ class FineModule(nn.Module):
                                 accumulate=True)
 
     def _blocks(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor, *,
-                isolated: bool = False) -> _FineBlocks:
+                isolated: bool = False, offset: torch.Tensor | None = None) -> _FineBlocks:
         """Teacher-forced logits of N visits, laid out by blocks of codes (see :class:`_FineBlocks`).
 
         Visit n holds ``codes[code_ptr[n]:code_ptr[n+1]]`` (sorted). A visit with k codes has k + 1
@@ -253,7 +292,8 @@ class FineModule(nn.Module):
         With ``isolated``, each visit's running code sums are computed from its own codes alone
         (a padded per-visit cumsum) instead of as differences of batch-wide prefix sums, whose
         rounding depends on the other visits of the batch: per-record gradients for differential
-        privacy (``dp.py``) must be functions of their record only.
+        privacy (``dp.py``) must be functions of their record only. ``offset`` ``(N, V)``: added to
+        every logit of its visit (the cell terms, :meth:`cell_offsets`).
         """
         N, V, dev = h.shape[0], self.out.out_features, h.device
         codes = codes.long()
@@ -306,6 +346,8 @@ class FineModule(nn.Module):
         bias = F.pad(self.out.bias, (0, C * size - V)).view(C, 1, size)
         logits = torch.baddbmm(bias, rows.view(C, -1, rows.shape[1]), weight.transpose(1, 2))
         logits = logits.view(-1, size).index_select(0, slot)  # (R, size)
+        if offset is not None:
+            logits = logits + F.pad(offset, (0, C * size - V)).view(N, C, size)[row_visit, row_block].to(logits.dtype)
         first_row = row_start.view(C, N)
         code_row = first_row[block_of_code, visit_of_code] + (
             torch.arange(codes.numel(), device=dev) - code_ptr[:-1][visit_of_code] - lo[visit_of_code, block_of_code])
@@ -321,9 +363,11 @@ class FineModule(nn.Module):
                            col_lo=col_lo, col_hi=col_hi, code_row=code_row, code_col=codes % size,
                            visit_of_code=visit_of_code, size=size, n_visits=N)
 
-    def logits(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits ``(N, V)``: logit i of visit n under the state after its codes below i."""
-        blocks = self._blocks(h, codes, code_ptr)
+    def logits(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits ``(N, V)``: logit i of visit n under the state after its codes below i
+        (with the visits' cell terms ``offset``)."""
+        blocks = self._blocks(h, codes, code_ptr, offset=offset)
         V = self.out.out_features
         r, j = blocks.mask().nonzero(as_tuple=True)
         out = blocks.logits.new_full((blocks.n_visits, V), -torch.inf)  # codes an exclusive group rules out
@@ -331,19 +375,20 @@ class FineModule(nn.Module):
         return out
 
     def visit_nll(self, h: torch.Tensor, codes: torch.Tensor, code_ptr: torch.Tensor,
-                  position: torch.Tensor | int = 0) -> torch.Tensor:
+                  position: torch.Tensor | int = 0, offset: torch.Tensor | None = None) -> torch.Tensor:
         """``-log P(visit n | h_n)`` for each visit, shape ``(N,)``, float32: the sum of V BCE terms.
 
         BCE with logits summed over the codes: sum_i softplus(l_i) - sum_{i chosen} l_i, over the
         codes an exclusive group leaves open; a visit holding two codes of one group has
         probability 0 (NLL ``inf``). ``position``: of the state h (0: it predicts the first visit),
-        for the empty-visit event's position bias.
+        for the empty-visit event's position bias; ``offset``: the visits' cell terms (:meth:`_blocks`).
         """
-        blocks = self._blocks(h, codes, code_ptr)
-        return self.with_events(blocks.visit_nll(), blocks, h, codes, code_ptr, position)
+        blocks = self._blocks(h, codes, code_ptr, offset=offset)
+        return self.with_events(blocks.visit_nll(), blocks, h, codes, code_ptr, position, offset)
 
     def with_events(self, chain_nll: torch.Tensor, blocks: _FineBlocks, h: torch.Tensor, codes: torch.Tensor,
-                    code_ptr: torch.Tensor, position: torch.Tensor | int = 0) -> torch.Tensor:
+                    code_ptr: torch.Tensor, position: torch.Tensor | int = 0,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
         """The visits' NLL from the chain's (``_FineBlocks.visit_nll``): ``inf`` for a visit holding
         two codes of one exclusive group, and the empty-visit event (``config.empty_visit_event``)."""
         nll = chain_nll
@@ -353,7 +398,7 @@ class FineModule(nn.Module):
             nll = nll.index_put((blocks.visit_of_code[1:][ruled_out],), torch.tensor(torch.inf, device=nll.device))
         if self.empty_head is not None:
             empty_logit = self.empty_logit(h, position)
-            log_nonempty = self.log_chain_nonempty(h)  # log P_chain(at least one code)
+            log_nonempty = self.log_chain_nonempty(h, offset)  # log P_chain(at least one code)
             nll = torch.where(code_ptr[1:] == code_ptr[:-1], F.softplus(-empty_logit),
                               F.softplus(empty_logit) + nll + log_nonempty)
         return nll
@@ -363,21 +408,24 @@ class FineModule(nn.Module):
         logit = self.empty_head(h).squeeze(-1).float()
         return logit if self.empty_position is None else logit + _position_bias(self.empty_position, position, logit)
 
-    def first_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Every code's logit under the state before any code, float32 ``(N, V)``."""
-        return self.out(self.state(self.proj(h))).float()
+    def first_logits(self, h: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Every code's logit under the state before any code, float32 ``(N, V)`` (with the cell
+        terms ``offset``)."""
+        logits = self.out(self.state(self.proj(h))).float()
+        return logits if offset is None else logits + offset.float()
 
-    def chain_hazard(self, h: torch.Tensor, *, first_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def chain_hazard(self, h: torch.Tensor, *, first_logits: torch.Tensor | None = None,
+                     offset: torch.Tensor | None = None) -> torch.Tensor:
         """``S = sum_i softplus(logit_i)`` under the state before any code: ``P_chain(no code) = exp(-S)``.
 
         ``first_logits``, when the caller has them (:meth:`first_logits` of ``h``), are not computed again.
         """
-        logits = self.first_logits(h) if first_logits is None else first_logits
+        logits = self.first_logits(h, offset) if first_logits is None else first_logits
         return F.softplus(logits).sum(1)
 
-    def log_chain_nonempty(self, h: torch.Tensor) -> torch.Tensor:
+    def log_chain_nonempty(self, h: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """``log P_chain(at least one code) = log(1 - exp(-S))``, float32 ``(N,)``."""
-        return torch.log(-torch.expm1(-self.chain_hazard(h).clamp(min=1e-6)))
+        return torch.log(-torch.expm1(-self.chain_hazard(h, offset=offset).clamp(min=1e-6)))
 
 
 def _position_bias(table: nn.Embedding, position: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
@@ -547,6 +595,19 @@ class HaloModel(nn.Module):
         self.fine.set_pairs(index, weight)
         self.config.n_pairs = 0 if self.fine.pair_index is None else len(self.fine.pair_index)
 
+    def set_cell_terms(self, index: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Cell terms for the fine module (:meth:`FineModule.set_cell_terms`); ``config.n_cell_terms`` follows."""
+        self.fine.set_cell_terms(index, weight)
+        self.config.n_cell_terms = 0 if self.fine.cell_index is None else len(self.fine.cell_index)
+
+    def crossings(self, cond: torch.Tensor) -> torch.Tensor:
+        """Each condition slot crossed with the outcome: ids in ``0..2 n_conditions - 1``, ``(B, A)``."""
+        return cond + cond[:, :1] * self.config.n_conditions
+
+    def code_offsets(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """The cell terms each record's codes get, ``(B, V)``; None for a model without them."""
+        return self.fine.cell_offsets(self.crossings(cond))
+
     @torch.no_grad()
     def init_output_biases(self, code_frequency: torch.Tensor, end_rate: float, empty_rate: float = 0.0) -> None:
         """Start from the marginal-frequency model: code biases = log-odds of their visit frequency;
@@ -579,7 +640,7 @@ class HaloModel(nn.Module):
             return h
         if cond is None:
             raise HaloBalanceError("this model adds the conditions to every state: pass cond")
-        c = self.cond_out(cond + cond[:, :1] * self.config.n_conditions)  # each slot crossed with the outcome
+        c = self.cond_out(self.crossings(cond))
         return h + (c[:, None] if h.dim() == 3 else c)
 
     def forward(self, batch: Batch, *, per_record: bool = False) -> HaloOutput:
@@ -592,9 +653,12 @@ class HaloModel(nn.Module):
         h = h.reshape(-1, h.shape[-1])
         T = batch.n_positions
         hv = h[batch.target_hidden]
-        blocks = self.fine._blocks(hv, batch.visit_codes, batch.code_ptr, isolated=per_record)
+        offset = self.code_offsets(batch.cond)
+        if offset is not None:
+            offset = offset[batch.target_record]
+        blocks = self.fine._blocks(hv, batch.visit_codes, batch.code_ptr, isolated=per_record, offset=offset)
         code_nll = self.fine.with_events(blocks.visit_nll(), blocks, hv, batch.visit_codes, batch.code_ptr,
-                                         batch.target_hidden % T)
+                                         batch.target_hidden % T, offset)
         end_logit = self.end_logit(h[batch.end_hidden], batch.end_hidden % T).float()
         end_nll = F.binary_cross_entropy_with_logits(end_logit, batch.end_target, reduction="none")
         record_nll = (torch.zeros(batch.n_records, device=h.device)

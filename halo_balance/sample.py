@@ -62,7 +62,7 @@ from .train import DeviceName, _bar, _ranges, _versions, resolve_device
 
 
 # ---------------------------------------------------------------------- the fast sampler
-def sample_visits(fine, h, generator, position: int = 0):
+def sample_visits(fine, h, generator, position: int = 0, offset=None):
     """One visit for each of the B coarse states ``h``: ``(codes int64, code_ptr (B+1,))``.
 
     With an empty-visit event (``config.empty_visit_event``) it is drawn first (``position``: of
@@ -74,7 +74,7 @@ def sample_visits(fine, h, generator, position: int = 0):
     exp(-(c_i - c_pointer)), so the first success is the first i with ``c_i >= c_pointer + E``,
     E ~ Exponential(1): one draw and a binary search per record and pass; none such i means
     "stop" and the record leaves the loop. Logits are computed from the smallest pointer of the
-    batch on only.
+    batch on only. ``offset`` ``(B, V)``: the records' cell terms (``HaloModel.code_offsets``).
     """
     import torch
     import torch.nn.functional as F
@@ -88,13 +88,14 @@ def sample_visits(fine, h, generator, position: int = 0):
         ids = (~empty).nonzero().squeeze(1)
     z = fine.proj(h[ids])  # ... pre-states P h + b_P + (sum of the embeddings of their codes so far)
     last = torch.full((len(ids),), -1, dtype=torch.long, device=dev)  # ... and pointers
-    pairs = fine.pair_index is not None  # ... and the pair terms their codes so far add to each logit
-    added = torch.zeros(len(ids), V if pairs else 0, device=dev)
+    # ... and what their cell and the pair terms of their codes so far add to each logit
+    pairs, carry = fine.pair_index is not None, fine.pair_index is not None or offset is not None
+    added = offset[ids].float() if offset is not None else torch.zeros(len(ids), V if pairs else 0, device=dev)
     picked_rec, picked_code = [], []
     while ids.numel():
         lo = max(int(last.min()), 0)  # columns from the smallest pointer on
         logits = F.linear(fine.state(z), fine.out.weight[lo:], fine.out.bias[lo:]).float()
-        hazard = F.softplus(logits + added[:, lo:] if pairs else logits)
+        hazard = F.softplus(logits + added[:, lo:] if carry else logits)
         cum = F.pad(hazard.cumsum(1), (1, 0))  # cum[:, q] = c_{lo+q-1} - c_{lo-1}
         at = (last + 1 - lo)[:, None]  # the pointer's column in cum (-1: column 0, nothing yet)
         if nonempty:  # first pass of a visit that holds a code: E conditioned on E < c_{V-1}
@@ -134,7 +135,7 @@ def _sample_batch(model, cond, generator) -> tuple[np.ndarray, np.ndarray, np.nd
     n_ctx = model.config.n_ctx
     cache = model.new_cache(cond.shape[0], device=cond.device)
     h = model.step(model.condition_input(cond), cache, cond)
-    alive, cond_alive = torch.arange(cond.shape[0], device=cond.device), cond
+    alive, cond_alive, offset = torch.arange(cond.shape[0], device=cond.device), cond, model.code_offsets(cond)
     steps = []
     for t in range(n_ctx - 1):
         if t > 0:  # a record has at least one visit; afterwards "end" is a learned event
@@ -143,10 +144,11 @@ def _sample_batch(model, cond, generator) -> tuple[np.ndarray, np.ndarray, np.nd
             if end.any():
                 keep = (~end).nonzero().squeeze(1)
                 alive, h, cond_alive = alive[keep], h[keep], cond_alive[keep]
+                offset = offset[keep] if offset is not None else None
                 cache.keep(keep)
                 if not alive.numel():
                     break
-        codes, ptr = sample_visits(model.fine, h, generator, t)
+        codes, ptr = sample_visits(model.fine, h, generator, t, offset)
         steps.append((alive.cpu().numpy(), codes.cpu().numpy(), ptr.cpu().numpy()))
         if t < n_ctx - 2:  # no state is needed after the last visit the context allows
             h = model.step(model.visit_input(codes, ptr[:-1]), cache, cond_alive)
@@ -325,16 +327,17 @@ def _output_meta(model, generation: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the plain reference sampler
-def _reference_visits(fine, h, generator):
+def _reference_visits(fine, h, generator, offset=None):
     """Multi-hot visits ``(B, V)`` with one pointer shared by the batch: one pass per code position
     any record samples; each pass draws Bernoulli bits for every record under its current state
-    (none for the codes an exclusive group has ruled out for that record)."""
+    (none for the codes an exclusive group has ruled out for that record); ``offset``: the cell terms."""
     import torch
 
     B, V = h.shape[0], fine.out.out_features
     base = fine.proj(h)
     summary = torch.zeros_like(base)
-    added = torch.zeros(B, V, device=h.device)  # the pair terms of the codes taken so far
+    # the cell terms and the pair terms of the codes taken so far
+    added = offset.float().clone() if offset is not None else torch.zeros(B, V, device=h.device)
     x = torch.zeros(B, V, dtype=torch.bool, device=h.device)
     ruled_out = torch.full((B, 1), -1, dtype=torch.long, device=h.device)  # codes <= this are closed
     column = torch.arange(V, device=h.device)
@@ -363,6 +366,7 @@ def _reference_batch(model, cond, generator):
     import torch
 
     B, dev, n_ctx = cond.shape[0], cond.device, model.config.n_ctx
+    offset = model.code_offsets(cond)
     visits: list[list[np.ndarray]] = [[] for _ in range(B)]
     ended = torch.zeros(B, dtype=torch.bool, device=dev)
     empty = np.zeros(0, np.int64)
@@ -377,11 +381,11 @@ def _reference_batch(model, cond, generator):
             ended |= torch.rand(B, generator=generator, device=dev) < torch.sigmoid(model.end_logit(h, t).float())
             if ended.all():
                 break
-        x = _reference_visits(model.fine, h, generator)
+        x = _reference_visits(model.fine, h, generator, offset)
         if model.fine.empty_head is not None:  # the empty-visit event, then rejection of empty chains
             empty = torch.rand(B, generator=generator, device=dev) < torch.sigmoid(model.fine.empty_logit(h, t))
             while (redo := ~empty & ~x.any(1)).any():
-                x[redo] = _reference_visits(model.fine, h[redo], generator)
+                x[redo] = _reference_visits(model.fine, h[redo], generator, None if offset is None else offset[redo])
             x[empty] = False
         for b in np.flatnonzero(~ended.cpu().numpy()):
             visits[b].append(x[b].nonzero().squeeze(1).cpu().numpy())

@@ -56,7 +56,7 @@ CHECKPOINT_DIR, STATE_FILE, BEST_FILE, OPTIMIZER_FILE, TRAINING_FILE = (
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 3e-4}
 #: Raised whenever training or sampling changes what a generator trained with the same options
 #: produces; caches of trained generators key on it (``benchmarks.methods.generator_key``).
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 #: option fields that do not change the trained generator
 RUNTIME_OPTIONS = ("device", "resume", "overwrite", "allow_synthetic")
 
@@ -138,6 +138,17 @@ class TrainOptions:
         at least this many standard errors get a term, the 2 V strongest at most.
     pair_shrinkage : float
         Gaussian penalty on each pair term, worth about this many observations.
+    cell_min_patients : int
+        With the bias refit, fit cell terms (``model.py``): for each outcome x group crossing, a
+        logit of its own for the codes that at least this many of its training patients hold and
+        whose rate in it the model (its biases refitted) misses by ``cell_min_score`` standard
+        errors, the V strongest at most (0: none). The network leaves a small cell's own codes
+        at a fraction of their rate (20,000 simulated patients: the 102 "Other" deaths held
+        haemoglobin below 7.9 in 28% of their synthetic visits against 55% real); with the terms
+        every death cell comes within 0.025 of its ceiling, at a membership-attack cost of at most
+        0.01 (``benchmarks/RESULTS.md``).
+    cell_min_score, cell_shrinkage : float
+        As ``pair_min_score`` and ``pair_shrinkage``, for the cell terms.
     max_gap : float or None
         The model is the best epoch (by validation loss) among those whose generalisation gap is
         at most this (the first epoch always qualifies); ``None`` or 0: no limit. The gap is
@@ -174,6 +185,9 @@ class TrainOptions:
     pair_min_patients: int = 0
     pair_min_score: float = 2.0
     pair_shrinkage: float = 3.0
+    cell_min_patients: int = 25
+    cell_min_score: float = 2.0
+    cell_shrinkage: float = 3.0
 
     def validate(self) -> TrainOptions:
         problems = []
@@ -200,10 +214,14 @@ class TrainOptions:
             problems.append(f"condition_lr_scale must be > 0 (got {self.condition_lr_scale})")
         if self.pair_min_patients < 0:
             problems.append(f"pair_min_patients must be >= 0 (got {self.pair_min_patients}; 0: no pair terms)")
-        if self.pair_min_score < 0:
-            problems.append(f"pair_min_score must be >= 0 (got {self.pair_min_score})")
-        if not self.pair_shrinkage > 0:
-            problems.append(f"pair_shrinkage must be > 0 (got {self.pair_shrinkage})")
+        if self.cell_min_patients < 0:
+            problems.append(f"cell_min_patients must be >= 0 (got {self.cell_min_patients}; 0: no cell terms)")
+        for name in ("pair_min_score", "cell_min_score"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("pair_shrinkage", "cell_shrinkage"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
         if self.n_ctx is not None and self.n_ctx < 2:
             problems.append(f"n_ctx must be >= 2 (got {self.n_ctx})")
         if self.resume and self.overwrite:
@@ -460,10 +478,12 @@ def _record_nll(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int
 def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int, device,
                         shrinkage: float = 5.0, iterations: int = 10, reduce=None, pairs: np.ndarray | None = None,
                         pair_shrinkage: float = 3.0, pair_min_score: float = 0.0, max_pairs: int | None = None,
-                        pair_iterations: int = 40) -> dict[str, Any]:
+                        pair_iterations: int = 40, cell_min_patients: int = 0, cell_min_score: float = 2.0,
+                        cell_shrinkage: float = 3.0, max_cell_terms: int | None = None) -> dict[str, Any]:
     """Refit the code biases ``b_i``, the end bias and the empty-visit bias by maximum likelihood on
     ``rows``, the rest of the model fixed; then, given candidate ``pairs`` (``(P, 2)`` code pairs
-    j < i, :func:`halo_balance.pairs.shared_pairs`), fit pair terms for them jointly with the biases.
+    j < i, :func:`halo_balance.pairs.shared_pairs`) or ``cell_min_patients``, fit pair terms and
+    cell terms jointly with the biases.
 
     With the states fixed (teacher forcing), each bias is a one-dimensional convex problem: the
     logistic likelihood of its code's bits (or of the end or empty-visit bits) with the other terms
@@ -479,12 +499,16 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     co-occurrence by at least ``pair_min_score`` standard errors (the score statistic of a_ji at 0:
     observed minus expected count of code i in the visits that hold j, over the root of the summed
     variances), the ``max_pairs`` strongest at most. A term enters the logit of code i in the visits
-    that hold j, next to b_i and the other terms into i; ``pair_iterations`` Newton steps then fit
-    terms and biases together, each parameter's curvature multiplied by the number of parameters
-    sharing each of its logits (a diagonal bound on the joint Hessian), a step that raises the
-    penalised NLL halved until it does not, and ``pair_shrinkage / 2 * a_ji^2`` shrinking each term
-    towards none. Returns the mean absolute change of the code biases, the changes of the other
-    biases and, with pair terms, their number and size.
+    that hold j, next to b_i and the other terms into i. Cell terms likewise: the candidates are
+    the (outcome x group crossing, code) pairs whose code at least ``cell_min_patients`` of the
+    crossing's patients in ``rows`` hold, scored by the code's observed minus expected count in the
+    crossing's visits; those missed by ``cell_min_score`` standard errors get a term, the
+    ``max_cell_terms`` strongest at most. ``pair_iterations`` Newton steps then fit terms and
+    biases together, each parameter's curvature multiplied by the number of parameters sharing
+    each of its logits (a diagonal bound on the joint Hessian), a step that raises the penalised
+    NLL halved until it does not, and ``pair_shrinkage / 2 * a_ji^2`` (``cell_shrinkage`` for the
+    cell terms) shrinking each term towards none. Returns the mean absolute change of the code
+    biases, the changes of the other biases and, with terms, their number and size.
     """
     import torch
     import torch.nn.functional as F
@@ -492,82 +516,166 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     was_training = model.training
     model.eval()
     fine, V = model.fine, model.config.vocab_size
+    n_cross = fine.n_crossings
     if pairs is not None:
         model.set_pairs(torch.zeros(0, 2, dtype=torch.long))  # candidates are scored without any term
+    if cell_min_patients:
+        model.set_cell_terms(torch.zeros(0, 2, dtype=torch.long))
     # each event's bias: per visit position when the model has position biases, else the head's one
     heads = {"end": (model.end_position.weight[:, 0] if model.end_position is not None else model.end_head.bias)}
     if fine.empty_head is not None:
         heads["empty"] = fine.empty_position.weight[:, 0] if fine.empty_position is not None else fine.empty_head.bias
     visits, chosen_codes, events = [], [], {name: [] for name in heads}
+    holders = torch.zeros(n_cross, V, device=device)  # patients of each crossing holding each code
     summed = (lambda t: torch.tensor(reduce(t.flatten().tolist()), dtype=t.dtype, device=device).view(t.shape)
               ) if reduce is not None else (lambda t: t)
 
     def pair_terms(codes, visit_of_code, n_visits):
-        """Each pair term's (visit, code) logit in these visits, and how many parameters share each logit."""
+        """Each pair term's (visit, code) logit in these visits, and how many parameters share each
+        logit (the code's bias, or its bias and cell terms, counted as one)."""
         if fine.pair_index is None:
-            return None
+            return None, None
         which, pair = fine.pair_edges(codes)
         at = (visit_of_code[which], fine.pair_index[pair, 1])
         sharing = torch.ones(n_visits, V, device=device).index_put(at, torch.ones(len(pair), device=device),
                                                                    accumulate=True)
-        return at, pair, sharing
+        return (at, pair), sharing
 
-    def newton(n_steps: int, score: torch.Tensor | None = None) -> None:
-        """Newton steps on the code biases and pair terms (and the event biases); with ``score`` (V, V),
-        the last evaluation also sums the score statistic's parts of every pair into it."""
-        n_pairs = model.config.n_pairs
-        last = None  # the last accepted point: (loss, biases, pair terms, step, pair step, multiple)
+    def by_crossing(values, crossings, second=None):
+        """``values`` (visits, V) summed over the visits of each crossing, ``(2 n_conditions, V)``; with
+        ``second`` (the same crossings), over the visits of each two crossings, ``(2 n_conditions ** 2, V)``."""
+        if second is None:
+            return values.new_zeros(n_cross, V).index_add_(0, crossings.reshape(-1),
+                                                          values.repeat_interleave(crossings.shape[1], 0))
+        both = (crossings[:, :, None] * n_cross + second[:, None, :]).reshape(-1)
+        return values.new_zeros(n_cross * n_cross, V).index_add_(0, both, values.repeat_interleave(
+            crossings.shape[1] ** 2, 0))
+
+    def code_blocks():
+        """Each code's cell terms: ``(crossing per slot, term id per slot)``, ``(V, K)``, -1 for none."""
+        code = fine.cell_index[:, 1]
+        per_code = torch.bincount(code, minlength=V)
+        order = torch.argsort(code, stable=True)
+        slot = torch.arange(len(code), device=device) - (per_code.cumsum(0) - per_code)[code[order]]
+        crossing = torch.full((V, int(per_code.max())), -1, dtype=torch.long, device=device)
+        term = torch.full_like(crossing, -1)
+        crossing[code[order], slot] = fine.cell_index[order, 0]
+        term[code[order], slot] = order
+        return crossing, term
+
+    def block_step(grad, hess, cell_grad, cell_w, cell_ww, shift, c):
+        """Joint Newton step of every code's bias and cell terms: one small system per code, with
+        the curvature over the visits each two of its parameters share (their logits sum)."""
+        crossing, term = code_blocks()
+        K = crossing.shape[1]
+        index = torch.cat([torch.full((V, 1), n_cross, device=device, dtype=torch.long), crossing], 1)
+        valid = index >= 0
+        at = index.clamp(min=0)
+        full = torch.zeros(n_cross + 1, n_cross + 1, V, dtype=torch.float64, device=device)  # crossing n_cross: the bias
+        full[:n_cross, :n_cross] = cell_ww.view(n_cross, n_cross, V)
+        full[n_cross, :n_cross] = full[:n_cross, n_cross] = cell_w
+        full[n_cross, n_cross] = hess
+        codes = torch.arange(V, device=device)[:, None, None]
+        matrix = full[at[:, :, None], at[:, None, :], codes] * (valid[:, :, None] & valid[:, None, :])
+        penalty = torch.cat([torch.full((V, 1), shrinkage, dtype=torch.float64, device=device),
+                             torch.where(valid[:, 1:], cell_shrinkage, 1.0)], 1)  # 1 keeps an unused slot's row
+        matrix = matrix + torch.diag_embed(penalty.double())
+        weight = torch.zeros(V, K, dtype=torch.float64, device=device)
+        weight[valid[:, 1:]] = c[term[valid[:, 1:]]]
+        rhs = torch.cat([(grad + shrinkage * shift)[:, None],
+                         torch.where(valid[:, 1:], cell_grad[at[:, 1:], torch.arange(V, device=device)[:, None]]
+                                     + cell_shrinkage * weight, 0.0)], 1)
+        step = torch.linalg.solve(matrix, rhs).clamp(-2.0, 2.0)
+        cell_step = torch.zeros_like(c)
+        cell_step[term[valid[:, 1:]]] = step[:, 1:][valid[:, 1:]]
+        return step[:, 0], cell_step
+
+    def newton(n_steps: int, score: torch.Tensor | None = None, cell_score: torch.Tensor | None = None) -> None:
+        """Newton steps on the code biases, pair and cell terms (and the event biases); with ``score``
+        (2, V, V) and ``cell_score`` (2, 2 n_conditions, V), the last evaluation also sums the score
+        statistic's parts of every pair and every (crossing, code) into them."""
+        n_pairs, n_cells = model.config.n_pairs, model.config.n_cell_terms
+        last = None  # the last accepted point: (loss, biases, pair terms, cell terms, steps..., multiple)
         for it in range(n_steps):
+            scoring = it == n_steps - 1 and (score is not None or cell_score is not None)
             loss = 0.0
             grad = torch.zeros(V, dtype=torch.float64, device=device)
             hess = torch.zeros_like(grad)
             pair_grad = torch.zeros(n_pairs, dtype=torch.float64, device=device)
             pair_hess = torch.zeros_like(pair_grad)
+            cell_grad = torch.zeros(n_cross, V, dtype=torch.float64, device=device)
+            cell_w = torch.zeros_like(cell_grad)
+            cell_ww = torch.zeros(n_cross * n_cross, V, dtype=torch.float64, device=device) if n_cells else None
             bias_now = fine.out.bias.float()
-            for base, first_base, x, terms in visits:
+            for base, first_base, x, crossings, terms, sharing in visits:
+                offset = fine.cell_offsets(crossings)
                 logits = base + bias_now  # -inf where a group rules a code out
+                if offset is not None:
+                    logits = logits + offset
                 if terms is not None:
                     logits = logits.index_put(terms[0], fine.pair_weight[terms[1]].float(), accumulate=True)
                 p = torch.sigmoid(logits)
                 g, w = p - x, p * (1 - p)
                 nll = torch.where(torch.isfinite(logits), F.softplus(logits) - x * logits, 0.0).sum(1)
-                if score is not None and it == n_steps - 1:  # rows of empty visits are 0 in x
+                if score is not None and scoring:  # rows of empty visits are 0 in x
                     score[0] += (x.T @ g).double()
                     score[1] += (x.T @ w).double()
-                if terms is not None:  # pair terms sit on chosen codes' visits: never the empty-chain term
-                    at, pair, sharing = terms
-                    w = w * sharing
+                if terms is not None:
+                    w = w * sharing  # pair terms sit on chosen codes' visits: never the empty-chain term
+                    at, pair = terms
                     pair_grad.index_add_(0, pair, g[at].double())
                     pair_hess.index_add_(0, pair, w[at].double())
                 if "empty" in heads:  # non-empty visits only, given that they hold a code
                     keep = (x.sum(1) > 0).float()[:, None]
                     first_logits = first_base + bias_now
+                    if offset is not None:
+                        first_logits = first_logits + offset
                     hazard = F.softplus(first_logits).sum(1).clamp(min=1e-6)
                     first = torch.sigmoid(first_logits)
                     g, w = (g + first / torch.expm1(hazard)[:, None]) * keep, w * keep
                     nll = (nll + torch.log(-torch.expm1(-hazard))) * keep[:, 0]
+                if n_cells or (cell_score is not None and scoring):
+                    parts = by_crossing(g, crossings).double(), by_crossing(w, crossings).double()
+                    cell_grad += parts[0]
+                    cell_w += parts[1]
+                    if n_cells:
+                        cell_ww += by_crossing(w, crossings, crossings).double()
+                    if cell_score is not None and scoring:
+                        cell_score[0] += parts[0]
+                        cell_score[1] += parts[1]
                 loss += float(nll.double().sum())
                 grad += g.sum(0).double()
                 hess += w.sum(0).double()
             grad, hess, pair_grad, pair_hess = (summed(t) for t in (grad, hess, pair_grad, pair_hess))
+            if n_cells:
+                cell_grad, cell_w, cell_ww = summed(cell_grad), summed(cell_w), summed(cell_ww)
             loss = float(summed(torch.tensor([loss], dtype=torch.float64))[0])
             shift = fine.out.bias.double() - old["codes"].double()
-            a = fine.pair_weight.double() if n_pairs else torch.zeros(0, dtype=torch.float64, device=device)
-            loss += 0.5 * (shrinkage * float((shift ** 2).sum()) + pair_shrinkage * float((a ** 2).sum()))
+            empty = torch.zeros(0, dtype=torch.float64, device=device)
+            a = fine.pair_weight.double() if n_pairs else empty
+            c = fine.cell_weight.double() if n_cells else empty
+            loss += 0.5 * (shrinkage * float((shift ** 2).sum()) + pair_shrinkage * float((a ** 2).sum())
+                           + cell_shrinkage * float((c ** 2).sum()))
             # near 0 or 1 the curvature vanishes and a full step can overshoot: undo and halve it
             if last is not None and loss > last[0] + 1e-9 * abs(last[0]):
-                last = (*last[:5], last[5] / 2)
-                bias, a, step, pair_step, multiple = last[1:]
+                last = (*last[:-1], last[-1] / 2)
+                bias, a, c, step, pair_step, cell_step, multiple = last[1:]
             else:
-                step = ((grad + shrinkage * shift) / (hess + shrinkage)).clamp(-2.0, 2.0)
+                if n_cells:
+                    step, cell_step = block_step(grad, hess, cell_grad, cell_w, cell_ww, shift, c)
+                else:
+                    step = ((grad + shrinkage * shift) / (hess + shrinkage)).clamp(-2.0, 2.0)
+                    cell_step = empty
                 pair_step = ((pair_grad + pair_shrinkage * a) / (pair_hess + pair_shrinkage)).clamp(-2.0, 2.0)
-                last = (loss, fine.out.bias.double().clone(), a.clone(), step, pair_step, 1.0)
+                last = (loss, fine.out.bias.double().clone(), a.clone(), c.clone(), step, pair_step, cell_step, 1.0)
                 bias, multiple = last[1], 1.0
-            if score is not None and it == n_steps - 1:
+            if scoring:
                 break  # the scores are of these biases
             fine.out.bias.copy_((bias - multiple * step).clamp(min=floor).to(fine.out.bias.dtype))
             if n_pairs:
                 fine.pair_weight.copy_((a - multiple * pair_step).to(fine.pair_weight.dtype))
+            if n_cells:
+                fine.cell_weight.copy_((c - multiple * cell_step).to(fine.cell_weight.dtype))
             for name, bias in heads.items():
                 g_h = torch.zeros(len(bias), dtype=torch.float64, device=device)
                 w_h = torch.zeros_like(g_h)
@@ -578,6 +686,12 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 g_h, w_h = summed(g_h), summed(w_h)
                 g_h += shrinkage * (bias.double() - old[name].double())
                 bias -= ((g_h / (w_h + shrinkage)).clamp(-2.0, 2.0)).to(bias.dtype)
+
+    def strongest(observed_minus_expected, variance, min_score, cap):
+        """The candidates missed by at least ``min_score`` standard errors, strongest first, ``cap`` at most."""
+        z = -observed_minus_expected / variance.clamp(min=1e-12).sqrt()  # > 0: the model draws it too rarely
+        order = torch.argsort(z.abs(), descending=True)
+        return order[z.abs()[order] >= min_score][:cap], z
 
     kept = (fine.pair_index, fine.pair_weight)
     fine.pair_index = fine.pair_weight = None  # the logits without biases and pair terms, fixed from here on
@@ -590,9 +704,15 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             visit_of_code = torch.repeat_interleave(torch.arange(b.n_visits, device=device), b.code_ptr.diff())
             x[visit_of_code, b.visit_codes] = 1.0
             hv, bias = h[b.target_hidden], fine.out.bias.float()
+            crossings = model.crossings(b.cond)
             visits.append([fine.logits(hv, b.visit_codes, b.code_ptr).float() - bias,
-                           fine.first_logits(hv) - bias if "empty" in heads else None, x, None])
+                           fine.first_logits(hv) - bias if "empty" in heads else None, x,
+                           crossings[b.target_record], None, None])
             chosen_codes.append((b.visit_codes, visit_of_code))
+            if cell_min_patients:  # each patient once per code it holds
+                held = torch.zeros(b.n_records, V, device=device)
+                held[b.target_record[visit_of_code], b.visit_codes] = 1.0
+                holders += by_crossing(held, crossings)
             T = b.n_positions
             end_at, visit_at = b.end_hidden % T, b.target_hidden % T
             end_slot = end_at if model.end_position is not None else torch.zeros_like(end_at)
@@ -603,32 +723,44 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 events["empty"].append((fine.empty_logit(h[b.target_hidden], visit_at) - heads["empty"][slot],
                                         (b.code_ptr[1:] == b.code_ptr[:-1]).float(), slot))
         fine.pair_index, fine.pair_weight = kept
-        for visit, codes in zip(visits, chosen_codes):
-            visit[3] = pair_terms(*codes, len(visit[2]))
+
+        def share_logits():
+            for visit, codes in zip(visits, chosen_codes):
+                visit[4:6] = pair_terms(*codes, len(visit[2]))
+
+        share_logits()
         old = {"codes": fine.out.bias.detach().clone(), **{k: v.detach().clone() for k, v in heads.items()}}
         floor = math.log(1e-6) - math.log1p(-1e-6)  # the marginal model's smallest frequency
         out: dict[str, Any] = {}
-        if pairs is None or not len(pairs):
-            newton(iterations if fine.pair_index is None else pair_iterations)
+        has_pairs, has_cells = pairs is not None and len(pairs) > 0, bool(cell_min_patients)
+        if not (has_pairs or has_cells):
+            newton(iterations if fine.pair_index is None and fine.cell_index is None else pair_iterations)
         else:  # the biases first; the candidates scored under them; then the chosen terms and the biases
-            score = torch.zeros(2, V, V, dtype=torch.float64, device=device)
-            newton(iterations + 1, score)
-            score = summed(score)
-            j, i = torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), device=device).T
-            z = -score[0, j, i] / score[1, j, i].clamp(min=1e-12).sqrt()  # > 0: the pair is too rare
-            order = torch.argsort(z.abs(), descending=True)
-            order = order[z.abs()[order] >= pair_min_score][:max_pairs]
-            model.set_pairs(torch.stack([j[order], i[order]], 1))
-            for visit, codes in zip(visits, chosen_codes):
-                visit[3] = pair_terms(*codes, len(visit[2]))
-            out.update(pair_candidates=len(z), pair_score_abs_median=float(z.abs().median()) if len(z) else None)
-            if fine.pair_index is not None:
+            score = torch.zeros(2, V, V, dtype=torch.float64, device=device) if has_pairs else None
+            cell_score = torch.zeros(2, n_cross, V, dtype=torch.float64, device=device) if has_cells else None
+            newton(iterations + 1, score, cell_score)
+            if has_pairs:
+                score = summed(score)
+                j, i = torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), device=device).T
+                order, z = strongest(score[0, j, i], score[1, j, i], pair_min_score, max_pairs)
+                model.set_pairs(torch.stack([j[order], i[order]], 1))
+                out.update(pair_candidates=len(z), pair_score_abs_median=float(z.abs().median()) if len(z) else None)
+            if has_cells:
+                cell_score, holders = summed(cell_score), summed(holders)
+                s, i = (holders >= cell_min_patients).nonzero(as_tuple=True)
+                order, z = strongest(cell_score[0, s, i], cell_score[1, s, i], cell_min_score, max_cell_terms)
+                model.set_cell_terms(torch.stack([s[order], i[order]], 1))
+                out.update(cell_candidates=len(z))
+            share_logits()
+            if fine.pair_index is not None or fine.cell_index is not None:
                 newton(pair_iterations)
     model.train(was_training)
     out.update(code_bias_mean_abs_change=float((fine.out.bias.detach() - old["codes"]).abs().mean()),
                **{f"{name}_bias_change": (bias.detach() - old[name]).tolist() for name, bias in heads.items()})
     if fine.pair_index is not None:
         out.update(pairs=model.config.n_pairs, pair_term_mean_abs=float(fine.pair_weight.abs().mean()))
+    if fine.cell_index is not None:
+        out.update(cell_terms=model.config.n_cell_terms, cell_term_mean_abs=float(fine.cell_weight.abs().mean()))
     return out
 
 
@@ -1119,7 +1251,9 @@ class _Trainer:
                 model, self.train, shard, batch_size=max(self.options.batch_size, 256), device=self.device,
                 reduce=self.dist.sum if self.dist.world > 1 else None, pairs=pairs,
                 pair_shrinkage=self.options.pair_shrinkage, pair_min_score=self.options.pair_min_score,
-                max_pairs=2 * model.config.vocab_size)
+                max_pairs=2 * model.config.vocab_size, cell_min_patients=self.options.cell_min_patients,
+                cell_min_score=self.options.cell_min_score, cell_shrinkage=self.options.cell_shrinkage,
+                max_cell_terms=model.config.vocab_size)
             if self.val is not None:
                 self.summary["bias_refit"]["val_loss"] = self._validate()
         model.eval()
@@ -1199,11 +1333,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--pair-min-patients", type=int, default=d.pair_min_patients, metavar="N",
                    help="with the bias refit, fit pair terms for code pairs at least N training patients hold "
                         "together in a visit (default %(default)s: none; 25 is the value measured)")
-    g.add_argument("--pair-min-score", type=float, default=d.pair_min_score, metavar="Z",
-                   help="of those pairs, only the ones whose co-occurrence the model misses by at least Z "
-                        "standard errors get a term (default %(default)s)")
-    g.add_argument("--pair-shrinkage", type=float, default=d.pair_shrinkage,
-                   help="penalty on each pair term, in observations (default %(default)s)")
+    g.add_argument("--cell-min-patients", type=int, default=d.cell_min_patients, metavar="N",
+                   help="with the bias refit, fit cell terms: per outcome x group crossing, a logit for each code at "
+                        "least N of its training patients hold (default %(default)s; 0: none)")
+    for kind, what in (("pair", "pairs whose co-occurrence"), ("cell", "codes whose rate in their crossing")):
+        g.add_argument(f"--{kind}-min-score", type=float, default=getattr(d, f"{kind}_min_score"), metavar="Z",
+                       help=f"of those, only the {what} the model misses by at least Z standard errors get a "
+                            "term (default %(default)s)")
+        g.add_argument(f"--{kind}-shrinkage", type=float, default=getattr(d, f"{kind}_shrinkage"),
+                       help=f"penalty on each {kind} term, in observations (default %(default)s)")
     p = parser.add_argument_group("differential privacy (DP-SGD; the unit of privacy is the patient)")
     p.add_argument("--dp-epsilon", type=float, default=None, metavar="EPS",
                    help="train (EPS, delta)-differentially private (default: no DP)")

@@ -51,6 +51,8 @@ def test_automodel_logits_equal_halomodel(sim_model: Path, batch) -> None:
         logits = halo.fine.logits(h[batch.target_hidden], batch.visit_codes, batch.code_ptr)
         ref = halo(batch)
     assert out.logits.shape == (batch.n_visits, halo.config.vocab_size)
+    if halo.config.n_cell_terms:  # each visit's logits carry its record's cell terms
+        logits = logits + halo.code_offsets(batch.cond)[batch.target_record]
     assert torch.equal(out.logits, logits)
     assert torch.equal(out.record_nll, ref.record_nll) and float(out.loss) == float(ref.loss)
 

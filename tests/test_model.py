@@ -324,6 +324,48 @@ def test_pair_terms_round_trip_and_models_without_them_load(tmp_path):
     assert back.fine.pair_index.tolist() == [[0, 2], [1, 4]] and back.fine.pair_weight.tolist() == [-1.0, 0.5]
 
 
+def test_cell_terms_shift_the_code_biases_of_their_cells_records(tmp_path):
+    """A record's likelihood under cell terms is its likelihood with each of its crossings' terms
+    added to the code biases (the empty-visit event included); other records are unchanged; the
+    terms round-trip through save/load and a model without them keeps its state dict."""
+    import copy
+
+    data = make_learnable_dataset(60, seed=1)
+    model = random_model(data, n_ctx=5, exclusive_groups=[[3, 6]])  # empty-visit event on
+    assert not any(k.startswith("fine.cell") for k in model.state_dict())
+    enc = EncodedRecords.from_dataset(data, model.layout, 5)
+    batch = collate(enc, np.arange(len(enc)))
+    crossings = model.crossings(batch.cond)
+    n = model.config.n_conditions
+    deaths_f = n + model.layout.slot_names().index("gender=F")
+    terms, weight = torch.tensor([[deaths_f, 0], [deaths_f, 4], [deaths_f, 9], [n + 1, 9], [1, 2]]), \
+        torch.tensor([1.5, -2.0, 0.7, -0.4, 0.9])
+    celled = copy.deepcopy(model)
+    celled.set_cell_terms(terms, weight)
+    assert celled.config.n_cell_terms == 5
+    with torch.no_grad():
+        got = celled(batch).record_nll
+        plain = model(batch).record_nll
+        for kind in {tuple(c) for c in crossings.tolist()}:
+            rows = [r for r, c in enumerate(crossings.tolist()) if tuple(c) == kind]
+            shifted = copy.deepcopy(model)
+            for (s, i), c in zip(terms.tolist(), weight.tolist()):
+                if s in kind:
+                    shifted.fine.out.bias[i] += c
+            want = shifted(batch).record_nll[rows]
+            torch.testing.assert_close(got[rows], want, rtol=1e-5, atol=1e-4)
+            if not set(kind) & set(terms[:, 0].tolist()):
+                torch.testing.assert_close(got[rows], plain[rows], rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(got, plain)
+    celled.save_pretrained(tmp_path / "cells")
+    back = HaloModel.from_pretrained(tmp_path / "cells")
+    assert back.config.n_cell_terms == 5 and back.fine.cell_index.tolist() == sorted(terms.tolist())
+    with torch.no_grad():
+        torch.testing.assert_close(back(batch).record_nll, got)
+    with pytest.raises(HaloBalanceError, match="cell terms"):
+        celled.set_cell_terms(torch.tensor([[2 * n, 0]]))
+
+
 def test_exclusive_groups_rule_codes_out_in_the_likelihood():
     """After a code of an exclusive run, the run's later codes have probability 0; the rest is unchanged."""
     groups = [[20, 29], [150, 199]]  # the second run ends at the vocabulary's end

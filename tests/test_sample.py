@@ -48,12 +48,13 @@ def _pair_rates(ds: PreparedDataset, pairs: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("groups, empty_event, pairs", [([], False, False), ([[1, 2], [3, 4]], False, False),
-                                                       ([[1, 2], [3, 4]], True, False), ([[1, 2], [3, 4]], True, True)])
-def test_visit_sampler_matches_the_likelihood_exactly(groups, empty_event, pairs):
+@pytest.mark.parametrize("groups, empty_event, pairs, cells", [
+    ([], False, False, False), ([[1, 2], [3, 4]], False, False, False), ([[1, 2], [3, 4]], True, False, False),
+    ([[1, 2], [3, 4]], True, True, False), ([[1, 2], [3, 4]], True, True, True)])
+def test_visit_sampler_matches_the_likelihood_exactly(groups, empty_event, pairs, cells):
     """Over all 2^5 visits, the sampled frequencies equal exp(-visit_nll), with and without
     exclusive groups (whose ruled-out visits have probability 0 on both sides), the empty-visit
-    event and pair terms."""
+    event, pair terms and a cell's terms."""
     m = random_model(make_tiny_dataset(), code_bias=-1.0, scale=0.2, seed=5, exclusive_groups=groups,
                      empty_visit_event=empty_event)
     if pairs:  # strong ones, one into a code an exclusive group can rule out
@@ -63,10 +64,12 @@ def test_visit_sampler_matches_the_likelihood_exactly(groups, empty_event, pairs
             m.fine.empty_head.bias.fill_(1.5)  # far likelier than the chain's own empty visit
     visits = [[i for i in range(5) if mask >> i & 1] for mask in range(32)]
     h = torch.randn(1, m.config.n_embd, generator=torch.Generator().manual_seed(0))
+    offset = torch.tensor([[1.5, -1.0, 0.0, 2.0, -0.5]]) if cells else None  # one record's cell terms
+    expand = (lambda t, n: None if t is None else t.expand(n, -1))
     with torch.no_grad():
-        prob = torch.exp(-m.fine.visit_nll(h.expand(32, -1), *_visits(visits))).double().numpy()
+        prob = torch.exp(-m.fine.visit_nll(h.expand(32, -1), *_visits(visits), 0, expand(offset, 32))).double().numpy()
         n = 40000
-        codes, ptr = sample_visits(m.fine, h.expand(n, -1), torch.Generator().manual_seed(0))
+        codes, ptr = sample_visits(m.fine, h.expand(n, -1), torch.Generator().manual_seed(0), 0, expand(offset, n))
     masks = np.zeros(n, dtype=np.int64)
     np.add.at(masks, np.repeat(np.arange(n), np.diff(ptr.numpy())), 1 << codes.numpy())
     freq = np.bincount(masks, minlength=32) / n
@@ -111,7 +114,19 @@ def paired_model(structured_model):
     return m
 
 
-@pytest.mark.parametrize("which", ["model", "structured_model", "paired_model"])
+@pytest.fixture(scope="module")
+def celled_model(structured_model):
+    """The structured model with strong cell terms on the deaths of one gender and on every death."""
+    m = copy.deepcopy(structured_model)
+    slots = m.layout.slot_names()
+    deaths_f, deaths = m.config.n_conditions + slots.index("gender=F"), m.config.n_conditions + 1
+    index = [[deaths_f, c] for c in range(0, 40, 3)] + [[deaths, c] for c in range(1, 40, 5)]
+    weight = [2.5 if c % 2 else -2.0 for _, c in index]
+    m.set_cell_terms(torch.tensor(index), torch.tensor(weight))
+    return m
+
+
+@pytest.mark.parametrize("which", ["model", "structured_model", "paired_model", "celled_model"])
 def test_fast_and_reference_samplers_agree_in_distribution(which, request):
     model = request.getfixturevalue(which)
     V, n = model.config.vocab_size, 3000
@@ -134,6 +149,16 @@ def test_fast_and_reference_samplers_agree_in_distribution(which, request):
         rates = [_pair_rates(d, pairs) for d in (fast, ref, unpaired)]
         assert _z_max(rates[0], rates[1], n_visits[0], n_visits[1]) < 4.5
         assert _z_max(rates[0], rates[2], n_visits[0], n_visits[2]) > 8
+    if which == "celled_model":  # each cell's code rates agree, and differ from the model without the terms
+        plain = sample_records(request.getfixturevalue("structured_model"), cond, batch_size=256, seed=14,
+                               device="cpu", progress=False)
+        cells = cond.select("label", "gender").to_dicts()
+        for label, gender in ((1, "F"), (1, "M"), (0, "F")):
+            rows = [k for k, c in enumerate(cells) if c == {"label": label, "gender": gender}]
+            picked = [d.select([d.patients["patient_id"][k] for k in rows]) for d in (fast, ref, plain)]
+            rates = [_code_rates(d, V) for d in picked]
+            assert _z_max(rates[0], rates[1], len(rows), len(rows)) < 4.5
+            assert (_z_max(rates[0], rates[2], len(rows), len(rows)) > 6) == (label == 1), (label, gender)
     # the comparison has power: a slightly different model is told apart
     shifted = copy.deepcopy(model)
     grouped = {c for a, b in model.config.exclusive_groups for c in range(a, b + 1)}

@@ -263,7 +263,8 @@ def test_pair_refit_matches_expected_and_observed_pair_counts(small_cohort, tmp_
     from halo_balance.train import refit_output_biases
 
     model = train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(
-        **TINY, epochs=2, seed=0, val_fraction=0.0, pair_min_patients=25), progress=False)  # with pair terms
+        **TINY, epochs=2, seed=0, val_fraction=0.0, pair_min_patients=25, cell_min_patients=0),
+        progress=False)  # with pair terms only
     assert model.config.n_pairs > 0 and model.fine.pair_weight.abs().max() > 0.1
     enc = EncodedRecords.from_dataset(small_cohort, model.layout, model.config.n_ctx)
     rows = np.arange(len(enc))
@@ -316,6 +317,76 @@ def test_pair_terms_only_for_pairs_enough_patients_share(small_cohort, tmp_path)
     assert private.config.n_pairs == 0 and private.fine.pair_index is None
     with pytest.raises(HaloBalanceError, match="pair_min_patients"):
         TrainOptions(pair_min_patients=-1).validate()
+
+
+def test_cell_refit_matches_expected_and_observed_counts_in_each_cell(small_cohort, tmp_path):
+    """The fitted cell terms are the penalised maximum: each term's code is as likely over the visits
+    of its crossing's records (teacher forced, given that the visit holds a code) as it is there,
+    up to the penalty's pull towards 0; the code biases (no shrinkage) still match every code's
+    count over all visits; the likelihood improves. 40 steps reach it (a joint step per code)."""
+    from halo_balance.train import refit_output_biases
+
+    model = train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(
+        **TINY, epochs=2, seed=0, val_fraction=0.0, cell_min_patients=20), progress=False)  # with cell terms
+    assert model.config.n_cell_terms > 0 and model.fine.cell_weight.abs().max() > 0.1
+    assert HaloModel.from_pretrained(tmp_path / "m").config.n_cell_terms == model.config.n_cell_terms
+    enc = EncodedRecords.from_dataset(small_cohort, model.layout, model.config.n_ctx)
+    rows = np.arange(len(enc))
+    before = -dataset_log_likelihood(model, small_cohort, device="cpu").sum()
+    info = refit_output_biases(model, enc, rows, batch_size=64, device=torch.device("cpu"), shrinkage=1e-9,
+                               iterations=30, pair_iterations=40, cell_min_patients=10, cell_min_score=0.0,
+                               cell_shrinkage=1.0)
+    after = -dataset_log_likelihood(model, small_cohort, device="cpu").sum()
+    assert model.config.n_cell_terms == info["cell_candidates"] > 20 and after < before
+    batch = collate(enc, rows)
+    with torch.no_grad():
+        h = model.hidden_states(batch.cond, batch.visit_codes, batch.visit_offsets, batch.n_positions).flatten(0, 1)
+        visits = h[batch.target_hidden]
+        offset = model.code_offsets(batch.cond)[batch.target_record]
+        p = torch.sigmoid(model.fine.logits(visits, batch.visit_codes, batch.code_ptr) + offset).double()
+        first = torch.sigmoid(model.fine.first_logits(visits, offset)).double()
+        correction = first / torch.expm1(model.fine.chain_hazard(visits, offset=offset).double())[:, None]
+    x = torch.zeros_like(p)
+    x[torch.repeat_interleave(torch.arange(len(p)), batch.code_ptr.diff()), batch.visit_codes] = 1.0
+    gradient = (p + correction) * (x.sum(1, keepdim=True) > 0) - x
+    crossing = model.crossings(batch.cond)[batch.target_record]
+    s, i = model.fine.cell_index.T
+    in_cell = (crossing[:, :, None] == s).any(1).double()  # (visits, terms)
+    per_term = (in_cell * gradient[:, i]).sum(0) + 1.0 * model.fine.cell_weight.double()  # the penalty's part
+    torch.testing.assert_close(per_term, torch.zeros_like(per_term), rtol=0, atol=1e-3)
+    seen = x.sum(0) > 0
+    assert torch.allclose(gradient.sum(0)[seen], torch.zeros(int(seen.sum()), dtype=torch.float64), atol=1e-3)
+    assert model.fine.cell_weight.abs().max() > 0.3
+
+
+def test_cell_terms_only_for_codes_enough_of_a_cells_patients_hold(small_cohort, tmp_path):
+    """The threshold decides which (crossing, code) pairs are candidates; 0 gives none, so does DP."""
+    sizes, candidates = {}, {}
+    for n, z in ((0, 2.0), (15, 0.0), (15, 1e6), (150, 0.0)):
+        model = train_model(small_cohort, out_dir=tmp_path / f"m{n}-{z}", options=TrainOptions(
+            **TINY, epochs=1, seed=0, cell_min_patients=n, cell_min_score=z), progress=False)
+        info = json.loads((tmp_path / f"m{n}-{z}" / "training.json").read_text())
+        sizes[n, z], candidates[n, z] = model.config.n_cell_terms, info["bias_refit"].get("cell_candidates", 0)
+        assert info["bias_refit"].get("cell_terms", 0) == sizes[n, z]
+        if sizes[n, z]:  # each term's code is held by at least n training patients of its crossing
+            train_ids = set(small_cohort.patients["patient_id"].to_list()) - set(info["validation_patient_ids"])
+            rec = small_cohort.records()
+            cross = model.crossings(torch.from_numpy(model.layout.encode(small_cohort.patients))).numpy()
+            ids = small_cohort.patients["patient_id"].to_list()
+            for s, i in model.fine.cell_index.tolist()[:25]:
+                holders = sum(ids[r] in train_ids and s in cross[r] and
+                              i in rec.codes[rec.code_ptr[rec.visit_ptr[r]]:rec.code_ptr[rec.visit_ptr[r + 1]]]
+                              for r in range(len(ids)))
+                assert holders >= n, (s, i, holders)
+    assert sizes[0, 2.0] == candidates[0, 2.0] == 0
+    V = small_cohort.vocab_size  # at most V terms: the strongest
+    assert sizes[15, 0.0] == min(candidates[15, 0.0], V) and candidates[15, 0.0] > V
+    assert candidates[15, 1e6] == candidates[15, 0.0] > candidates[150, 0.0] == sizes[15, 1e6] == 0
+    private = train_model(small_cohort, out_dir=tmp_path / "dp", options=TrainOptions(
+        **TINY, epochs=1, seed=0, dp_epsilon=8.0, cell_min_patients=15), progress=False)
+    assert private.config.n_cell_terms == 0 and private.fine.cell_index is None
+    with pytest.raises(HaloBalanceError, match="cell_min_patients"):
+        TrainOptions(cell_min_patients=-1).validate()
 
 
 def test_default_training_reproduces_record_lengths(tmp_path):
