@@ -503,11 +503,13 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     the (outcome x group crossing, code) pairs whose code at least ``cell_min_patients`` of the
     crossing's patients in ``rows`` hold, scored by the code's observed minus expected count in the
     crossing's visits; those missed by ``cell_min_score`` standard errors get a term, the
-    ``max_cell_terms`` strongest at most. ``pair_iterations`` Newton steps then fit terms and
-    biases together, each parameter's curvature multiplied by the number of parameters sharing
-    each of its logits (a diagonal bound on the joint Hessian), a step that raises the penalised
-    NLL halved until it does not, and ``pair_shrinkage / 2 * a_ji^2`` (``cell_shrinkage`` for the
-    cell terms) shrinking each term towards none. Returns the mean absolute change of the code
+    ``max_cell_terms`` strongest at most. Newton steps then fit terms and biases together: each
+    code's bias and its cell terms as one small system (they share the code's logits), each pair
+    term's curvature multiplied by the number of parameters sharing each of its logits (a
+    diagonal bound on the joint Hessian), a step that raises the penalised NLL halved until it
+    does not, and ``pair_shrinkage / 2 * a_ji^2`` (``cell_shrinkage`` for the cell terms)
+    shrinking each term towards none: ``pair_iterations`` steps with pair terms, whose diagonal
+    steps converge slowly, ``iterations`` without. Returns the mean absolute change of the code
     biases, the changes of the other biases and, with terms, their number and size.
     """
     import torch
@@ -728,13 +730,16 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             for visit, codes in zip(visits, chosen_codes):
                 visit[4:6] = pair_terms(*codes, len(visit[2]))
 
+        def steps():  # the pair terms' diagonal steps converge slowly; biases and cell terms take exact ones
+            return pair_iterations if fine.pair_index is not None else iterations
+
         share_logits()
         old = {"codes": fine.out.bias.detach().clone(), **{k: v.detach().clone() for k, v in heads.items()}}
         floor = math.log(1e-6) - math.log1p(-1e-6)  # the marginal model's smallest frequency
         out: dict[str, Any] = {}
         has_pairs, has_cells = pairs is not None and len(pairs) > 0, bool(cell_min_patients)
         if not (has_pairs or has_cells):
-            newton(iterations if fine.pair_index is None and fine.cell_index is None else pair_iterations)
+            newton(steps())
         else:  # the biases first; the candidates scored under them; then the chosen terms and the biases
             score = torch.zeros(2, V, V, dtype=torch.float64, device=device) if has_pairs else None
             cell_score = torch.zeros(2, n_cross, V, dtype=torch.float64, device=device) if has_cells else None
@@ -753,7 +758,7 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 out.update(cell_candidates=len(z))
             share_logits()
             if fine.pair_index is not None or fine.cell_index is not None:
-                newton(pair_iterations)
+                newton(steps())
     model.train(was_training)
     out.update(code_bias_mean_abs_change=float((fine.out.bias.detach() - old["codes"]).abs().mean()),
                **{f"{name}_bias_change": (bias.detach() - old[name]).tolist() for name, bias in heads.items()})

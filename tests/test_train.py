@@ -441,3 +441,18 @@ def test_resume_refuses_a_checkpoint_of_an_earlier_optimiser(small_cohort, tmp_p
     with pytest.raises(HaloBalanceError, match="earlier version of halo_balance"):
         train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(**opts, epochs=2, resume=True),
                     progress=False)
+
+
+def test_refit_speed_benchmark_times_both_refits(small_cohort, tmp_path, capsys):
+    """``benchmarks.speed.refit_speed`` refits a trained model with and without cell terms and
+    prints both times and their ratio."""
+    from benchmarks.speed import refit_speed
+
+    train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(**TINY, epochs=1, seed=0), progress=False)
+    small_cohort.save(tmp_path / "data")
+    refit_speed.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--repeats", "1",
+                      "--cell-min-patients", "10"])
+    out = capsys.readouterr().out
+    assert "cell_min_patients   0" in out and "0 cell terms" in out
+    terms = int(out.split("cell_min_patients  10:")[1].split("CPU s,")[1].split()[0])
+    assert terms > 0 and "x)" in out.splitlines()[-1]
