@@ -22,6 +22,7 @@ use and limits. ``python -m halo_balance.hf --model MODEL_DIR --out HF_DIR [--ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -72,10 +73,10 @@ def _classes() -> tuple[type, type]:
             super().__init__(**kwargs)
 
         def halo_config(self) -> HaloConfig:
-            return HaloConfig(vocab_size=self.vocab_size, n_conditions=self.n_conditions, n_ctx=self.n_ctx,
-                              n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head,
-                              fine_hidden=self.fine_hidden, dropout=self.dropout,
-                              layer_norm_eps=self.layer_norm_eps, preset=self.preset)
+            """Every ``HaloConfig`` field this config holds (a trained model's ``config.json`` holds
+            them all, the structural switches and term counts included)."""
+            return HaloConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HaloConfig)
+                                 if hasattr(self, f.name)})
 
     class HaloForRecords(transformers.PreTrainedModel):
         """A trained :class:`HaloModel` behind the ``transformers`` API (see the module docstring)."""

@@ -57,6 +57,24 @@ def test_automodel_logits_equal_halomodel(sim_model: Path, batch) -> None:
     assert torch.equal(out.record_nll, ref.record_nll) and float(out.loss) == float(ref.loss)
 
 
+def test_the_config_alone_builds_the_trained_architecture(sim_model: Path, batch) -> None:
+    """``AutoModel.from_config`` on a trained model's config builds the same modules and buffers
+    (conditions at every state, empty-visit event, exclusive groups, cell terms), so its weights load."""
+    import halo_balance  # noqa: F401
+    from transformers import AutoConfig, AutoModel
+
+    from halo_balance import HaloModel
+
+    halo = HaloModel.from_pretrained(sim_model)
+    halo.set_cell_terms(torch.tensor([[1, 0], [halo.config.n_conditions + 1, 3]]), torch.tensor([0.5, -1.0]))
+    config = AutoConfig.for_model("halo_balance", **{k: v for k, v in halo.config.to_dict().items() if k != "model_type"})
+    fresh = AutoModel.from_config(config)
+    assert fresh.halo.config == halo.config
+    fresh.halo.load_state_dict(halo.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh.halo.eval()(batch).record_nll, halo.eval()(batch).record_nll)
+
+
 def test_save_pretrained_writes_a_model_card_and_loads_back(sim_model: Path, batch, tmp_path: Path) -> None:
     import halo_balance  # noqa: F401
     from transformers import AutoModel
