@@ -527,7 +527,7 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     heads = {"end": (model.end_position.weight[:, 0] if model.end_position is not None else model.end_head.bias)}
     if fine.empty_head is not None:
         heads["empty"] = fine.empty_position.weight[:, 0] if fine.empty_position is not None else fine.empty_head.bias
-    visits, chosen_codes, events = [], [], {name: [] for name in heads}
+    visits, events = [], {name: [] for name in heads}
     holders = torch.zeros(n_cross, V, device=device)  # patients of each crossing holding each code
     summed = (lambda t: torch.tensor(reduce(t.flatten().tolist()), dtype=t.dtype, device=device).view(t.shape)
               ) if reduce is not None else (lambda t: t)
@@ -609,7 +609,8 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             cell_w = torch.zeros_like(cell_grad)
             cell_ww = torch.zeros(n_cross * n_cross, V, dtype=torch.float64, device=device) if n_cells else None
             bias_now = fine.out.bias.float()
-            for base, first_base, x, crossings, terms, sharing in visits:
+            for base, first_base, (codes, visit_of_code), crossings, terms, sharing in visits:
+                x = torch.zeros_like(base).index_put_((visit_of_code, codes), torch.ones(len(codes), device=device))
                 offset = fine.cell_offsets(crossings)
                 logits = base + bias_now  # -inf where a group rules a code out
                 if offset is not None:
@@ -702,15 +703,12 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             b = collate(enc, rows[i:i + batch_size]).to(device)
             h = model.hidden_states(b.cond, b.visit_codes, b.visit_offsets, b.n_positions)
             h = h.reshape(b.n_records * b.n_positions, -1).float()
-            x = torch.zeros(b.n_visits, V, device=device)
             visit_of_code = torch.repeat_interleave(torch.arange(b.n_visits, device=device), b.code_ptr.diff())
-            x[visit_of_code, b.visit_codes] = 1.0
             hv, bias = h[b.target_hidden], fine.out.bias.float()
             crossings = model.crossings(b.cond)
             visits.append([fine.logits(hv, b.visit_codes, b.code_ptr).float() - bias,
-                           fine.first_logits(hv) - bias if "empty" in heads else None, x,
-                           crossings[b.target_record], None, None])
-            chosen_codes.append((b.visit_codes, visit_of_code))
+                           fine.first_logits(hv) - bias if "empty" in heads else None,
+                           (b.visit_codes.long(), visit_of_code), crossings[b.target_record], None, None])
             if cell_min_patients:  # each patient once per code it holds
                 held = torch.zeros(b.n_records, V, device=device)
                 held[b.target_record[visit_of_code], b.visit_codes] = 1.0
@@ -727,8 +725,8 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
         fine.pair_index, fine.pair_weight = kept
 
         def share_logits():
-            for visit, codes in zip(visits, chosen_codes):
-                visit[4:6] = pair_terms(*codes, len(visit[2]))
+            for visit in visits:  # the visits' codes are kept, not their dense (visits x V) bits
+                visit[4:6] = pair_terms(*visit[2], len(visit[0]))
 
         def steps():  # the pair terms' diagonal steps converge slowly; biases and cell terms take exact ones
             return pair_iterations if fine.pair_index is not None else iterations
