@@ -543,15 +543,14 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                                                                    accumulate=True)
         return (at, pair), sharing
 
-    def by_crossing(values, crossings, second=None):
+    def by_crossing(values, crossings, *, two: bool = False):
         """``values`` (visits, V) summed over the visits of each crossing, ``(2 n_conditions, V)``; with
-        ``second`` (the same crossings), over the visits of each two crossings, ``(2 n_conditions ** 2, V)``."""
-        if second is None:
-            return values.new_zeros(n_cross, V).index_add_(0, crossings.reshape(-1),
-                                                          values.repeat_interleave(crossings.shape[1], 0))
-        both = (crossings[:, :, None] * n_cross + second[:, None, :]).reshape(-1)
-        return values.new_zeros(n_cross * n_cross, V).index_add_(0, both, values.repeat_interleave(
-            crossings.shape[1] ** 2, 0))
+        ``two``, over the visits holding each two crossings, ``((2 n_conditions) ** 2, V)``."""
+        keys = crossings[:, :, None] * n_cross + crossings[:, None, :] if two else crossings
+        out = values.new_zeros(n_cross ** (2 if two else 1), V)
+        for column in keys.reshape(len(keys), -1).T:  # one visit row per column: no copies of values
+            out.index_add_(0, column, values)
+        return out
 
     def code_blocks():
         """Each code's cell terms: ``(crossing per slot, term id per slot)``, ``(V, K)``, -1 for none."""
@@ -565,10 +564,10 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
         term[code[order], slot] = order
         return crossing, term
 
-    def block_step(grad, hess, cell_grad, cell_w, cell_ww, shift, c):
-        """Joint Newton step of every code's bias and cell terms: one small system per code, with
-        the curvature over the visits each two of its parameters share (their logits sum)."""
-        crossing, term = code_blocks()
+    def block_step(blocks, grad, hess, cell_grad, cell_w, cell_ww, shift, c):
+        """Joint Newton step of every code's bias and cell terms (``blocks``: :func:`code_blocks`): one
+        small system per code, with the curvature over the visits each two of its parameters share."""
+        crossing, term = blocks
         K = crossing.shape[1]
         index = torch.cat([torch.full((V, 1), n_cross, device=device, dtype=torch.long), crossing], 1)
         valid = index >= 0
@@ -597,6 +596,7 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
         (2, V, V) and ``cell_score`` (2, 2 n_conditions, V), the last evaluation also sums the score
         statistic's parts of every pair and every (crossing, code) into them."""
         n_pairs, n_cells = model.config.n_pairs, model.config.n_cell_terms
+        blocks = code_blocks() if n_cells else None  # the terms stay the same through these steps
         last = None  # the last accepted point: (loss, biases, pair terms, cell terms, steps..., multiple)
         for it in range(n_steps):
             scoring = it == n_steps - 1 and (score is not None or cell_score is not None)
@@ -642,7 +642,7 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                     cell_grad += parts[0]
                     cell_w += parts[1]
                     if n_cells:
-                        cell_ww += by_crossing(w, crossings, crossings).double()
+                        cell_ww += by_crossing(w, crossings, two=True).double()
                     if cell_score is not None and scoring:
                         cell_score[0] += parts[0]
                         cell_score[1] += parts[1]
@@ -665,7 +665,7 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 bias, a, c, step, pair_step, cell_step, multiple = last[1:]
             else:
                 if n_cells:
-                    step, cell_step = block_step(grad, hess, cell_grad, cell_w, cell_ww, shift, c)
+                    step, cell_step = block_step(blocks, grad, hess, cell_grad, cell_w, cell_ww, shift, c)
                 else:
                     step = ((grad + shrinkage * shift) / (hess + shrinkage)).clamp(-2.0, 2.0)
                     cell_step = empty
