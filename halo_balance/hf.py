@@ -103,9 +103,8 @@ def _classes() -> tuple[type, type]:
             halo = self.halo
             h = halo.hidden_states(batch.cond, batch.visit_codes, batch.visit_offsets, batch.n_positions)
             h = h.reshape(-1, h.shape[-1])
-            offset = halo.code_offsets(batch.cond)
             logits = halo.fine.logits(h[batch.target_hidden], batch.visit_codes, batch.code_ptr,
-                                      None if offset is None else offset[batch.target_record])
+                                      halo.code_offsets(batch.cond, batch.target_record))
             out = halo(batch)
             return HaloRecordsOutput(loss=out.loss, logits=logits, end_logits=halo.end_logit(h[batch.end_hidden], batch.end_hidden % batch.n_positions),
                                      record_nll=out.record_nll)

@@ -604,9 +604,11 @@ class HaloModel(nn.Module):
         """Each condition slot crossed with the outcome: ids in ``0..2 n_conditions - 1``, ``(B, A)``."""
         return cond + cond[:, :1] * self.config.n_conditions
 
-    def code_offsets(self, cond: torch.Tensor) -> torch.Tensor | None:
-        """The cell terms each record's codes get, ``(B, V)``; None for a model without them."""
-        return self.fine.cell_offsets(self.crossings(cond))
+    def code_offsets(self, cond: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The cell terms each record's codes get, ``(B, V)``, or with ``rows`` (e.g. each visit's
+        record) those of these records; None for a model without them."""
+        offset = self.fine.cell_offsets(self.crossings(cond))
+        return offset if offset is None or rows is None else offset[rows]
 
     @torch.no_grad()
     def init_output_biases(self, code_frequency: torch.Tensor, end_rate: float, empty_rate: float = 0.0) -> None:
@@ -653,9 +655,7 @@ class HaloModel(nn.Module):
         h = h.reshape(-1, h.shape[-1])
         T = batch.n_positions
         hv = h[batch.target_hidden]
-        offset = self.code_offsets(batch.cond)
-        if offset is not None:
-            offset = offset[batch.target_record]
+        offset = self.code_offsets(batch.cond, batch.target_record)
         blocks = self.fine._blocks(hv, batch.visit_codes, batch.code_ptr, isolated=per_record, offset=offset)
         code_nll = self.fine.with_events(blocks.visit_nll(), blocks, hv, batch.visit_codes, batch.code_ptr,
                                          batch.target_hidden % T, offset)

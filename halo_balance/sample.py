@@ -89,7 +89,8 @@ def sample_visits(fine, h, generator, position: int = 0, offset=None):
     z = fine.proj(h[ids])  # ... pre-states P h + b_P + (sum of the embeddings of their codes so far)
     last = torch.full((len(ids),), -1, dtype=torch.long, device=dev)  # ... and pointers
     # ... and what their cell and the pair terms of their codes so far add to each logit
-    pairs, carry = fine.pair_index is not None, fine.pair_index is not None or offset is not None
+    pairs = fine.pair_index is not None
+    carry = pairs or offset is not None
     added = offset[ids].float() if offset is not None else torch.zeros(len(ids), V if pairs else 0, device=dev)
     picked_rec, picked_code = [], []
     while ids.numel():
