@@ -42,8 +42,8 @@ so perturbing any x_j with j >= i leaves logit_i unchanged.
 
 **Pair terms** (``config.n_pairs``): a fitted logit a_ji for code pairs (j, i), j < i, that at
 least ``pair_min_patients`` training patients share within a visit and whose co-occurrence the
-network misses by at least ``pair_min_score`` standard errors, added to logit_i when j was chosen
-before it::
+network misses by at least ``pair_min_score`` standard errors (at the false discovery rate
+``pair_max_fdr`` over all candidate pairs), added to logit_i when j was chosen before it::
 
     logit_i = w_i . u_{<i} + b_i + sum_{j < i, x_j = 1, (j, i) a pair} a_ji
 

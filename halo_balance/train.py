@@ -56,7 +56,7 @@ CHECKPOINT_DIR, STATE_FILE, BEST_FILE, OPTIMIZER_FILE, TRAINING_FILE = (
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 3e-4}
 #: Raised whenever training or sampling changes what a generator trained with the same options
 #: produces; caches of trained generators key on it (``benchmarks.methods.generator_key``).
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 #: option fields that do not change the trained generator
 RUNTIME_OPTIONS = ("device", "resume", "overwrite", "allow_synthetic")
 
@@ -128,14 +128,20 @@ class TrainOptions:
         patients with the rest of the model fixed (:func:`refit_output_biases`).
     pair_min_patients : int
         With the bias refit, fit pair terms (``model.py``) for code pairs that at least this many
-        training patients hold together in a visit (0, the default: none). The early-stopped
-        network draws strong common associations (diabetes with a high glucose bin) at a fraction
-        of their real rate; fewer patients than this describe too few people to be fitted
-        directly. Off by default: on 20,000 simulated patients the terms raised the membership
-        attacks and not the fidelity (``benchmarks/RESULTS.md``); 25 is the value measured.
+        training patients hold together in a visit (0: none). The early-stopped network draws
+        strong common associations (diabetes with a high glucose bin) at a fraction of their real
+        rate; fewer patients than this describe too few people to be fitted directly (on the eICU
+        demo, pairs that 10-16 patients share raised the membership attacks and gained nothing
+        against held-out patients; ``benchmarks/RESULTS.md``).
     pair_min_score : float
         Of those pairs, only the ones whose co-occurrence the model (its biases refitted) misses by
         at least this many standard errors get a term, the 2 V strongest at most.
+    pair_max_fdr : float
+        And only those whose miss stays significant at this false discovery rate over all the
+        candidates (Benjamini-Hochberg on the two-sided p-values of their scores; 1: no control).
+        A large cohort has hundreds of thousands of candidates whose scores, when the network
+        already holds its pairs, are spread as chance spreads them: two standard errors alone then
+        select thousands of pairs that fit the training patients' sampling noise.
     pair_shrinkage : float
         Gaussian penalty on each pair term, worth about this many observations.
     cell_min_patients : int
@@ -147,8 +153,8 @@ class TrainOptions:
         haemoglobin below 7.9 in 28% of their synthetic visits against 55% real); with the terms
         every death cell comes within 0.025 of its ceiling, at a membership-attack cost of at most
         0.01 (``benchmarks/RESULTS.md``).
-    cell_min_score, cell_shrinkage : float
-        As ``pair_min_score`` and ``pair_shrinkage``, for the cell terms.
+    cell_min_score, cell_max_fdr, cell_shrinkage : float
+        As ``pair_min_score``, ``pair_max_fdr`` and ``pair_shrinkage``, for the cell terms.
     max_gap : float or None
         The model is the best epoch (by validation loss) among those whose generalisation gap is
         at most this (the first epoch always qualifies); ``None`` or 0: no limit. The gap is
@@ -182,11 +188,13 @@ class TrainOptions:
     condition_lr_scale: float = 10.0
     refit_conditions: bool = True
     refit_biases: bool = True
-    pair_min_patients: int = 0
+    pair_min_patients: int = 20
     pair_min_score: float = 2.0
+    pair_max_fdr: float = 0.1
     pair_shrinkage: float = 3.0
     cell_min_patients: int = 25
     cell_min_score: float = 2.0
+    cell_max_fdr: float = 1.0
     cell_shrinkage: float = 3.0
 
     def validate(self) -> TrainOptions:
@@ -222,6 +230,9 @@ class TrainOptions:
         for name in ("pair_shrinkage", "cell_shrinkage"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        for name in ("pair_max_fdr", "cell_max_fdr"):
+            if not 0 < getattr(self, name) <= 1:
+                problems.append(f"{name} must lie in (0, 1] (got {getattr(self, name)}; 1: no control)")
         if self.n_ctx is not None and self.n_ctx < 2:
             problems.append(f"n_ctx must be >= 2 (got {self.n_ctx})")
         if self.resume and self.overwrite:
@@ -475,11 +486,27 @@ def _record_nll(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int
     return out
 
 
+def significant_misses(z, *, min_score: float, max_fdr: float = 1.0, cap: int | None = None):
+    """Indices of the candidates whose score ``z`` (standard errors) is at least ``min_score`` in size
+    and significant at the false discovery rate ``max_fdr`` over all candidates (Benjamini-Hochberg
+    on two-sided normal p-values; 1: no control), largest ``|z|`` first, ``cap`` at most."""
+    import torch
+    from scipy.stats import false_discovery_control
+
+    order = torch.argsort(z.abs(), descending=True)
+    keep = z.abs()[order] >= min_score
+    if max_fdr < 1 and len(z):
+        p_value = torch.special.erfc(z.abs()[order].double() / math.sqrt(2)).cpu().numpy()
+        keep &= torch.as_tensor(false_discovery_control(p_value) <= max_fdr, device=z.device)
+    return order[keep][:cap]
+
+
 def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int, device,
                         shrinkage: float = 5.0, iterations: int = 10, reduce=None, pairs: np.ndarray | None = None,
-                        pair_shrinkage: float = 3.0, pair_min_score: float = 0.0, max_pairs: int | None = None,
-                        pair_iterations: int = 40, cell_min_patients: int = 0, cell_min_score: float = 2.0,
-                        cell_shrinkage: float = 3.0, max_cell_terms: int | None = None) -> dict[str, Any]:
+                        pair_shrinkage: float = 3.0, pair_min_score: float = 0.0, pair_max_fdr: float = 1.0,
+                        max_pairs: int | None = None, pair_iterations: int = 40, cell_min_patients: int = 0,
+                        cell_min_score: float = 2.0, cell_max_fdr: float = 1.0, cell_shrinkage: float = 3.0,
+                        max_cell_terms: int | None = None) -> dict[str, Any]:
     """Refit the code biases ``b_i``, the end bias and the empty-visit bias by maximum likelihood on
     ``rows``, the rest of the model fixed; then, given candidate ``pairs`` (``(P, 2)`` code pairs
     j < i, :func:`halo_balance.pairs.shared_pairs`) or ``cell_min_patients``, fit pair terms and
@@ -498,18 +525,20 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     Pair terms: a candidate gets one when, under the refitted biases, the model misses its pair's
     co-occurrence by at least ``pair_min_score`` standard errors (the score statistic of a_ji at 0:
     observed minus expected count of code i in the visits that hold j, over the root of the summed
-    variances), the ``max_pairs`` strongest at most. A term enters the logit of code i in the visits
-    that hold j, next to b_i and the other terms into i. Cell terms likewise: the candidates are
+    variances) and the miss stays significant at the false discovery rate ``pair_max_fdr`` over all
+    candidates (Benjamini-Hochberg), the ``max_pairs`` strongest at most. A term enters the logit of
+    code i in the visits that hold j, next to b_i and the other terms into i. Cell terms likewise: the candidates are
     the (outcome x group crossing, code) pairs whose code at least ``cell_min_patients`` of the
     crossing's patients in ``rows`` hold, scored by the code's observed minus expected count in the
-    crossing's visits; those missed by ``cell_min_score`` standard errors get a term, the
-    ``max_cell_terms`` strongest at most. Newton steps then fit terms and biases together: each
-    code's bias and its cell terms as one small system (they share the code's logits), each pair
-    term's curvature multiplied by the number of parameters sharing each of its logits (a
-    diagonal bound on the joint Hessian), a step that raises the penalised NLL halved until it
-    does not, and ``pair_shrinkage / 2 * a_ji^2`` (``cell_shrinkage`` for the cell terms)
-    shrinking each term towards none: ``pair_iterations`` steps with pair terms, whose diagonal
-    steps converge slowly, ``iterations`` without. Returns the mean absolute change of the code
+    crossing's visits; those missed by ``cell_min_score`` standard errors (at the false discovery
+    rate ``cell_max_fdr``) get a term, the ``max_cell_terms`` strongest at most
+    (:func:`significant_misses`). Newton steps then fit terms and biases together: each code's bias
+    and its cell terms as one small system (they share the code's logits), each pair term's
+    curvature multiplied by the number of parameters sharing each of its logits (a diagonal bound
+    on the joint Hessian), a step that raises the penalised NLL halved until it does not, and
+    ``pair_shrinkage / 2 * a_ji^2`` (``cell_shrinkage`` for the cell terms) shrinking each term
+    towards none: ``pair_iterations`` steps with pair terms, whose diagonal steps converge slowly,
+    ``iterations`` without. Returns the mean absolute change of the code
     biases, the changes of the other biases and, with terms, their number and size.
     """
     import torch
@@ -690,11 +719,9 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 g_h += shrinkage * (bias.double() - old[name].double())
                 bias -= ((g_h / (w_h + shrinkage)).clamp(-2.0, 2.0)).to(bias.dtype)
 
-    def strongest(observed_minus_expected, variance, min_score, cap):
-        """The candidates missed by at least ``min_score`` standard errors, strongest first, ``cap`` at most."""
+    def strongest(observed_minus_expected, variance, min_score, max_fdr, cap):
         z = -observed_minus_expected / variance.clamp(min=1e-12).sqrt()  # > 0: the model draws it too rarely
-        order = torch.argsort(z.abs(), descending=True)
-        return order[z.abs()[order] >= min_score][:cap], z
+        return significant_misses(z, min_score=min_score, max_fdr=max_fdr, cap=cap), z
 
     kept = (fine.pair_index, fine.pair_weight)
     fine.pair_index = fine.pair_weight = None  # the logits without biases and pair terms, fixed from here on
@@ -745,13 +772,14 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
             if has_pairs:
                 score = summed(score)
                 j, i = torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), device=device).T
-                order, z = strongest(score[0, j, i], score[1, j, i], pair_min_score, max_pairs)
+                order, z = strongest(score[0, j, i], score[1, j, i], pair_min_score, pair_max_fdr, max_pairs)
                 model.set_pairs(torch.stack([j[order], i[order]], 1))
                 out.update(pair_candidates=len(z), pair_score_abs_median=float(z.abs().median()) if len(z) else None)
             if has_cells:
                 cell_score, holders = summed(cell_score), summed(holders)
                 s, i = (holders >= cell_min_patients).nonzero(as_tuple=True)
-                order, z = strongest(cell_score[0, s, i], cell_score[1, s, i], cell_min_score, max_cell_terms)
+                order, z = strongest(cell_score[0, s, i], cell_score[1, s, i], cell_min_score, cell_max_fdr,
+                                     max_cell_terms)
                 model.set_cell_terms(torch.stack([s[order], i[order]], 1))
                 out.update(cell_candidates=len(z))
             share_logits()
@@ -1254,8 +1282,9 @@ class _Trainer:
                 model, self.train, shard, batch_size=max(self.options.batch_size, 256), device=self.device,
                 reduce=self.dist.sum if self.dist.world > 1 else None, pairs=pairs,
                 pair_shrinkage=self.options.pair_shrinkage, pair_min_score=self.options.pair_min_score,
-                max_pairs=2 * model.config.vocab_size, cell_min_patients=self.options.cell_min_patients,
-                cell_min_score=self.options.cell_min_score, cell_shrinkage=self.options.cell_shrinkage,
+                pair_max_fdr=self.options.pair_max_fdr, max_pairs=2 * model.config.vocab_size,
+                cell_min_patients=self.options.cell_min_patients, cell_min_score=self.options.cell_min_score,
+                cell_max_fdr=self.options.cell_max_fdr, cell_shrinkage=self.options.cell_shrinkage,
                 max_cell_terms=model.config.vocab_size)
             if self.val is not None:
                 self.summary["bias_refit"]["val_loss"] = self._validate()
@@ -1335,7 +1364,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="refit the code and end biases on the training patients after training")
     g.add_argument("--pair-min-patients", type=int, default=d.pair_min_patients, metavar="N",
                    help="with the bias refit, fit pair terms for code pairs at least N training patients hold "
-                        "together in a visit (default %(default)s: none; 25 is the value measured)")
+                        "together in a visit (default %(default)s; 0: none)")
     g.add_argument("--cell-min-patients", type=int, default=d.cell_min_patients, metavar="N",
                    help="with the bias refit, fit cell terms: per outcome x group crossing, a logit for each code at "
                         "least N of its training patients hold (default %(default)s; 0: none)")
@@ -1343,6 +1372,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         g.add_argument(f"--{kind}-min-score", type=float, default=getattr(d, f"{kind}_min_score"), metavar="Z",
                        help=f"of those, only the {what} the model misses by at least Z standard errors get a "
                             "term (default %(default)s)")
+        g.add_argument(f"--{kind}-max-fdr", type=float, default=getattr(d, f"{kind}_max_fdr"), metavar="Q",
+                       help="and only those significant at false discovery rate Q over all candidates "
+                            "(Benjamini-Hochberg; default %(default)s; 1: no control)")
         g.add_argument(f"--{kind}-shrinkage", type=float, default=getattr(d, f"{kind}_shrinkage"),
                        help=f"penalty on each {kind} term, in observations (default %(default)s)")
     p = parser.add_argument_group("differential privacy (DP-SGD; the unit of privacy is the patient)")

@@ -293,6 +293,24 @@ def test_pair_refit_matches_expected_and_observed_pair_counts(small_cohort, tmp_
     assert torch.allclose(gradient[seen], torch.zeros_like(gradient[seen]), atol=1e-2)
 
 
+def test_significant_misses_control_the_false_discovery_rate():
+    """Among 100,000 scores of pure noise two standard errors pass about 4.6% and the false
+    discovery rate keeps almost none; 300 real misses of 6 standard errors planted among them are
+    all kept, strongest first, with noise making up about a tenth of those kept (the rate asked)."""
+    from halo_balance.train import significant_misses
+
+    z = torch.randn(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    alone = significant_misses(z, min_score=2.0)
+    assert 0.04 < len(alone) / len(z) < 0.05
+    assert len(significant_misses(z, min_score=2.0, max_fdr=0.1)) <= 3
+    z[:300] = torch.where(torch.arange(300) % 2 == 0, 6.0, -6.0).double() + 0.1 * z[:300]
+    kept = significant_misses(z, min_score=2.0, max_fdr=0.1)
+    assert set(range(300)) <= set(kept.tolist()) and 0.02 < 1 - 300 / len(kept) < 0.15
+    assert torch.all(z[kept].abs().diff() <= 0) and len(significant_misses(z, min_score=2.0, max_fdr=0.1, cap=5)) == 5
+    with pytest.raises(HaloBalanceError, match="pair_max_fdr"):
+        TrainOptions(pair_max_fdr=0.0).validate()
+
+
 def test_pair_terms_only_for_pairs_enough_patients_share(small_cohort, tmp_path):
     """The threshold decides which pairs get a term; 0 gives none, and so does DP training."""
     from halo_balance.pairs import shared_pairs
@@ -302,7 +320,7 @@ def test_pair_terms_only_for_pairs_enough_patients_share(small_cohort, tmp_path)
     sizes, candidates = {}, {}
     for n, z in ((0, 2.0), (30, 0.0), (30, 5.0), (30, 1e6)):
         model = train_model(small_cohort, out_dir=tmp_path / f"m{n}-{z}", options=TrainOptions(
-            **TINY, epochs=1, seed=0, pair_min_patients=n, pair_min_score=z), progress=False)
+            **TINY, epochs=1, seed=0, pair_min_patients=n, pair_min_score=z, pair_max_fdr=1.0), progress=False)
         info = json.loads((tmp_path / f"m{n}-{z}" / "training.json").read_text())
         sizes[n, z], candidates[n, z] = model.config.n_pairs, info["bias_refit"].get("pair_candidates", 0)
         assert HaloModel.from_pretrained(tmp_path / f"m{n}-{z}").config.n_pairs == sizes[n, z]
@@ -327,7 +345,8 @@ def test_cell_refit_matches_expected_and_observed_counts_in_each_cell(small_coho
     from halo_balance.train import refit_output_biases
 
     model = train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(
-        **TINY, epochs=2, seed=0, val_fraction=0.0, cell_min_patients=20), progress=False)  # with cell terms
+        **TINY, epochs=2, seed=0, val_fraction=0.0, cell_min_patients=20, pair_min_patients=0),
+        progress=False)  # with cell terms, without pair terms
     assert model.config.n_cell_terms > 0 and model.fine.cell_weight.abs().max() > 0.1
     assert HaloModel.from_pretrained(tmp_path / "m").config.n_cell_terms == model.config.n_cell_terms
     enc = EncodedRecords.from_dataset(small_cohort, model.layout, model.config.n_ctx)
@@ -443,16 +462,19 @@ def test_resume_refuses_a_checkpoint_of_an_earlier_optimiser(small_cohort, tmp_p
                     progress=False)
 
 
-def test_refit_speed_benchmark_times_both_refits(small_cohort, tmp_path, capsys):
-    """``benchmarks.speed.refit_speed`` refits a trained model with and without cell terms and
-    prints both times and their ratio."""
+def test_refit_speed_benchmark_times_the_three_refits(small_cohort, tmp_path, capsys):
+    """``benchmarks.speed.refit_speed`` refits a trained model with the biases alone, with cell terms
+    and with cell and pair terms, and prints each time, its terms and the ratios."""
     from benchmarks.speed import refit_speed
 
     train_model(small_cohort, out_dir=tmp_path / "m", options=TrainOptions(**TINY, epochs=1, seed=0), progress=False)
     small_cohort.save(tmp_path / "data")
     refit_speed.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--repeats", "1",
-                      "--cell-min-patients", "10"])
-    out = capsys.readouterr().out
-    assert "cell_min_patients   0" in out and "0 cell terms" in out
-    terms = int(out.split("cell_min_patients  10:")[1].split("CPU s,")[1].split()[0])
-    assert terms > 0 and "x)" in out.splitlines()[-1]
+                      "--cell-min-patients", "10", "--pair-min-patients", "10", "--pair-max-fdr", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    alone, cells, pairs = (next(line for line in lines if line.startswith(way)) for way in
+                           ("biases alone", "+ cell terms", "+ cell and pair terms"))
+    assert "0 cell terms, 0 pair terms" in alone
+    assert int(cells.split("CPU s,")[1].split()[0]) > 0 and " 0 pair terms" in cells
+    assert int(pairs.split("cell terms,")[1].split()[0]) > 0
+    assert lines[-1].startswith("fastest of 1:") and lines[-1].count("x)") == 3

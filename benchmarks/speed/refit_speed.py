@@ -1,12 +1,15 @@
-"""The cost of the bias refit with and without cell terms, side by side on one trained model.
+"""The cost of the bias refit alone, with cell terms and with cell and pair terms, side by side on
+one trained model.
 
 ``python -m benchmarks.speed.refit_speed --model MODEL_DIR --data PREPARED [--repeats 2]``
 
 Runs ``halo_balance.train.refit_output_biases`` on the model's training patients (its validation
-patients left out), once with ``cell_min_patients`` 0 (the code, end and empty-visit biases alone)
-and once with 25 (the default: cell terms chosen and fitted with the biases), each from a fresh
-copy of the model, alternating ``--repeats`` times. Printed: CPU seconds of each, the ratio, and
-the number of terms fitted. The model's own terms, if any, are removed first.
+patients left out) three ways, each from a fresh copy of the model, alternating ``--repeats``
+times: the code, end and empty-visit biases alone; with cell terms (``--cell-min-patients``,
+default as in training); with cell and pair terms (``--pair-min-patients`` and ``--pair-max-fdr``,
+the training defaults: the candidates counted, scored and selected, then fitted). Printed: CPU
+seconds of each, the ratios to the biases alone, and the number of terms fitted. The model's own
+terms, if any, are removed first.
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ from pathlib import Path
 import numpy as np
 
 import halo_balance  # noqa: F401  (sets passive OpenMP waiting before torch is imported)
+from halo_balance.train import TrainOptions
 
 
 def main(argv: list[str] | None = None) -> None:
+    d = TrainOptions()
     p = argparse.ArgumentParser(prog="python -m benchmarks.speed.refit_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="trained model folder (with its training.json)")
     p.add_argument("--data", required=True, help="the prepared dataset it was trained on")
-    p.add_argument("--cell-min-patients", type=int, default=25)
+    p.add_argument("--cell-min-patients", type=int, default=d.cell_min_patients)
+    p.add_argument("--pair-min-patients", type=int, default=d.pair_min_patients)
+    p.add_argument("--pair-max-fdr", type=float, default=d.pair_max_fdr)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from halo_balance.data import PreparedDataset
     from halo_balance.model import HaloModel
+    from halo_balance.pairs import shared_pairs
     from halo_balance.train import EncodedRecords, refit_output_biases
 
     torch.set_num_threads(a.threads)
@@ -48,18 +56,28 @@ def main(argv: list[str] | None = None) -> None:
     enc = EncodedRecords.from_dataset(data, base.layout, base.config.n_ctx)
     print(f"model {a.model}: V = {base.config.vocab_size}, {len(rows):,} training patients, "
           f"{int(enc.lengths[rows].sum()):,} visits; {torch.get_num_threads()} thread(s)")
-    seconds: dict[int, list[float]] = {0: [], a.cell_min_patients: []}
+    V = base.config.vocab_size
+    cells = dict(cell_min_patients=a.cell_min_patients, max_cell_terms=V, cell_min_score=d.cell_min_score,
+                 cell_shrinkage=d.cell_shrinkage)
+    ways = {"biases alone": {}, "+ cell terms": cells,
+            "+ cell and pair terms": dict(cells, pair_min_score=d.pair_min_score, pair_max_fdr=a.pair_max_fdr,
+                                          pair_shrinkage=d.pair_shrinkage, max_pairs=2 * V)}
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
     for _ in range(a.repeats):
-        for n in seconds:
+        for way, kwargs in ways.items():
             model = copy.deepcopy(base)
             t0 = time.process_time()
-            out = refit_output_biases(model, enc, rows, batch_size=256, device=torch.device("cpu"),
-                                      cell_min_patients=n, max_cell_terms=model.config.vocab_size)
-            seconds[n].append(time.process_time() - t0)
-            print(f"cell_min_patients {n:>3}: {seconds[n][-1]:6.1f} CPU s, {out.get('cell_terms') or 0} cell terms")
-    best = {n: min(s) for n, s in seconds.items()}
-    print(f"fastest of {a.repeats}: {best[0]:.1f} s without cell terms, {best[a.cell_min_patients]:.1f} s with "
-          f"({best[a.cell_min_patients] / best[0]:.2f}x)")
+            if "pair_max_fdr" in kwargs:  # counting the candidates is part of what training pays
+                candidates, _ = shared_pairs(*enc.ragged(rows), vocab_size=V, min_patients=a.pair_min_patients,
+                                             skip=model.fine.skip.cpu().numpy())
+                kwargs = dict(kwargs, pairs=candidates)
+            out = refit_output_biases(model, enc, rows, batch_size=256, device=torch.device("cpu"), **kwargs)
+            seconds[way].append(time.process_time() - t0)
+            print(f"{way:<22} {seconds[way][-1]:6.1f} CPU s, {out.get('cell_terms') or 0} cell terms, "
+                  f"{out.get('pairs') or 0} pair terms of {out.get('pair_candidates') or 0} candidates")
+    best = {way: min(s) for way, s in seconds.items()}
+    alone = best["biases alone"]
+    print(f"fastest of {a.repeats}: " + ", ".join(f"{way} {s:.1f} s ({s / alone:.2f}x)" for way, s in best.items()))
 
 
 if __name__ == "__main__":
