@@ -501,6 +501,21 @@ def significant_misses(z, *, min_score: float, max_fdr: float = 1.0, cap: int | 
     return order[keep][:cap]
 
 
+def term_arguments(options: TrainOptions, model, enc: EncodedRecords, rows: np.ndarray) -> dict[str, Any]:
+    """The pair- and cell-term arguments of :func:`refit_output_biases` that ``options`` set, the
+    candidate pairs counted over ``rows`` (:func:`halo_balance.pairs.shared_pairs`; None without
+    pair terms): what training passes, for anything that must refit as training does."""
+    V = model.config.vocab_size
+    pairs = None
+    if options.pair_min_patients:
+        pairs, _ = shared_pairs(*enc.ragged(rows), vocab_size=V, min_patients=options.pair_min_patients,
+                                skip=model.fine.skip.cpu().numpy())
+    return dict(pairs=pairs, pair_shrinkage=options.pair_shrinkage, pair_min_score=options.pair_min_score,
+                pair_max_fdr=options.pair_max_fdr, max_pairs=2 * V, cell_min_patients=options.cell_min_patients,
+                cell_min_score=options.cell_min_score, cell_max_fdr=options.cell_max_fdr,
+                cell_shrinkage=options.cell_shrinkage, max_cell_terms=V)
+
+
 def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_size: int, device,
                         shrinkage: float = 5.0, iterations: int = 10, reduce=None, pairs: np.ndarray | None = None,
                         pair_shrinkage: float = 3.0, pair_min_score: float = 0.0, pair_max_fdr: float = 1.0,
@@ -527,19 +542,20 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     observed minus expected count of code i in the visits that hold j, over the root of the summed
     variances) and the miss stays significant at the false discovery rate ``pair_max_fdr`` over all
     candidates (Benjamini-Hochberg), the ``max_pairs`` strongest at most. A term enters the logit of
-    code i in the visits that hold j, next to b_i and the other terms into i. Cell terms likewise: the candidates are
-    the (outcome x group crossing, code) pairs whose code at least ``cell_min_patients`` of the
-    crossing's patients in ``rows`` hold, scored by the code's observed minus expected count in the
-    crossing's visits; those missed by ``cell_min_score`` standard errors (at the false discovery
-    rate ``cell_max_fdr``) get a term, the ``max_cell_terms`` strongest at most
-    (:func:`significant_misses`). Newton steps then fit terms and biases together: each code's bias
-    and its cell terms as one small system (they share the code's logits), each pair term's
-    curvature multiplied by the number of parameters sharing each of its logits (a diagonal bound
-    on the joint Hessian), a step that raises the penalised NLL halved until it does not, and
-    ``pair_shrinkage / 2 * a_ji^2`` (``cell_shrinkage`` for the cell terms) shrinking each term
+    code i in the visits that hold j, next to b_i and the other terms into i. Cell terms likewise:
+    the candidates are the (outcome x group crossing, code) pairs whose code at least
+    ``cell_min_patients`` of the crossing's patients in ``rows`` hold, scored by the code's observed
+    minus expected count in the crossing's visits; those missed by ``cell_min_score`` standard
+    errors (at the false discovery rate ``cell_max_fdr``) get a term, the ``max_cell_terms``
+    strongest at most (:func:`significant_misses`). Newton steps then fit terms and biases
+    together: each code's bias and its cell terms as one small system (they share the code's
+    logits), each pair term's curvature multiplied by the number of parameters sharing each of its
+    logits (a diagonal bound on the joint Hessian), a step that raises the penalised NLL halved
+    until it does not, and ``pair_shrinkage / 2 * a_ji^2`` (``cell_shrinkage`` for the cell terms) shrinking each term
     towards none: ``pair_iterations`` steps with pair terms, whose diagonal steps converge slowly,
-    ``iterations`` without. Returns the mean absolute change of the code
-    biases, the changes of the other biases and, with terms, their number and size.
+    ``iterations`` without. Returns the mean absolute change of the code biases, the changes of the
+    other biases and, with terms, their number and size. :func:`term_arguments` gives the term
+    arguments that training passes.
     """
     import torch
     import torch.nn.functional as F
@@ -561,16 +577,16 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
     summed = (lambda t: torch.tensor(reduce(t.flatten().tolist()), dtype=t.dtype, device=device).view(t.shape)
               ) if reduce is not None else (lambda t: t)
 
-    def pair_terms(codes, visit_of_code, n_visits):
-        """Each pair term's (visit, code) logit in these visits, and how many parameters share each
-        logit (the code's bias, or its bias and cell terms, counted as one)."""
+    def pair_terms(codes, visit_of_code):
+        """Each pair term's (visit, code) logit in these visits; and the logits that pair terms share
+        (flat ids into (visits, V)) with how many parameters share each (the code's bias, or its bias
+        and cell terms, counted as one; every other logit has one)."""
         if fine.pair_index is None:
             return None, None
         which, pair = fine.pair_edges(codes)
         at = (visit_of_code[which], fine.pair_index[pair, 1])
-        sharing = torch.ones(n_visits, V, device=device).index_put(at, torch.ones(len(pair), device=device),
-                                                                   accumulate=True)
-        return (at, pair), sharing
+        shared, terms = torch.unique(at[0] * V + at[1], return_counts=True)
+        return (at, pair), (shared, (terms + 1).float())
 
     def by_crossing(values, crossings, *, two: bool = False):
         """``values`` (visits, V) summed over the visits of each crossing, ``(2 n_conditions, V)``; with
@@ -601,7 +617,8 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
         index = torch.cat([torch.full((V, 1), n_cross, device=device, dtype=torch.long), crossing], 1)
         valid = index >= 0
         at = index.clamp(min=0)
-        full = torch.zeros(n_cross + 1, n_cross + 1, V, dtype=torch.float64, device=device)  # crossing n_cross: the bias
+        # the per-code curvatures; row and column n_cross: the bias
+        full = torch.zeros(n_cross + 1, n_cross + 1, V, dtype=torch.float64, device=device)
         full[:n_cross, :n_cross] = cell_ww.view(n_cross, n_cross, V)
         full[n_cross, :n_cross] = full[:n_cross, n_cross] = cell_w
         full[n_cross, n_cross] = hess
@@ -652,8 +669,9 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
                 if score is not None and scoring:  # rows of empty visits are 0 in x
                     score[0] += (x.T @ g).double()
                     score[1] += (x.T @ w).double()
-                if terms is not None:
-                    w = w * sharing  # pair terms sit on chosen codes' visits: never the empty-chain term
+                if terms is not None:  # pair terms sit on chosen codes' visits: never the empty-chain term
+                    shared, sharers = sharing
+                    w = w.flatten().index_put((shared,), w.flatten()[shared] * sharers).view_as(w)
                     at, pair = terms
                     pair_grad.index_add_(0, pair, g[at].double())
                     pair_hess.index_add_(0, pair, w[at].double())
@@ -753,7 +771,7 @@ def refit_output_biases(model, enc: EncodedRecords, rows: np.ndarray, *, batch_s
 
         def share_logits():
             for visit in visits:  # the visits' codes are kept, not their dense (visits x V) bits
-                visit[4:6] = pair_terms(*visit[2], len(visit[0]))
+                visit[4:6] = pair_terms(*visit[2])
 
         def steps():  # the pair terms' diagonal steps converge slowly; biases and cell terms take exact ones
             return pair_iterations if fine.pair_index is not None else iterations
@@ -1273,19 +1291,11 @@ class _Trainer:
             self.summary["condition_refit"] = self._refit_conditions()
         if self.options.refit_biases and self.plan is None:
             shard = np.arange(len(self.train))[self.dist.rank::self.dist.world]
-            pairs = None
-            if self.options.pair_min_patients:  # every process counts all training patients: the same pairs
-                pairs, _ = shared_pairs(*self.train.ragged(np.arange(len(self.train))),
-                                        vocab_size=model.config.vocab_size,
-                                        min_patients=self.options.pair_min_patients, skip=model.fine.skip.cpu().numpy())
+            # every process counts the candidate pairs over all training patients: the same pairs
             self.summary["bias_refit"] = refit_output_biases(
                 model, self.train, shard, batch_size=max(self.options.batch_size, 256), device=self.device,
-                reduce=self.dist.sum if self.dist.world > 1 else None, pairs=pairs,
-                pair_shrinkage=self.options.pair_shrinkage, pair_min_score=self.options.pair_min_score,
-                pair_max_fdr=self.options.pair_max_fdr, max_pairs=2 * model.config.vocab_size,
-                cell_min_patients=self.options.cell_min_patients, cell_min_score=self.options.cell_min_score,
-                cell_max_fdr=self.options.cell_max_fdr, cell_shrinkage=self.options.cell_shrinkage,
-                max_cell_terms=model.config.vocab_size)
+                reduce=self.dist.sum if self.dist.world > 1 else None,
+                **term_arguments(self.options, model, self.train, np.arange(len(self.train))))
             if self.val is not None:
                 self.summary["bias_refit"]["val_loss"] = self._validate()
         model.eval()

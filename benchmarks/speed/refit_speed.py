@@ -7,7 +7,8 @@ Runs ``halo_balance.train.refit_output_biases`` on the model's training patients
 patients left out) three ways, each from a fresh copy of the model, alternating ``--repeats``
 times: the code, end and empty-visit biases alone; with cell terms (``--cell-min-patients``,
 default as in training); with cell and pair terms (``--pair-min-patients`` and ``--pair-max-fdr``,
-the training defaults: the candidates counted, scored and selected, then fitted). Printed: CPU
+the training defaults: the candidates counted, scored and selected, then fitted), each with the
+arguments training passes (``halo_balance.train.term_arguments``). Printed: CPU
 seconds of each, the ratios to the biases alone, and the number of terms fitted. The model's own
 terms, if any, are removed first.
 """
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from halo_balance.data import PreparedDataset
     from halo_balance.model import HaloModel
-    from halo_balance.pairs import shared_pairs
-    from halo_balance.train import EncodedRecords, refit_output_biases
+    from halo_balance.train import EncodedRecords, refit_output_biases, term_arguments
 
     torch.set_num_threads(a.threads)
     base = HaloModel.from_pretrained(a.model)
@@ -56,22 +56,17 @@ def main(argv: list[str] | None = None) -> None:
     enc = EncodedRecords.from_dataset(data, base.layout, base.config.n_ctx)
     print(f"model {a.model}: V = {base.config.vocab_size}, {len(rows):,} training patients, "
           f"{int(enc.lengths[rows].sum()):,} visits; {torch.get_num_threads()} thread(s)")
-    V = base.config.vocab_size
-    cells = dict(cell_min_patients=a.cell_min_patients, max_cell_terms=V, cell_min_score=d.cell_min_score,
-                 cell_shrinkage=d.cell_shrinkage)
-    ways = {"biases alone": {}, "+ cell terms": cells,
-            "+ cell and pair terms": dict(cells, pair_min_score=d.pair_min_score, pair_max_fdr=a.pair_max_fdr,
-                                          pair_shrinkage=d.pair_shrinkage, max_pairs=2 * V)}
+    ways = {"biases alone": TrainOptions(cell_min_patients=0, pair_min_patients=0),
+            "+ cell terms": TrainOptions(cell_min_patients=a.cell_min_patients, pair_min_patients=0),
+            "+ cell and pair terms": TrainOptions(cell_min_patients=a.cell_min_patients,
+                                                  pair_min_patients=a.pair_min_patients, pair_max_fdr=a.pair_max_fdr)}
     seconds: dict[str, list[float]] = {way: [] for way in ways}
     for _ in range(a.repeats):
-        for way, kwargs in ways.items():
+        for way, options in ways.items():
             model = copy.deepcopy(base)
-            t0 = time.process_time()
-            if "pair_max_fdr" in kwargs:  # counting the candidates is part of what training pays
-                candidates, _ = shared_pairs(*enc.ragged(rows), vocab_size=V, min_patients=a.pair_min_patients,
-                                             skip=model.fine.skip.cpu().numpy())
-                kwargs = dict(kwargs, pairs=candidates)
-            out = refit_output_biases(model, enc, rows, batch_size=256, device=torch.device("cpu"), **kwargs)
+            t0 = time.process_time()  # counting the candidate pairs is part of what training pays
+            out = refit_output_biases(model, enc, rows, batch_size=256, device=torch.device("cpu"),
+                                      **term_arguments(options, model, enc, rows))
             seconds[way].append(time.process_time() - t0)
             print(f"{way:<22} {seconds[way][-1]:6.1f} CPU s, {out.get('cell_terms') or 0} cell terms, "
                   f"{out.get('pairs') or 0} pair terms of {out.get('pair_candidates') or 0} candidates")
