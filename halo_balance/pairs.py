@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-#: pairs are counted for this many patients at a time (memory: the pairs of their visits)
-_CHUNK_CODES = 2_000_000
+#: pairs are counted for whole patients, about this many visit pairs at a time (memory: a few int64
+#: arrays of that length; visits of 50 codes hold 1,225 pairs each)
+_CHUNK_PAIRS = 4_000_000
 
 
 def shared_pairs(visit_ptr: np.ndarray, code_ptr: np.ndarray, codes: np.ndarray, *, vocab_size: int,
@@ -37,12 +38,13 @@ def shared_pairs(visit_ptr: np.ndarray, code_ptr: np.ndarray, codes: np.ndarray,
     V = int(vocab_size)
     visit_ptr, code_ptr = np.asarray(visit_ptr, np.int64), np.asarray(code_ptr, np.int64)
     keys, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    size = np.diff(code_ptr)
+    pairs_before = np.concatenate(([0], np.cumsum(size * (size - 1) // 2)))[visit_ptr]  # per patient boundary
     first = 0
     n_patients = len(visit_ptr) - 1
-    while first < n_patients:  # whole patients per chunk, about _CHUNK_CODES codes each
-        start = code_ptr[visit_ptr[first]]
-        last = max(int(np.searchsorted(code_ptr[visit_ptr], start + _CHUNK_CODES, side="right")) - 1, first + 1)
-        last = min(last, n_patients)
+    while first < n_patients:  # whole patients per chunk, about _CHUNK_PAIRS pairs each
+        last = int(np.searchsorted(pairs_before, pairs_before[first] + _CHUNK_PAIRS, side="right")) - 1
+        last = min(max(last, first + 1), n_patients)
         v0, v1 = visit_ptr[first], visit_ptr[last]
         k = np.diff(code_ptr[v0:v1 + 1])
         owner = np.repeat(np.repeat(np.arange(first, last), np.diff(visit_ptr[first:last + 1])), k)

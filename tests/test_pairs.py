@@ -28,10 +28,10 @@ def _cohort(seed: int = 0, n_patients: int = 300, vocab_size: int = 30):
     return np.array(visit_ptr), np.array(code_ptr), np.array(codes, dtype=np.int32), counts
 
 
-@pytest.mark.parametrize("chunk", [40, 10**9])  # patients a few at a time, or all at once
+@pytest.mark.parametrize("chunk", [40, 10**9])  # patients a few at a time (40 pairs), or all at once
 def test_pairs_are_counted_once_per_patient(chunk, monkeypatch):
     visit_ptr, code_ptr, codes, counts = _cohort()
-    monkeypatch.setattr(pairs_module, "_CHUNK_CODES", chunk)
+    monkeypatch.setattr(pairs_module, "_CHUNK_PAIRS", chunk)
     pairs, patients = shared_pairs(visit_ptr, code_ptr, codes, vocab_size=30, min_patients=6)
     want = sorted((pair, n) for pair, n in counts.items() if n >= 6)
     assert sorted((tuple(p), int(n)) for p, n in zip(pairs.tolist(), patients)) == want
